@@ -1,0 +1,80 @@
+"""Constructor and call validation, statistics conversion, parameter counts from the paper."""
+import pytest
+import torch
+
+from gal_core import GradientAdjuster, count_parameters
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(policy="sometimes"), "policy must be one of"),
+    (dict(remainder="taylor"), "remainder must be one of"),
+    (dict(source="laplace"), "source must be one of"),
+    (dict(kind="rnn"), "unknown adjuster kind"),
+    (dict(activation="swish2"), "unknown activation"),
+    (dict(ratio=-0.1), "ratio must be >= 0"),
+    (dict(scale=0.0), "scale > 0"),
+    (dict(ratio=float("nan")), "ratio must be >= 0"),
+    (dict(arch=(8, 0)), "must be positive"),
+])
+def test_bad_configuration_is_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GradientAdjuster(4, **kwargs)
+
+
+def test_bad_calls_are_clear_errors():
+    adjuster = GradientAdjuster(4)
+    with pytest.raises(ValueError, match="last dimension must be 4"):
+        adjuster.backward(torch.zeros(2, 3, requires_grad=True), lambda z: z.sum(), 0.1)
+    with pytest.raises(ValueError, match="must require grad"):
+        adjuster.backward(torch.zeros(2, 4), lambda z: z.sum(), 0.1)
+    with pytest.raises(ValueError, match="must return a scalar"):
+        adjuster.backward(torch.zeros(2, 4, requires_grad=True), lambda z: z.sum(0), 0.1)
+
+
+def test_stats_to_dict_gives_floats():
+    stats = GradientAdjuster(3, (4,)).backward(torch.randn(5, 3, requires_grad=True), lambda z: z.pow(2).mean(), 0.1)
+    values = stats.to_dict()
+    assert set(values) == {"loss", "tentative_loss", "remainder", "accepted", "cosine"}
+    assert all(type(v) is float for v in values.values())
+    assert all(not t.requires_grad for t in (stats.loss, stats.tentative_loss, stats.remainder))
+
+
+@pytest.mark.parametrize("dim, arch, kind, weights_only, expected", [
+    (4, (64, 16), "mlp", True, 1344),  # DETR "+1344" (Table IV)
+    (100, (256, 64, 32), "mlp", True, 47_232),  # Table VIII 47.2K
+    (100, (256,), "mlp", True, 51_200),  # Table VIII 51.2K
+    (100, (256, 64), "mlp", True, 48_384),  # Table VIII 48.3K
+    (100, (256, 64, 32, 16), "mlp", True, 46_144),  # Table VIII 46.1K
+    (1000, (512, 128), "mlp", True, 705_536),  # Table III ResNet-50 +0.70M
+    (1000, (512, 256), "mlp", True, 899_072),  # Table III EfficientNet-B2 +0.90M
+    (100, (256,), "cnn", False, 28_160),  # Table VIII CNN 28.1K
+    (100, (256, 64), "cnn", False, 156_480),  # 156.4K
+    (100, (256, 64, 32), "cnn", False, 171_744),  # 171.7K
+    (100, (256, 64, 32, 16), "cnn", False, 174_768),  # 174.7K
+])
+def test_paper_adjuster_sizes(dim, arch, kind, weights_only, expected):
+    assert count_parameters(GradientAdjuster(dim, arch, kind=kind), weights_only=weights_only) == expected
+
+
+def test_bias_and_activation_options():
+    plain = GradientAdjuster(4, (64, 16))
+    assert count_parameters(plain) == 1344 + 64 + 16 + 4
+    assert count_parameters(GradientAdjuster(4, (64, 16), bias=False)) == 1344
+    relu = GradientAdjuster(4, (64, 16), activation="relu")
+    assert sum(isinstance(m, torch.nn.ReLU) for m in relu.modules()) == 2
+    assert not any(isinstance(m, torch.nn.ReLU) for m in plain.modules())
+
+
+def test_cnn_adjuster_keeps_shape():
+    adjuster = GradientAdjuster(10, (8, 4), kind="cnn", ratio=0.1, policy="always")
+    z = torch.randn(3, 2, 10, requires_grad=True)
+    adjuster.backward(z, lambda out: out.pow(2).mean(), 0.1)
+    assert z.grad.shape == z.shape and all(p.grad is not None for p in adjuster.parameters())
+
+
+def test_state_dict_round_trip_with_weights_only_load(tmp_path):
+    adjuster = GradientAdjuster(5, (8,))
+    torch.save(adjuster.state_dict(), tmp_path / "h.pt")
+    restored = GradientAdjuster(5, (8,))
+    restored.load_state_dict(torch.load(tmp_path / "h.pt", weights_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(adjuster.parameters(), restored.parameters()))

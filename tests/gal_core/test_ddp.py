@@ -1,0 +1,91 @@
+"""DDP on CPU (gloo, 2 processes): with a process group GAL is independent of how the batch is split."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from gal_core import GradientAdjuster
+
+WORLD, BATCH, DIM = 2, 12, 5
+CASES = {  # name -> adjuster kwargs and lr; lr 0.05 accepts, lr 400 overshoots and rejects (checked below)
+    "safeguard_accept": (dict(ratio=0.3, scale=1.0), 0.05),
+    "safeguard_reject": (dict(ratio=0.3, scale=1.0), 400.0),
+    "always_exact": (dict(ratio=0.5, scale=2.0, policy="always", remainder="exact"), 0.1),
+    "strict_mean": (dict(ratio=0.2, scale=1.0, policy="strict", remainder="mean"), 0.1),
+}
+
+
+def data():
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(BATCH, 7, generator=generator), torch.randn(BATCH, DIM, generator=generator)
+
+
+def build(kwargs, process_group=None):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(7, 16), nn.Tanh(), nn.Linear(16, DIM))
+    return model, GradientAdjuster(DIM, (8, 4), process_group=process_group, **kwargs)
+
+
+def step(model, adjuster, x, target, lr):
+    stats = adjuster.backward(model(x), lambda z: F.mse_loss(z, target), lr,
+                              per_sample_loss_fn=lambda z: F.mse_loss(z, target, reduction="none").mean(-1))
+    return {"model": [p.grad for p in model.parameters()], "h": [p.grad for p in adjuster.parameters()],
+            "stats": stats.to_dict()}
+
+
+def _worker(rank, init_file, out_dir, global_decisions):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    x, target = data()
+    shard = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    for name, (kwargs, lr) in CASES.items():
+        model, adjuster = build(kwargs, dist.group.WORLD if global_decisions else None)
+        adjuster.wrap_ddp()
+        result = step(DistributedDataParallel(model), adjuster, x[shard], target[shard], lr)
+        torch.save(result, f"{out_dir}/{name}_{rank}.pt")
+    dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, global_decisions):
+    mp.start_processes(_worker, args=(tmp_path / "init", tmp_path, global_decisions), nprocs=WORLD,
+                       start_method="spawn")
+    return {name: [torch.load(tmp_path / f"{name}_{r}.pt") for r in range(WORLD)] for name in CASES}
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def two_process_global(tmp_path_factory):
+    return run_ranks(tmp_path_factory.mktemp("ddp_global"), global_decisions=True)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_two_processes_match_one_process_on_the_global_batch(two_process_global, name):
+    kwargs, lr = CASES[name]
+    single = step(*build(kwargs), *data(), lr)
+    for rank_result in two_process_global[name]:
+        for key in ("model", "h"):
+            for got, expected in zip(rank_result[key], single[key]):
+                close(got, expected)
+        for stat, value in single["stats"].items():
+            # abs 1e-6: R is a difference of O(1) losses, so float32 rounding of the shard sums shows there
+            assert rank_result["stats"][stat] == pytest.approx(value, rel=1e-5, abs=1e-6), stat
+
+
+def test_cases_cover_both_safeguard_decisions(two_process_global):
+    assert two_process_global["safeguard_accept"][0]["stats"]["accepted"] == 1.0
+    assert two_process_global["safeguard_reject"][0]["stats"]["accepted"] == 0.0
+
+
+def test_without_process_group_ranks_decide_alone_but_share_h_gradients(tmp_path):
+    results = run_ranks(tmp_path, global_decisions=False)
+    for name in CASES:
+        rank0, rank1 = results[name]
+        for key in ("model", "h"):  # DDP averaged both, so every rank holds the same gradients
+            for a, b in zip(rank0[key], rank1[key]):
+                close(a, b)
+        assert rank0["stats"]["loss"] != rank1["stats"]["loss"]  # statistics are each rank's own shard's
