@@ -19,7 +19,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 repro: setup
-	$(BIN)/python -m pipelines.toy3d
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 bench: setup
 	$(BIN)/python -m benchmarks.gal_overhead

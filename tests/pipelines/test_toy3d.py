@@ -1,0 +1,118 @@
+"""The Fig. 4 toy pipeline: paths, the ratio-0 identity, the CLI's outputs and errors, determinism."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines import toy3d
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "packages" / "gal_core" / "src"), str(ROOT)])}
+OUTPUTS = ("toy3d_paths.csv", "toy3d.png", "toy3d.pdf")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.toy3d", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_surface_at_paper_start():
+    x, y = 0.75, 1.0
+    expected = -math.sin(x**2) * math.cos(3 * y**2) * math.exp(-((x * y) ** 2)) - math.exp(-((x + y) ** 2))
+    import torch
+
+    assert toy3d.surface(torch.tensor([x, y], dtype=torch.float64)).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("gal", [False, True])
+def test_gd_paths_from_paper_start_are_finite(gal):
+    cfg = toy3d.load_config(["optimizers=[gd]"])
+    run = cfg.runs["gd"]
+    assert (cfg.start, run.lr, run.steps, run.ratio) == ([0.75, 1.0], 0.1, 100, 0.2)
+    rows = toy3d.run_path(cfg, run, gal=gal)
+    assert [r["step"] for r in rows] == list(range(101))
+    assert (rows[0]["x"], rows[0]["y"]) == (0.75, 1.0)
+    assert all(math.isfinite(r[k]) for r in rows for k in ("x", "y", "z"))
+    assert rows[-1]["z"] < rows[0]["z"]  # it descends
+    if gal:
+        assert all(r["accepted"] in (0, 1) and math.isfinite(r["remainder"]) for r in rows[1:])
+        assert any(r["accepted"] for r in rows[1:])
+    else:
+        assert all(r["accepted"] == "" and r["remainder"] == "" for r in rows)
+
+
+@pytest.mark.parametrize("name", ["gd", "lookahead", "rmsprop", "adam", "adabound"])
+def test_gal_with_ratio_zero_is_the_baseline(name):
+    cfg = toy3d.load_config([f"runs.{name}.steps=40", f"runs.{name}.ratio=0"])
+    run = cfg.runs[name]
+    xyz = lambda rows: [(r["x"], r["y"], r["z"]) for r in rows]  # noqa: E731
+    assert xyz(toy3d.run_path(cfg, run, gal=True)) == xyz(toy3d.run_path(cfg, run, gal=False))
+
+
+def test_seed_sets_h_and_nothing_else():
+    cfg = toy3d.load_config(["runs.gd.steps=20"])
+    again = toy3d.load_config(["runs.gd.steps=20"])
+    other = toy3d.load_config(["runs.gd.steps=20", "seed=1"])
+    first = toy3d.run_path(cfg, cfg.runs["gd"], gal=True)
+    assert toy3d.run_path(again, again.runs["gd"], gal=True) == first
+    assert toy3d.run_path(other, other.runs["gd"], gal=True) != first
+    assert toy3d.run_path(other, other.runs["gd"], gal=False) == toy3d.run_path(cfg, cfg.runs["gd"], gal=False)
+
+
+def test_same_seed_gives_identical_csv(tmp_path, capsys):
+    args = ["optimizers=[gd,adam]", "runs.gd.steps=10", "runs.adam.steps=10"]
+    assert toy3d.main([*args, f"out_dir={tmp_path / 'a'}"]) == 0
+    assert toy3d.main([*args, f"out_dir={tmp_path / 'b'}"]) == 0
+    first = (tmp_path / "a" / "toy3d_paths.csv").read_bytes()
+    assert first == (tmp_path / "b" / "toy3d_paths.csv").read_bytes()
+    assert len(capsys.readouterr().out.splitlines()) == 2 * 3  # 2 summary lines + "wrote" line, twice
+
+
+def test_cli_writes_png_pdf_csv(tmp_path):
+    out = tmp_path / "nested" / "toy"
+    result = cli("optimizers=[gd,adam]", "runs.gd.steps=5", "runs.adam.steps=7", f"out_dir={out}")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no temp files left behind
+    assert (out / "toy3d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "toy3d.pdf").read_bytes()[:5] == b"%PDF-"
+    with open(out / "toy3d_paths.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == toy3d.COLUMNS
+    counts = {(o, m): sum(r["optimizer"] == o and r["method"] == m for r in rows)
+              for o in ("gd", "adam") for m in ("baseline", "GAL")}
+    assert counts == {("gd", "baseline"): 6, ("gd", "GAL"): 6, ("adam", "baseline"): 8, ("adam", "GAL"): 8}
+    summary = [line for line in result.stdout.splitlines() if "final z" in line]
+    assert len(summary) == 2 and "GD" in summary[0] and "Adam" in summary[1]
+
+
+@pytest.mark.parametrize("override", [
+    "foo=1",                          # unknown key
+    "optimizers=[gd,nadam]",          # unknown optimiser run
+    "runs.gd.optimizer=nadam",        # unknown optimiser name
+    "runs.gd.lr=fast",                # wrong type
+    "runs.gd.ratio=-1",               # out of range (the library's check)
+    "runs.gd.kwargs.momentom=0.9",    # an argument the optimiser does not take
+    "steps",                          # not key=value
+])
+def test_bad_override_one_line_exit_2_no_files(override, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert toy3d.main(["optimizers=[gd]", override, f"out_dir={out}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith("toy3d: bad config:")
+    assert not out.exists()
+
+
+def test_bad_override_from_the_command_line(tmp_path):
+    out = tmp_path / "out"
+    result = cli("optimizers=[gd,nadam]", f"out_dir={out}")
+    assert result.returncode == 2
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1  # no traceback
+    assert "nadam" in result.stderr
+    assert not out.exists()
