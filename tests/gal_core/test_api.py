@@ -1,4 +1,8 @@
 """Constructor and call validation, statistics conversion, parameter counts from the paper."""
+import subprocess
+import sys
+from importlib.metadata import requires
+
 import pytest
 import torch
 
@@ -78,3 +82,10 @@ def test_state_dict_round_trip_with_weights_only_load(tmp_path):
     restored = GradientAdjuster(5, (8,))
     restored.load_state_dict(torch.load(tmp_path / "h.pt", weights_only=True))
     assert all(torch.equal(a, b) for a, b in zip(adjuster.parameters(), restored.parameters()))
+
+
+def test_library_depends_on_torch_only():
+    core = [r for r in requires("gal-core") if "extra ==" not in r]
+    assert [r.split(">")[0].split("=")[0].strip() for r in core] == ["torch"]
+    script = "import sys, gal_core; assert not {'timm', 'adabound'} & set(sys.modules)"  # optim extra is lazy
+    subprocess.run([sys.executable, "-c", script], check=True)
