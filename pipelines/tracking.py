@@ -1,0 +1,521 @@
+"""The only place that talks to MLflow and writes run records (format: pipelines/CONTRACT.md).
+
+    with RunTracker("regression", "boston-gal-s0", cfg, profile="smoke",
+                    data_files=[Path("data/processed/boston.npz")]) as tracker:
+        for epoch in range(1, epochs + 1):
+            tracker.log_epoch(epoch, {"train_loss": loss, "val_mae": mae})
+        tracker.log_final({"test_mae": mae, "test_mse": mse})
+
+One MLflow experiment per task; one MLflow run per ``with`` block. On success the block leaves
+``runs/<task>/<run_name>/{config.yaml, history.csv, metrics.json, run.json}`` and the MLflow run
+FINISHED: the record is written into a temp dir beside it, the run is marked FINISHED, then the temp dir
+is renamed into place (a previous record of the same name is moved aside first and deleted after), so a
+record on disk always means a FINISHED run. On any exception, a NaN/inf metric included, the MLflow run
+ends FAILED (KILLED for Ctrl-C), no record is written, a previous record of the same name is left as it
+was, and the exception propagates.
+
+Params are the flattened config (``a.b.c``; values as strings, cut to 500 characters; config.yaml has
+them whole). Epoch metrics are buffered and sent in batches (at the latest on the first log_epoch call
+5 s after the previous send, and at the end), so long runs cost few requests. Final metrics are logged
+last, at the last step, so they are each metric's latest value (what ``logged_metrics`` returns).
+
+Store: ``MLFLOW_TRACKING_URI``, else ``sqlite:///<root>/mlflow.db`` with root = ``DVC_ROOT`` or the
+current directory. An http(s) server is probed (``/health``) before anything else, so an unreachable
+one fails in seconds with a TrackingError instead of MLflow's minutes of retries. (A server that goes
+away mid-run still gets MLflow's retries, MLFLOW_HTTP_REQUEST_MAX_RETRIES/_TIMEOUT, before the run fails.)
+
+Tags: ``git_commit`` (``git rev-parse HEAD``; "unknown" outside a git checkout) and ``git_dirty``:
+"true" when ``git status --porcelain`` lists anything, untracked files included (an untracked module
+the run imported is not in the commit either), except ignored files (DVC outputs such as data/ and
+runs/ are git-ignored) and this module's own outputs (the runs root, mlflow.db, mlruns/, mlartifacts/);
+"unknown" outside git. In run.json it is true/false/null. ``dvc_stage`` (env ``DVC_STAGE``, else
+"manual"), ``profile``, ``env_lock_sha256`` (of ``<root>/requirements.lock``; "missing" if absent) and
+``data.<path>`` = "md5:<hex>" per data file, path relative to the root. A directory's md5 runs over
+its files in sorted relative-path order, each fed as ``<relpath> NUL <size> NUL <content>``.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import numbers
+import os
+import posixpath
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+LOCK_FILE = "requirements.lock"
+PARAM_VALUE_MAX = 500  # MLflow's historic limit for a param value (newer servers allow more; old ones don't)
+PARAM_BATCH = 100  # MLflow's log_batch limit for params
+METRIC_BATCH = 1000  # MLflow's log_batch limit for metrics
+FLUSH_SECONDS = 5.0  # log_epoch sends the buffered metrics once this long has passed since the last send
+KEY_MAX = 250  # MLflow's limit for a param/tag/metric key
+# Characters MLflow accepts in param, tag and metric names; anything else in a key becomes "_".
+_BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")
+_OWN_OUTPUTS = ("mlflow.db", "mlruns", "mlartifacts")
+
+# The "View run ... at: http://..." line MLflow prints to stdout when a run ends on a server.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+class TrackingError(RuntimeError):
+    """Tracking failed; the message is one line saying what happened and what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+# --------------------------------------------------------------------------------------------- store
+def project_root() -> Path:
+    """The directory that holds mlflow.db and requirements.lock: env DVC_ROOT, else the cwd (absolute)."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else an sqlite store at the project root (the same from any cwd)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root().as_posix()}/mlflow.db"
+
+
+def _redact(uri: str) -> str:
+    """The URI without a password (it goes into run.json and error messages)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[1]}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_tracking_server(uri: str, timeout: float = 5) -> None:
+    """Fail fast (TrackingError) when an http(s) store does not answer; make a local store's directory."""
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if scheme in ("http", "https"):
+        parts = urllib.parse.urlsplit(uri)  # without user:password (urllib does not take them in the URL)
+        url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])).rstrip("/") + "/health"
+        request = urllib.request.Request(url, headers={"User-Agent": "pipelines.tracking"})
+        reason = None
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                response.read(64)
+        except urllib.error.HTTPError as err:  # it answered: only a server error counts as down
+            if err.code >= 500:
+                reason = f"HTTP {err.code} {err.reason}"
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", None) or err
+            reason = f"{type(reason).__name__ if isinstance(reason, BaseException) else 'error'}: {reason}"
+        if reason is not None:
+            raise TrackingError(f"MLflow tracking server at {_redact(uri)} is unreachable: {reason}; "
+                                "start it or unset MLFLOW_TRACKING_URI")
+        return
+    path = None
+    if scheme == "sqlite":
+        db = _sqlite_path(uri)
+        path = db.parent if db is not None else None
+    elif scheme == "file":
+        path = Path(urllib.parse.unquote(urllib.parse.urlsplit(uri).path))
+    elif scheme == "" or (len(scheme) == 1 and uri[1:3] in (":/", ":\\")):  # a bare path is a file store
+        path = Path(uri)
+    if path is not None:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise TrackingError(f"cannot create the MLflow store directory {path}: {err.strerror or err}; "
+                                "fix the path or set MLFLOW_TRACKING_URI") from None
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of an sqlite:/// URI (relative or, with four slashes, absolute), else None."""
+    if not uri.lower().startswith("sqlite:///"):
+        return None
+    rest = urllib.parse.unquote(uri[len("sqlite:///"):].split("?", 1)[0])
+    return Path(rest) if rest and rest != ":memory:" else None
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient  # imported late: mlflow takes a while to import
+
+    # Creating a store logs its database migrations at INFO (mlflow sets its loggers up on import).
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=uri)
+
+
+def logged_metrics(run_id: str, uri: str | None = None) -> dict[str, float]:
+    """The latest value of each metric of an MLflow run (for the audit's cross-check with metrics.json)."""
+    uri = uri or tracking_uri()
+    db = _sqlite_path(uri)
+    if db is not None and not db.is_file():  # reading must not create an empty store (or its directories)
+        raise TrackingError(f"no MLflow store at {db}; pass the store's URI or set MLFLOW_TRACKING_URI")
+    if db is None:
+        check_tracking_server(uri)
+    try:
+        run = _client(uri).get_run(run_id)
+    except Exception as err:  # MlflowException and friends
+        raise TrackingError(f"cannot read MLflow run {run_id} from {_redact(uri)}: {_first_line(err)}; "
+                            "check the run id and MLFLOW_TRACKING_URI") from None
+    return {k: float(v) for k, v in run.data.metrics.items()}
+
+
+# ------------------------------------------------------------------------------------------ checksums
+def _md5_file(path: Path, h=None):
+    h = h or hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h
+
+
+def data_checksum(path: Path) -> str:
+    """"md5:<hex>" of a file's content, or of a directory's files (sorted relative paths, sizes, contents)."""
+    path = Path(path)
+    if path.is_file():
+        return "md5:" + _md5_file(path).hexdigest()
+    if path.is_dir():
+        h = hashlib.md5(usedforsecurity=False)
+        files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+        for p in files:
+            h.update(f"{p.relative_to(path).as_posix()}\0{p.stat().st_size}\0".encode())
+            _md5_file(p, h)
+        return "md5:" + h.hexdigest()
+    raise TrackingError(f"data file {path} does not exist; run the stage that makes it first (dvc repro)")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _display_path(path: Path, root: Path) -> str:
+    """The path relative to the root when it lies under it, else absolute (posix)."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+# ------------------------------------------------------------------------------------------------ git
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_state(root: Path, exclude: Sequence[Path] = ()) -> tuple[str, bool | None]:
+    """(HEAD commit or "unknown", dirty or None outside git); see the module docstring for "dirty"."""
+    commit = _git(root, "rev-parse", "HEAD")
+    if commit is None:
+        return "unknown", None
+    top = _git(root, "rev-parse", "--show-toplevel")
+    top = Path(top.strip()).resolve() if top else root
+    specs = []
+    for path in [*exclude, *(root / name for name in _OWN_OUTPUTS)]:
+        try:
+            specs.append(f":(top,exclude){Path(path).resolve().relative_to(top).as_posix()}")
+        except ValueError:
+            pass  # outside the checkout: git would not list it anyway
+    status = _git(root, "status", "--porcelain", "--untracked-files=normal", "--", ":(top)",
+                  *specs)
+    return commit.strip(), None if status is None else bool(status.strip())
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
+
+
+def _plain(config: Any) -> dict:
+    """A DictConfig (resolved) or mapping as plain containers."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(config, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(config, resolve=True)
+    return OmegaConf.to_container(OmegaConf.create(dict(config)), resolve=True)
+
+
+def _key(name: str) -> str:
+    """A name MLflow accepts: allowed characters only, and no path that normalises to another name."""
+    key = posixpath.normpath(_BAD_KEY_CHARS.sub("_", str(name))).lstrip("/")
+    if key.startswith("..") or key in ("", "."):
+        key = "_" + key[1:]
+    if len(key) > KEY_MAX:  # keep it unique: cut and add a short hash of the full name
+        key = key[:KEY_MAX - 9] + "~" + hashlib.md5(key.encode(), usedforsecurity=False).hexdigest()[:8]
+    return key
+
+
+def flatten(config: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested mappings as {"a.b.c": str(value)}; lists of scalars stay one value, lists holding
+    mappings are flattened by index; empty mappings become "{}"."""
+    flat: dict[str, str] = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            flat.update(flatten(v, key + ".") if v else {key: "{}"})
+        elif isinstance(v, (list, tuple)) and any(isinstance(x, (Mapping, list, tuple)) for x in v):
+            flat.update(flatten({str(i): x for i, x in enumerate(v)}, key + "."))
+        else:
+            flat[key] = str(v)
+    return flat
+
+
+def _param_value(value: str) -> str:
+    return value if len(value) <= PARAM_VALUE_MAX else value[:PARAM_VALUE_MAX - 3] + "..."
+
+
+def _finite(metrics: Mapping[str, float], where: str) -> dict[str, float]:
+    out = {}
+    for name, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise TrackingError(f"metric {name!r} {where} is not a number ({value!r}); log floats only") from None
+        if not math.isfinite(number):
+            raise TrackingError(f"metric {name!r} is {number} {where}: the run diverged; "
+                                "lower the learning rate or check the data")
+        out[str(name)] = number
+    return out
+
+
+def _cell(raw: Any, number: float) -> str:
+    """A history.csv cell: integers (flags, counts) as integers, everything else as a round-tripping float."""
+    if isinstance(raw, numbers.Integral):
+        return str(int(raw))
+    dtype = getattr(raw, "dtype", None)  # numpy scalars (dtype.kind) and torch tensors (dtype.is_floating_point)
+    if dtype is not None and (dtype.kind in "biu" if hasattr(dtype, "kind") else
+                              not (dtype.is_floating_point or dtype.is_complex)):
+        return str(int(raw))
+    return repr(number)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# --------------------------------------------------------------------------------------------- tracker
+class RunTracker:
+    """One tracked run: an MLflow run plus, on success, its record under runs/<task>/<run_name>/."""
+
+    def __init__(self, task: str, run_name: str, config: Mapping, *, profile: str,
+                 data_files: Sequence[Path] = (), runs_root: Path = Path("runs"), stage: str | None = None,
+                 step_name: str = "epoch"):
+        for what, value in (("task", task), ("run_name", run_name)):
+            if not value or "/" in value or "\\" in value or value in (".", "..") or value.startswith("."):
+                raise TrackingError(f"bad {what} {value!r}: use a plain name such as 'regression' or 'boston-gal-s0'")
+        self.task, self.run_name, self.profile, self.step_name = task, run_name, str(profile), step_name
+        self.config = _plain(config)
+        self.data_files = [Path(p) for p in data_files]
+        self.runs_root = Path(runs_root)
+        self.stage = stage or os.environ.get("DVC_STAGE") or "manual"
+        self.run_dir = self.runs_root / task / run_name
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.uri: str | None = None
+        self._client = None
+        self._history: list[tuple[int, dict[str, str]]] = []  # (step, {metric: csv cell})
+        self._columns: dict[str, None] = {}  # first-seen order
+        self._final: dict[str, float] = {}
+        self._pending: list = []  # metrics not yet sent to MLflow
+        self._last_flush = 0.0
+        self._last_step = 0
+        self._last_ts = 0
+        self._record: dict | None = None
+        self._active = False  # inside the with block
+        self._unreachable = False  # a flush failed: do not wait on MLflow's retries again while failing
+
+    # ---------------------------------------------------------------------------------- lifecycle
+    def __enter__(self) -> "RunTracker":
+        from mlflow.entities import Param
+
+        if self.run_id is not None:
+            raise TrackingError(f"RunTracker {self.task}/{self.run_name} was already used; make a new one per run")
+        root = project_root()
+        self.uri = tracking_uri()
+        check_tracking_server(self.uri)
+        checksums = {_display_path(p, root): data_checksum(p) for p in self.data_files}
+        lock = root / LOCK_FILE
+        lock_sha = _sha256_file(lock) if lock.is_file() else "missing"
+        commit, dirty = git_state(root, exclude=[self.runs_root])
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        tags = {"git_commit": commit, "git_dirty": {True: "true", False: "false", None: "unknown"}[dirty],
+                "dvc_stage": self.stage, "profile": self.profile, "env_lock_sha256": lock_sha}
+        tags.update({_key(f"data.{path}"): value for path, value in checksums.items()})
+        try:
+            self._client = _client(self.uri)
+            self.experiment_id = self._experiment()
+            run = self._client.create_run(self.experiment_id, run_name=self.run_name,
+                                          tags={k: str(v) for k, v in tags.items()})
+        except TrackingError:
+            raise
+        except Exception as err:
+            raise TrackingError(f"cannot start an MLflow run in {_redact(self.uri)}: {_first_line(err)}; "
+                                "check MLFLOW_TRACKING_URI and the store") from None
+        self.run_id = run.info.run_id
+        try:
+            params = [Param(_key(k), _param_value(v)) for k, v in flatten(self.config).items()]
+            for i in range(0, len(params), PARAM_BATCH):
+                self._client.log_batch(self.run_id, params=params[i:i + PARAM_BATCH], synchronous=True)
+        except Exception as err:
+            self._terminate("FAILED")
+            raise TrackingError(f"cannot log the config of run {self.run_name} to MLflow: {_first_line(err)}; "
+                                "check the store") from None
+        self._record = {"task": self.task, "run_name": self.run_name, "mlflow_run_id": self.run_id,
+                        "mlflow_experiment_id": self.experiment_id, "tracking_uri": _redact(self.uri),
+                        "stage": self.stage, "git_commit": commit, "git_dirty": dirty, "profile": self.profile,
+                        "data_checksums": checksums, "env_lock_sha256": lock_sha, "created": created}
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self._active:
+            return False
+        self._active = False
+        if exc_type is not None:
+            self._fail("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+            return False
+        tmp = None
+        try:
+            self._flush()
+            self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.run_dir.parent / f".{self.run_name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()  # not mkdtemp: the record gets the usual permissions (umask), not 0700
+            self._write(tmp)
+            self._client.set_terminated(self.run_id, "FINISHED")  # before publishing: a record means FINISHED
+            self._publish(tmp)
+            tmp = None
+        except BaseException as err:
+            self._fail("FAILED")
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, Exception) and not isinstance(err, TrackingError):
+                raise TrackingError(f"cannot finish run {self.task}/{self.run_name}: {_first_line(err)}; "
+                                    f"check that {self.run_dir.parent} is writable and the MLflow store "
+                                    "is reachable") from err
+            raise
+        return False
+
+    # ---------------------------------------------------------------------------------- logging
+    def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
+        """One history row (and MLflow metrics at ``step``); a NaN/inf value raises TrackingError."""
+        self._require_active()
+        values = _finite(metrics, f"at {self.step_name} {step}")
+        step = int(step)
+        for name in values:
+            self._columns.setdefault(name, None)
+        self._history.append((step, {str(k): _cell(raw, values[str(k)]) for k, raw in metrics.items()}))
+        self._last_step = step
+        self._queue(values, step)
+        if len(self._pending) >= METRIC_BATCH or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+            self._flush()
+
+    def log_final(self, metrics: Mapping[str, float]) -> None:
+        """Final metrics: metrics.json and MLflow metrics under their own names (they win over any
+        same-named epoch metric as the run's latest value)."""
+        self._require_active()
+        values = _finite(metrics, "in the final metrics")
+        self._final.update(values)
+        self._queue(values, self._last_step)
+        self._flush()
+
+    # ---------------------------------------------------------------------------------- internals
+    def _require_active(self) -> None:
+        if not self._active:
+            raise TrackingError("RunTracker used outside its 'with' block; log inside 'with RunTracker(...) as t:'")
+
+    def _experiment(self) -> str:
+        client = self._client
+        exp = client.get_experiment_by_name(self.task)
+        if exp is None:
+            try:
+                return client.create_experiment(self.task)
+            except Exception:  # another process created it meanwhile
+                exp = client.get_experiment_by_name(self.task)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+
+    def _queue(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = max(_now_ms(), self._last_ts + 1)  # strictly increasing: the last logged value is the latest
+        self._last_ts = ts
+        self._pending.extend(Metric(_key(k), v, ts, step) for k, v in values.items())
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        self._last_flush = time.monotonic()
+        try:
+            for i in range(0, len(pending), METRIC_BATCH):
+                self._client.log_batch(self.run_id, metrics=pending[i:i + METRIC_BATCH], synchronous=True)
+        except Exception as err:
+            self._unreachable = True
+            raise TrackingError(f"cannot log metrics of run {self.run_name} to MLflow at {_redact(self.uri)}: "
+                                f"{_first_line(err)}; check that the tracking server is up") from None
+
+    def _terminate(self, status: str) -> None:
+        try:
+            self._client.set_terminated(self.run_id, status)
+        except Exception as err:  # never hide the exception that ended the run
+            logging.getLogger(__name__).warning("could not mark MLflow run %s %s: %s", self.run_id, status,
+                                                _first_line(err))
+
+    def _fail(self, status: str) -> None:
+        if self._unreachable:
+            logging.getLogger(__name__).warning("MLflow run %s is left RUNNING: its store did not answer",
+                                                self.run_id)
+            return
+        try:
+            self._flush()  # keep what the run logged before it failed
+        except TrackingError as err:
+            logging.getLogger(__name__).warning("%s; MLflow run %s is left RUNNING", err, self.run_id)
+            return
+        self._terminate(status)
+
+    def _write(self, tmp: Path) -> None:
+        from omegaconf import OmegaConf
+
+        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(self.config)))
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        columns = list(self._columns)
+        writer.writerow([self.step_name, *columns])
+        for step, values in self._history:
+            writer.writerow([step, *(values.get(c, "") for c in columns)])
+        (tmp / "history.csv").write_text(buf.getvalue())
+        (tmp / "metrics.json").write_text(json.dumps(self._final, indent=2) + "\n")
+        (tmp / "run.json").write_text(json.dumps(self._record, indent=2) + "\n")
+
+    def _publish(self, tmp: Path) -> None:
+        """Put the finished temp dir at run_dir, replacing an old record (kept if anything goes wrong)."""
+        old = None
+        if self.run_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.run_name}.old-", dir=self.run_dir.parent))
+            os.rename(self.run_dir, old / "record")
+        try:
+            os.rename(tmp, self.run_dir)
+        except BaseException:
+            if old is not None:
+                os.rename(old / "record", self.run_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,329 @@
+"""pipelines.tracking against real MLflow: a local sqlite store and a real `mlflow server` over HTTP."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from pipelines.tracking import RunTracker, TrackingError, check_tracking_server, data_checksum, logged_metrics, \
+    tracking_uri
+
+CONFIG = {"model": {"hidden": [64, 64], "lr": 0.01, "act": "relu"}, "data": {"name": "boston"},
+          "seed": 0, "long": "x" * 600, "many": {f"k{i:03d}": i for i in range(150)}}  # > one param batch
+EPOCHS = [{"train_loss": 1.0, "val_mae": 0.9}, {"train_loss": 0.5, "val_mae": 0.6, "lr": 0.01},
+          {"train_loss": 0.25, "val_mae": 0.4}]
+FINAL = {"test_mae": 0.41, "test_mse": 0.3, "test_r2": 0.8}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sqlite_uri(tmp_path_factory) -> str:
+    """One sqlite store for the module (creating one runs MLflow's migrations: seconds each)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store').as_posix()}/mlflow.db"
+
+
+@pytest.fixture(autouse=True)
+def env(monkeypatch, tmp_path, sqlite_uri):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    for var in ("DVC_ROOT", "DVC_STAGE", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `mlflow server` on a free local port; yields its URI; terminated at the end of the module."""
+    tmp = tmp_path_factory.mktemp("server")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = open(tmp / "server.log", "wb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and "proxy" not in k.lower()}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job-runner processes: halves the start on 2 cores
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{(tmp / 'srv.db').as_posix()}",
+         "--default-artifact-root", (tmp / "art").as_posix()],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True)
+    start = time.monotonic()
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}: "
+                                   + (tmp / "server.log").read_text()[-2000:])
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() - start > 90:
+                raise RuntimeError("mlflow server did not answer /health in 90 s: "
+                                   + (tmp / "server.log").read_text()[-2000:])
+            time.sleep(0.25)
+        print(f"mlflow server up in {time.monotonic() - start:.1f} s", file=sys.stderr)
+        yield uri
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: its own session
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+def run_three_epochs(data_files=(), final=FINAL, **kwargs) -> RunTracker:
+    with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", data_files=data_files,
+                    **kwargs) as tracker:
+        for epoch, metrics in enumerate(EPOCHS, start=1):
+            tracker.log_epoch(epoch, metrics)
+        tracker.log_final(final)
+    return tracker
+
+
+def md5(data: bytes) -> str:
+    return "md5:" + hashlib.md5(data).hexdigest()
+
+
+def check_mlflow_run(client: MlflowClient, tracker: RunTracker, data: bytes) -> None:
+    exp = client.get_experiment_by_name("regression")
+    assert exp is not None and exp.experiment_id == tracker.experiment_id
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "boston-gal-s0"
+    assert run.info.experiment_id == exp.experiment_id
+    params = run.data.params
+    assert params["model.lr"] == "0.01" and params["model.act"] == "relu" and params["model.hidden"] == "[64, 64]"
+    assert params["data.name"] == "boston" and params["seed"] == "0"
+    assert params["many.k149"] == "149" and sum(k.startswith("many.") for k in params) == 150
+    assert params["long"].startswith("xxx") and len(params["long"]) <= 500
+    history = client.get_metric_history(tracker.run_id, "train_loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "lr")] == [(2, 0.01)]
+    for name, value in FINAL.items():
+        assert run.data.metrics[name] == value
+    tags = run.data.tags
+    assert tags["git_commit"] == "unknown" and tags["git_dirty"] == "unknown"  # tmp_path is outside git
+    assert tags["dvc_stage"] == "manual" and tags["profile"] == "smoke"
+    assert tags["env_lock_sha256"] == hashlib.sha256(b"torch==2\n").hexdigest()
+    assert tags["data.data/processed/boston.npz"] == md5(data)
+
+
+def make_inputs(root: Path) -> tuple[Path, bytes]:
+    (root / "requirements.lock").write_bytes(b"torch==2\n")
+    data = os.urandom(3000)
+    path = root / "data" / "processed" / "boston.npz"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    return Path("data/processed/boston.npz"), data
+
+
+def test_successful_run_writes_record_and_mlflow(env, sqlite_uri):
+    data_file, data = make_inputs(env)
+    tracker = run_three_epochs([data_file])
+    run_dir = env / "runs" / "regression" / "boston-gal-s0"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "history.csv", "metrics.json", "run.json"]
+    assert [p.name for p in run_dir.parent.iterdir()] == ["boston-gal-s0"]  # no temp dirs left behind
+
+    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == CONFIG
+    with open(run_dir / "history.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["epoch", "train_loss", "val_mae", "lr"], ["1", "1.0", "0.9", ""], ["2", "0.5", "0.6", "0.01"],
+                    ["3", "0.25", "0.4", ""]]
+    assert json.loads((run_dir / "metrics.json").read_text()) == FINAL
+    record = json.loads((run_dir / "run.json").read_text())
+    assert set(record) == {"task", "run_name", "mlflow_run_id", "mlflow_experiment_id", "tracking_uri", "stage",
+                           "git_commit", "git_dirty", "profile", "data_checksums", "env_lock_sha256", "created"}
+    assert record["task"] == "regression" and record["run_name"] == "boston-gal-s0"
+    assert record["mlflow_run_id"] == tracker.run_id and record["mlflow_experiment_id"] == tracker.experiment_id
+    assert record["tracking_uri"] == sqlite_uri and record["stage"] == "manual" and record["profile"] == "smoke"
+    assert record["git_commit"] == "unknown" and record["git_dirty"] is None
+    assert record["data_checksums"] == {"data/processed/boston.npz": md5(data)}
+    assert record["env_lock_sha256"] == hashlib.sha256(b"torch==2\n").hexdigest()
+    assert record["created"].endswith("+00:00") and record["created"][:4].isdigit()
+
+    check_mlflow_run(MlflowClient(sqlite_uri), tracker, data)
+
+
+def test_exception_fails_run_and_keeps_previous_record(env, sqlite_uri):
+    run_dir = env / "runs" / "regression" / "boston-gal-s0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text('{"test_mae": 1.5}\n')
+    with pytest.raises(ValueError, match="boom"):
+        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke") as tracker:
+            tracker.log_epoch(1, {"train_loss": 1.0})
+            raise ValueError("boom")
+    run = MlflowClient(sqlite_uri).get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.metrics == {"train_loss": 1.0}  # what it logged before failing is kept in MLflow
+    assert [p.name for p in run_dir.iterdir()] == ["metrics.json"]
+    assert (run_dir / "metrics.json").read_text() == '{"test_mae": 1.5}\n'
+    assert [p.name for p in run_dir.parent.iterdir()] == ["boston-gal-s0"]
+
+
+def test_nan_metric_fails_loudly(env, sqlite_uri):
+    with pytest.raises(TrackingError, match=r"'train_loss' is nan at epoch 2") as err:
+        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke") as tracker:
+            tracker.log_epoch(1, {"train_loss": 1.0})
+            tracker.log_epoch(2, {"train_loss": float("nan"), "val_mae": 0.5})
+    assert "\n" not in str(err.value)
+    assert MlflowClient(sqlite_uri).get_run(tracker.run_id).info.status == "FAILED"
+    assert not (env / "runs" / "regression" / "boston-gal-s0").exists()
+    with pytest.raises(TrackingError, match=r"'test_mae' is inf in the final metrics"):
+        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke") as tracker:
+            tracker.log_final({"test_mae": math.inf})
+    assert MlflowClient(sqlite_uri).get_run(tracker.run_id).info.status == "FAILED"
+    assert not (env / "runs").joinpath("regression", "boston-gal-s0").exists()
+
+
+def test_rerun_replaces_record_and_logged_metrics_are_final(env, sqlite_uri):
+    first = run_three_epochs()
+    run_dir = env / "runs" / "regression" / "boston-gal-s0"
+    (run_dir / "stale.txt").write_text("from an older run")
+    final = {**FINAL, "val_mae": 0.45}  # same name as an epoch metric: the final value must win
+    second = run_three_epochs(final=final)
+    assert second.run_id != first.run_id
+    assert not (run_dir / "stale.txt").exists()
+    assert json.loads((run_dir / "run.json").read_text())["mlflow_run_id"] == second.run_id
+    assert [p.name for p in run_dir.parent.iterdir()] == ["boston-gal-s0"]
+    assert logged_metrics(second.run_id) == {"train_loss": 0.25, "lr": 0.01, **final}
+    assert logged_metrics(first.run_id) == {"train_loss": 0.25, "val_mae": 0.4, "lr": 0.01, **FINAL}
+    with pytest.raises(TrackingError, match="no MLflow store at"):  # e.g. a run.json from another machine
+        logged_metrics(first.run_id, f"sqlite:///{(env / 'elsewhere').as_posix()}/mlflow.db")
+    assert not (env / "elsewhere").exists()  # reading creates nothing
+    with pytest.raises(TrackingError, match="cannot read MLflow run"):
+        logged_metrics("0" * 32)
+
+
+def test_options_dictconfig_stage_and_step_name(env, sqlite_uri, monkeypatch):
+    monkeypatch.setenv("DVC_STAGE", "toy3d")
+    cfg = OmegaConf.create({"lr": 0.1, "run": {"lr": "${lr}", "kwargs": {}}})
+    with RunTracker("toy3d", "gd-gal", cfg, profile="smoke", step_name="step", runs_root=Path("out")) as tracker:
+        tracker.log_epoch(0, {"z": -1.0})
+        tracker.log_epoch(1, {"z": -1.5, "accepted": True})
+    run_dir = env / "out" / "toy3d" / "gd-gal"
+    assert (run_dir / "history.csv").read_text() == "step,z,accepted\n0,-1.0,\n1,-1.5,1\n"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == {"lr": 0.1, "run": {"lr": 0.1, "kwargs": {}}}
+    assert json.loads((run_dir / "metrics.json").read_text()) == {}
+    run = MlflowClient(sqlite_uri).get_run(tracker.run_id)
+    assert run.data.params == {"lr": "0.1", "run.lr": "0.1", "run.kwargs": "{}"}
+    assert run.data.tags["dvc_stage"] == "toy3d" and run.data.tags["env_lock_sha256"] == "missing"
+    assert json.loads((run_dir / "run.json").read_text())["stage"] == "toy3d"
+    with pytest.raises(TrackingError, match="outside its 'with' block"):
+        tracker.log_epoch(2, {"z": -2.0})
+
+
+def test_default_uri_is_root_sqlite_from_any_cwd(env, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking_uri() == f"sqlite:///{env.resolve().as_posix()}/mlflow.db"
+    monkeypatch.setenv("DVC_ROOT", str(env))
+    (env / "sub").mkdir()
+    monkeypatch.chdir(env / "sub")
+    assert tracking_uri() == f"sqlite:///{env.resolve().as_posix()}/mlflow.db"
+    check_tracking_server(f"sqlite:///{(env / 'new' / 'dir').as_posix()}/mlflow.db")
+    assert (env / "new" / "dir").is_dir()
+
+
+def test_git_commit_and_dirty(env, sqlite_uri):
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args], cwd=env,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (env / ".gitignore").write_text("/data/\n")
+    (env / "train.py").write_text("print(1)\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "init")
+    head = git("rev-parse", "HEAD")
+    (env / "data").mkdir()
+    (env / "data" / "ignored.bin").write_bytes(b"x")
+
+    def tags():
+        with RunTracker("regression", "r", {"a": 1}, profile="smoke") as tracker:
+            pass
+        return MlflowClient(sqlite_uri).get_run(tracker.run_id).data.tags
+
+    first = tags()  # ignored data/ and the run records it writes itself do not count as changes
+    assert (first["git_commit"], first["git_dirty"]) == (head, "false")
+    assert (tags()["git_dirty"], json.loads((env / "runs/regression/r/run.json").read_text())["git_dirty"]) \
+        == ("false", False)
+    (env / "train.py").write_text("print(2)\n")
+    assert tags()["git_dirty"] == "true"
+    git("checkout", "-q", "train.py")
+    (env / "new_module.py").write_text("")  # untracked, not ignored: not in the commit either
+    assert tags()["git_dirty"] == "true"
+
+
+def test_directory_checksum(tmp_path):
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_bytes(b"a")
+    (d / "sub" / "b.txt").write_bytes(b"b")
+    first = data_checksum(d)
+    assert first.startswith("md5:") and len(first) == 36 and data_checksum(d) == first
+    (d / "sub" / "b.txt").rename(d / "b.txt")
+    assert data_checksum(d) != first  # names count, not only contents
+    with pytest.raises(TrackingError, match="does not exist"):
+        data_checksum(tmp_path / "missing.npz")
+
+
+def test_unreachable_server_fails_fast(env, monkeypatch):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    with pytest.raises(TrackingError) as err:
+        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke"):
+            pytest.fail("the block must not run")
+    assert time.monotonic() - start < 5
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"MLflow tracking server at {uri} is unreachable: ")
+    assert message.endswith("; start it or unset MLFLOW_TRACKING_URI")
+    assert not (env / "runs").exists()
+
+
+def test_silent_server_times_out(env):
+    with socket.socket() as s:  # accepts connections (backlog) but never answers
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        start = time.monotonic()
+        with pytest.raises(TrackingError, match="is unreachable: .*timed out"):
+            check_tracking_server(f"http://127.0.0.1:{s.getsockname()[1]}", timeout=1)
+        assert time.monotonic() - start < 4
+
+
+def test_run_on_real_server(env, server, monkeypatch, capfd):
+    data_file, data = make_inputs(env)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    tracker = run_three_epochs([data_file])
+    assert "View run" not in capfd.readouterr().out  # MLflow's banner stays off stdout
+    record = json.loads((env / "runs" / "regression" / "boston-gal-s0" / "run.json").read_text())
+    assert record["tracking_uri"] == server and record["mlflow_run_id"] == tracker.run_id
+    check_mlflow_run(MlflowClient(server), tracker, data)
+    assert logged_metrics(tracker.run_id) == {"train_loss": 0.25, "val_mae": 0.4, "lr": 0.01, **FINAL}
+    with pytest.raises(RuntimeError, match="boom"):
+        with RunTracker("regression", "boston-gal-s1", CONFIG, profile="smoke") as failed:
+            raise RuntimeError("boom")
+    assert MlflowClient(server).get_run(failed.run_id).info.status == "FAILED"
+    assert not (env / "runs" / "regression" / "boston-gal-s1").exists()
