@@ -1,0 +1,125 @@
+"""Smoke fixtures: small synthetic files in the REAL raw formats, made by the pipeline itself.
+
+The smoke profile fetches these through the same mirror code path and parses them with the same parsers as
+the real files, so a smoke run exercises everything but the data. The targets are a smooth function of the
+features plus noise, so a model trained on them has something to learn. Output is byte-deterministic for a
+given (rows, seed): no timestamps, user names or dict-order effects, so fetch() can verify the checksum the
+generator reports and DVC sees unchanged files as unchanged.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+
+import numpy as np
+
+SYNTHETIC_NOTE = (" SYNTHETIC SMOKE FIXTURE written by pipelines/prepare/fixtures.py in the layout of the\n"
+                  " StatLib boston file: the numbers below are random draws with a made-up price relation,\n"
+                  " NOT the data of Harrison, D. and Rubinfeld, D.L. 'Hedonic prices and the environment\n"
+                  " for clean air', J. Environ. Economics & Management, vol.5, 81-102, 1978.\n"
+                  " Use it to test code, never to report results.\n")
+BOSTON_VARIABLES = (  # the real file's variable list, which makes the preamble 22 lines like the real one
+    ("CRIM", "per capita crime rate by town"),
+    ("ZN", "proportion of residential land zoned for lots over 25,000 sq.ft."),
+    ("INDUS", "proportion of non-retail business acres per town"),
+    ("CHAS", "Charles River dummy variable (= 1 if tract bounds river; 0 otherwise)"),
+    ("NOX", "nitric oxides concentration (parts per 10 million)"),
+    ("RM", "average number of rooms per dwelling"),
+    ("AGE", "proportion of owner-occupied units built prior to 1940"),
+    ("DIS", "weighted distances to five Boston employment centres"),
+    ("RAD", "index of accessibility to radial highways"),
+    ("TAX", "full-value property-tax rate per $10,000"),
+    ("PTRATIO", "pupil-teacher ratio by town"),
+    ("B", "1000(Bk - 0.63)^2 where Bk is the proportion of blacks by town"),
+    ("LSTAT", "% lower status of the population"),
+    ("MEDV", "Median value of owner-occupied homes in $1000's"),
+)
+CAL_HOUSING_COLUMNS = ("longitude", "latitude", "housingMedianAge", "totalRooms", "totalBedrooms", "population",
+                       "households", "medianIncome", "medianHouseValue")
+
+
+def boston_statlib(rows: int = 120, seed: int = 0) -> bytes:
+    """A StatLib-format boston file: 22-line preamble, then each record as 11 numbers, newline, 3 numbers."""
+    rng = np.random.default_rng(seed)
+    n = rows
+    # Ranges and rough shapes of the real columns, so scaling and model code meet realistic magnitudes.
+    crim = np.exp(rng.normal(-1.0, 1.6, n)).clip(0.006, 89.0)
+    zn = rng.choice([0.0, 0.0, 0.0, 0.0, 12.5, 20.0, 25.0, 80.0], n)
+    indus = rng.uniform(0.46, 27.74, n)
+    chas = (rng.random(n) < 0.07).astype(int)
+    nox = rng.uniform(0.385, 0.871, n)
+    rm = rng.normal(6.28, 0.7, n).clip(3.56, 8.78)
+    age = rng.uniform(2.9, 100.0, n)
+    dis = np.exp(rng.normal(1.2, 0.5, n)).clip(1.13, 12.13)
+    rad = rng.choice([1, 2, 3, 4, 5, 6, 7, 8, 24], n)
+    tax = rng.uniform(187.0, 711.0, n)
+    ptratio = rng.uniform(12.6, 22.0, n)
+    b = (396.9 - np.abs(rng.normal(0.0, 30.0, n))).clip(0.32, 396.9)
+    lstat = rng.uniform(1.73, 37.97, n)
+    medv = (22.5 + 5.0 * (rm - 6.28) - 0.45 * (lstat - 12.6) - 10.0 * (nox - 0.55) + 2.5 * chas
+            - 0.3 * (ptratio - 18.5) + 2.0 * np.sin(dis) - 1.5 * np.log1p(crim) + rng.normal(0.0, 1.5, n))
+    medv = medv.clip(5.0, 50.0)  # the real MEDV is censored at 50
+    lines = [SYNTHETIC_NOTE, "\n", " Variables in order:\n"]
+    lines += [f" {name:<8} {text}\n" for name, text in BOSTON_VARIABLES]
+    lines.append("\n")
+    for i in range(n):
+        lines.append(f" {crim[i]:8.5f} {zn[i]:6.2f} {indus[i]:6.2f} {chas[i]:2d} {nox[i]:6.4f} {rm[i]:6.4f} "
+                     f"{age[i]:6.2f} {dis[i]:7.4f} {rad[i]:3d} {tax[i]:6.1f} {ptratio[i]:6.2f}\n")
+        lines.append(f" {b[i]:6.2f} {lstat[i]:6.2f} {medv[i]:6.2f}\n")
+    return "".join(lines).encode("ascii")
+
+
+def cal_housing_data(rows: int = 600, seed: int = 0) -> bytes:
+    """cal_housing.data: 9 comma-separated numbers a row, printed '%f' like the real file."""
+    rng = np.random.default_rng(seed)
+    n = rows
+    lon = rng.uniform(-124.3, -114.3, n)
+    lat = rng.uniform(32.5, 42.0, n)
+    age = rng.integers(1, 53, n).astype(float)
+    households = np.round(np.exp(rng.normal(6.0, 0.6, n))).clip(2, 6000)
+    ave_rooms = rng.normal(5.4, 1.0, n).clip(1.5, 12.0)
+    rooms = np.round(households * ave_rooms)
+    bedrooms = np.round(households * rng.normal(1.07, 0.1, n).clip(0.6, 2.0))
+    occupancy = rng.normal(2.9, 0.6, n).clip(1.0, 8.0)
+    population = np.round(households * occupancy)
+    income = np.round(np.exp(rng.normal(1.25, 0.45, n)).clip(0.5, 15.0), 4)
+    # Price in 100k: income, a coastal bump (Bay Area and Los Angeles), age and crowding, plus noise.
+    coast = (np.exp(-((lon + 122.3) ** 2 + (lat - 37.7) ** 2) / 2)
+             + np.exp(-((lon + 118.3) ** 2 + (lat - 34.0) ** 2) / 2))
+    value = (0.4 * income + 0.3 + 1.2 * coast + 0.008 * age - 0.15 * (occupancy - 2.9)
+             + rng.normal(0.0, 0.25, n))
+    value = np.round(100000 * value).clip(14999, 500001)  # the real target is censored at 500001
+    table = np.column_stack([lon, lat, age, rooms, bedrooms, population, households, income, value])
+    return "".join(",".join(f"{v:f}" for v in row) + "\n" for row in table).encode("ascii")
+
+
+def cal_housing_tgz(rows: int = 600, seed: int = 0) -> bytes:
+    """cal_housing.tgz laid out like the real archive: CaliforniaHousing/cal_housing.{data,domain}."""
+    domain = "".join(f"{c}: continuous.\n" for c in CAL_HOUSING_COLUMNS).encode("ascii")
+    members = [("CaliforniaHousing", None), ("CaliforniaHousing/cal_housing.data", cal_housing_data(rows, seed)),
+               ("CaliforniaHousing/cal_housing.domain", domain)]
+    buf = io.BytesIO()
+    # mtime=0 and no file name in the gzip header, fixed owner/time in the tar headers: same bytes every time.
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, content in members:
+                info = tarfile.TarInfo(name)
+                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                if content is None:
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+                else:
+                    info.size, info.mode = len(content), 0o644
+                    tar.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+
+
+MAKERS = {"statlib_boston": boston_statlib, "cal_housing_tgz": cal_housing_tgz}  # keyed by the stage's formats
+
+
+def make(fmt: str, rows: int, seed: int) -> bytes:
+    """The fixture bytes for a raw file format of the prepare stage."""
+    if fmt not in MAKERS:
+        raise ValueError(f"no smoke fixture for format {fmt!r}; known: {', '.join(MAKERS)}")
+    return MAKERS[fmt](rows=rows, seed=seed)
