@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup test repro bench lock clean
+.PHONY: setup test repro bench ui lock clean
 
 setup: $(STAMP)
 
@@ -18,11 +18,20 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml packages/gal_core/py
 test: setup
 	$(BIN)/python -m pytest
 
+# `make repro PROFILE=regression` switches the profile in params.yaml first (see params.yaml).
 repro: setup
+ifdef PROFILE
+	@test -f pipelines/conf/profile/$(PROFILE).yaml || { echo "error: no profile '$(PROFILE)'; choose one of: $$(ls pipelines/conf/profile | sed 's/.yaml//' | tr '\n' ' ')"; exit 2; }
+	sed -i 's/^profile: .*/profile: $(PROFILE)/' params.yaml
+endif
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 bench: setup
 	$(BIN)/python -m benchmarks.gal_overhead
+
+# Browse the tracked runs (the default store, mlflow.db at the repo root) at http://127.0.0.1:5000.
+ui: setup
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 # Re-resolve every dependency from scratch and pin the result (run after changing a pyproject).
 lock:

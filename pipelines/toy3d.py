@@ -1,39 +1,30 @@
 """The 3-D toy of Fig. 4: plain training vs GAL on a 2-D surface, for five optimisers.
 
-    python -m pipelines.toy3d [key=value ...]      e.g. optimizers=[gd] runs.gd.steps=20 out_dir=reports/toy3d_gd
+    python -m pipelines.toy3d [key=value ...]      e.g. optimizers=[gd] runs.gd.steps=20 profile=smoke
 
 Settings live in pipelines/conf/task/toy3d.yaml; overrides are OmegaConf dotlist items. A bad key or value
-prints one line on stderr and exits with code 2 before anything is written. Outputs in ``out_dir``:
-toy3d_paths.csv (one row per point visited, the start included as step 0; ``accepted`` and ``remainder``
-are the GAL statistics of the step that led to the row's point, empty for the start and the baseline),
-toy3d.png and toy3d.pdf.
+prints one line on stderr and exits with code 2 before anything is written. Each optimiser x method is one
+tracked run, runs/toy3d/<optimizer>-<method>/ (history.csv: step, x, y, z and, for GAL, the accepted flag
+and remainder of the step that led to the point); the report stage draws Fig. 4 from them.
 """
 from __future__ import annotations
 
-import csv
-import math
-import os
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List
 
-import matplotlib
+import numpy as np
+import torch
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import MISSING, OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-
-from gal_core import GradientAdjuster  # noqa: E402
-from gal_core.optim import build_optimizer  # noqa: E402
+from gal_core import GradientAdjuster
+from gal_core.optim import build_optimizer
+from pipelines.tracking import RunTracker, TrackingError
 
 CONFIG = Path(__file__).parent / "conf" / "task" / "toy3d.yaml"
-COLUMNS = ("optimizer", "method", "step", "x", "y", "z", "accepted", "remainder")
-METHODS = ("baseline", "GAL")
+METHODS = ("baseline", "gal")
 
 
 @dataclass
@@ -56,7 +47,8 @@ class Toy3dConf:
     arch: List[int] = MISSING
     remainder: str = MISSING
     optimizers: List[str] = MISSING
-    out_dir: str = MISSING
+    profile: str = MISSING
+    runs_root: str = MISSING
     runs: Dict[str, RunConf] = MISSING
 
 
@@ -105,45 +97,6 @@ def run_path(cfg: Toy3dConf, run: RunConf, gal: bool) -> list[dict]:
     return rows
 
 
-def plot(cfg: Toy3dConf, paths: dict[str, dict[str, list[dict]]], files: list[Path]) -> None:
-    """One column per optimiser. Top: contours with both paths; bottom: z per step. Saved to each of
-    ``files``, in the format of each name's suffix."""
-    xs = [r["x"] for runs in paths.values() for rows in runs.values() for r in rows]
-    ys = [r["y"] for runs in paths.values() for rows in runs.values() for r in rows]
-    finite = lambda v: [a for a in v if math.isfinite(a)] or [0.0]  # noqa: E731
-    lo = min(*finite(xs), *finite(ys), -1.5) - 0.25
-    hi = max(*finite(xs), *finite(ys), 1.5) + 0.25
-    grid = np.linspace(lo, hi, 241)
-    gx, gy = np.meshgrid(grid, grid)
-    gz = surface(np.stack([gx, gy], axis=-1))
-    colors = {"baseline": "tab:red", "GAL": "tab:blue"}
-
-    n = len(paths)
-    fig, axes = plt.subplots(2, n, figsize=(3.6 * n + 0.8, 7.2), squeeze=False,
-                             gridspec_kw={"height_ratios": [1.25, 1]}, layout="constrained")
-    for col, (name, runs) in enumerate(paths.items()):
-        run = cfg.runs[name]
-        top, bottom = axes[0, col], axes[1, col]
-        filled = top.contourf(gx, gy, gz, levels=30, cmap="viridis", rasterized=True)  # keeps the PDF small
-        top.contour(gx, gy, gz, levels=15, colors="k", linewidths=0.3, alpha=0.5, rasterized=True)
-        for method, rows in runs.items():
-            top.plot([r["x"] for r in rows], [r["y"] for r in rows], "-", color=colors[method], lw=1.6,
-                     label=f"{method} (final z {rows[-1]['z']:.3f})")
-            bottom.plot([r["step"] for r in rows], [r["z"] for r in rows], color=colors[method], label=method)
-        top.plot(*cfg.start, marker="*", color="white", mec="k", ms=13, ls="", label="start")
-        top.set(title=f"{run.label}\nlr {run.lr:g}, {run.steps} steps, eps {run.ratio:g}, s {run.scale:g}",
-                xlabel="x", ylabel="y", aspect="equal", xlim=(lo, hi), ylim=(lo, hi))
-        top.legend(loc="lower left", fontsize=7, framealpha=0.85)
-        bottom.set(title=f"{run.label}: z per step", xlabel="step", ylabel="z(x, y)")
-        bottom.grid(alpha=0.3)
-        bottom.legend(fontsize=8)
-    fig.colorbar(filled, ax=axes[0, :].tolist(), label="z(x, y)", shrink=0.8)
-    fig.suptitle("3-D toy (Fig. 4): z = -sin(x²) cos(3y²) exp(-(xy)²) - exp(-(x+y)²); baseline vs GAL")
-    for file in files:  # no creation date in the PDF, so the same run gives the same bytes
-        fig.savefig(file, dpi=150, metadata={"CreationDate": None} if file.suffix == ".pdf" else None)
-    plt.close(fig)
-
-
 def load_config(overrides: list[str]) -> Toy3dConf:
     """The YAML file merged with dotlist overrides, type-checked; ConfigError on any bad key or value."""
     try:
@@ -184,32 +137,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"toy3d: bad config: {err}", file=sys.stderr)
         return 2
-    start = time.perf_counter()
-    paths = {name: {method: run_path(cfg, cfg.runs[name], gal=method == "GAL") for method in METHODS}
-             for name in cfg.optimizers}
-    for name, runs in paths.items():
-        base, gal = runs["baseline"][-1]["z"], runs["GAL"][-1]["z"]
-        print(f"{cfg.runs[name].label:>14}: final z baseline {base:+.5f} vs GAL {gal:+.5f} "
-              f"({cfg.runs[name].steps} steps)")
-
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    finals = [out / "toy3d_paths.csv", out / "toy3d.png", out / "toy3d.pdf"]
-    temps = [final.with_name(f".{final.stem}.{os.getpid()}.tmp{final.suffix}") for final in finals]
-    try:  # write everything to temp names first, so a failure leaves no half-written output
-        with open(temps[0], "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            for name, runs in paths.items():
-                for method, rows in runs.items():
-                    writer.writerows({"optimizer": name, "method": method, **r} for r in rows)
-        plot(cfg, paths, temps[1:])
-        for tmp, final in zip(temps, finals):
-            os.replace(tmp, final)
-    finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-    print(f"wrote {', '.join(map(str, finals))}; {time.perf_counter() - start:.1f} s")
+    shared = {k: v for k, v in asdict(cfg).items() if k not in ("runs", "optimizers")}
+    try:
+        for name in cfg.optimizers:
+            run = cfg.runs[name]
+            finals = {}
+            for method in METHODS:
+                config = {"task": "toy3d", "optimizer": name, "method": method, "run": asdict(run), **shared}
+                with RunTracker("toy3d", f"{name}-{method}", config, profile=cfg.profile, step_name="step",
+                                runs_root=Path(cfg.runs_root)) as tracker:
+                    rows = run_path(cfg, run, gal=method == "gal")
+                    for row in rows:
+                        tracker.log_epoch(row.pop("step"), {k: v for k, v in row.items() if v != ""})
+                    finals[method] = rows[-1]["z"]
+                    tracker.log_final({"final_x": rows[-1]["x"], "final_y": rows[-1]["y"], "final_z": rows[-1]["z"]})
+            print(f"{run.label:>14}: final z baseline {finals['baseline']:+.5f} vs GAL {finals['gal']:+.5f} "
+                  f"({run.steps} steps)")
+    except TrackingError as err:
+        print(f"toy3d: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -13,12 +14,10 @@ import pytest
 from pipelines import toy3d
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "packages" / "gal_core" / "src"), str(ROOT)])}
-OUTPUTS = ("toy3d_paths.csv", "toy3d.png", "toy3d.pdf")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.toy3d", *args], cwd=ROOT, env=ENV,
+    return subprocess.run([sys.executable, "-m", "pipelines.toy3d", *args], cwd=ROOT, env=dict(os.environ),
                           capture_output=True, text=True, timeout=120)
 
 
@@ -65,28 +64,40 @@ def test_seed_sets_h_and_nothing_else():
     assert toy3d.run_path(other, other.runs["gd"], gal=False) == toy3d.run_path(cfg, cfg.runs["gd"], gal=False)
 
 
-def test_same_seed_gives_identical_csv(tmp_path, capsys):
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def history(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_same_seed_gives_identical_histories(mlflow_store, capsys):
     args = ["optimizers=[gd,adam]", "runs.gd.steps=10", "runs.adam.steps=10"]
-    assert toy3d.main([*args, f"out_dir={tmp_path / 'a'}"]) == 0
-    assert toy3d.main([*args, f"out_dir={tmp_path / 'b'}"]) == 0
-    first = (tmp_path / "a" / "toy3d_paths.csv").read_bytes()
-    assert first == (tmp_path / "b" / "toy3d_paths.csv").read_bytes()
-    assert len(capsys.readouterr().out.splitlines()) == 2 * 3  # 2 summary lines + "wrote" line, twice
+    assert toy3d.main([*args, f"runs_root={mlflow_store / 'a'}"]) == 0
+    assert toy3d.main([*args, f"runs_root={mlflow_store / 'b'}"]) == 0
+    for run in ("gd-baseline", "gd-gal", "adam-baseline", "adam-gal"):
+        first = (mlflow_store / "a" / "toy3d" / run / "history.csv").read_bytes()
+        assert first == (mlflow_store / "b" / "toy3d" / run / "history.csv").read_bytes()
+    assert len(capsys.readouterr().out.splitlines()) == 2 * 2  # one summary line per optimiser, twice
 
 
-def test_cli_writes_png_pdf_csv(tmp_path):
-    out = tmp_path / "nested" / "toy"
-    result = cli("optimizers=[gd,adam]", "runs.gd.steps=5", "runs.adam.steps=7", f"out_dir={out}")
+def test_cli_records_one_tracked_run_per_optimizer_and_method(mlflow_store):
+    root = mlflow_store / "nested"
+    result = cli("optimizers=[gd,adam]", "runs.gd.steps=5", "runs.adam.steps=7", f"runs_root={root}")
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no temp files left behind
-    assert (out / "toy3d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "toy3d.pdf").read_bytes()[:5] == b"%PDF-"
-    with open(out / "toy3d_paths.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == toy3d.COLUMNS
-    counts = {(o, m): sum(r["optimizer"] == o and r["method"] == m for r in rows)
-              for o in ("gd", "adam") for m in ("baseline", "GAL")}
-    assert counts == {("gd", "baseline"): 6, ("gd", "GAL"): 6, ("adam", "baseline"): 8, ("adam", "GAL"): 8}
+    runs = root / "toy3d"
+    assert sorted(p.name for p in runs.iterdir()) == ["adam-baseline", "adam-gal", "gd-baseline", "gd-gal"]
+    for run, steps in (("gd-baseline", 5), ("gd-gal", 5), ("adam-baseline", 7), ("adam-gal", 7)):
+        rows = history(runs / run)
+        assert [int(r["step"]) for r in rows] == list(range(steps + 1))
+        assert (float(rows[0]["x"]), float(rows[0]["y"])) == (0.75, 1.0)
+        assert json.loads((runs / run / "metrics.json").read_text())["final_z"] == pytest.approx(float(rows[-1]["z"]))
+        assert json.loads((runs / run / "run.json").read_text())["task"] == "toy3d"
+    assert all(r["accepted"] in ("0", "1") for r in history(runs / "gd-gal")[1:])
     summary = [line for line in result.stdout.splitlines() if "final z" in line]
     assert len(summary) == 2 and "GD" in summary[0] and "Adam" in summary[1]
 
@@ -102,7 +113,7 @@ def test_cli_writes_png_pdf_csv(tmp_path):
 ])
 def test_bad_override_one_line_exit_2_no_files(override, tmp_path, capsys):
     out = tmp_path / "out"
-    assert toy3d.main(["optimizers=[gd]", override, f"out_dir={out}"]) == 2
+    assert toy3d.main(["optimizers=[gd]", override, f"runs_root={out}"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith("toy3d: bad config:")
@@ -111,7 +122,7 @@ def test_bad_override_one_line_exit_2_no_files(override, tmp_path, capsys):
 
 def test_bad_override_from_the_command_line(tmp_path):
     out = tmp_path / "out"
-    result = cli("optimizers=[gd,nadam]", f"out_dir={out}")
+    result = cli("optimizers=[gd,nadam]", f"runs_root={out}")
     assert result.returncode == 2
     assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1  # no traceback
     assert "nadam" in result.stderr
