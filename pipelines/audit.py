@@ -1,0 +1,195 @@
+"""Trace one rendered number back to its runs and cross-check it against MLflow.
+
+    python -m pipelines.audit "Table V" Boston GAL MAE          # the mean; add std, n, ... for another stat
+    python -m pipelines.audit "Table V" Boston t-test MSE p
+    python -m pipelines.audit "Table V/Boston/GAL/MAE/mean"     # a provenance key as is
+    python -m pipelines.audit "Fig. 4" GD GAL final_z
+    options: --reports DIR (default reports), --tracking-uri URI
+
+Names match case-insensitively, ignoring spaces, dots, dashes and underscores ("table v" boston gal mae).
+Prints the value and how it was aggregated; for each contributing run: run dir, MLflow run id, git commit
+(+ dirty flag), data checksums, the config diff from the matching baseline run, the `dvc repro` target;
+then reads each run's metric back from MLflow (--tracking-uri, else MLFLOW_TRACKING_URI, else the
+tracking URI recorded in the run's run.json, else the project default), compares it with the run record,
+recomputes the aggregate and compares it with the reported value.
+Exit codes: 0 cross-check OK; 1 a mismatch (or a run or MLflow run that cannot be read); 2 no such number
+(the message lists what exists) or no provenance.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipelines.report import stats
+from pipelines.report.records import ReportError, load_run
+
+
+class AuditError(Exception):
+    """Bad request or missing provenance: one line, exit code 2."""
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s._\-]", "", name.replace("²", "2").casefold())
+
+
+def resolve(numbers: dict[str, Any], parts: list[str]) -> str:
+    """The provenance key that ``parts`` name; AuditError listing the choices where they stop matching.
+    When the parts stop at a number's statistics, 'mean' is taken if there is one, else the first."""
+    parts = [p for part in parts for p in part.split("/") if p]
+    keys = [key.split("/") for key in numbers]
+    prefix: list[str] = []
+    for depth, part in enumerate(parts):
+        choices = list(dict.fromkeys(k[depth] for k in keys if k[:depth] == prefix and len(k) > depth))
+        match = [c for c in choices if _norm(c) == _norm(part)]
+        if not match:
+            where = f" under {'/'.join(prefix)!r}" if prefix else ""
+            what = "table or figure" if depth == 0 else "entry"
+            raise AuditError(f"no {what} {part!r}{where}; choose one of: {', '.join(choices) or '(none)'}")
+        prefix.append(match[0])
+        if "/".join(prefix) in numbers:
+            if depth + 1 < len(parts):
+                raise AuditError(f"{'/'.join(prefix)!r} is a number; nothing lies below it "
+                                 f"(extra: {' '.join(parts[depth + 1:])})")
+            return "/".join(prefix)
+    choices = list(dict.fromkeys(k[len(prefix)] for k in keys if k[:len(prefix)] == prefix and len(k) > len(prefix)))
+    leaves = [c for c in choices if "/".join([*prefix, c]) in numbers]
+    if choices and len(leaves) == len(choices):  # only statistics left: default to the mean
+        return "/".join([*prefix, "mean" if "mean" in leaves else leaves[0]])
+    where = f"'{'/'.join(prefix)}' needs one more name" if prefix else "name a table or figure"
+    raise AuditError(f"{where}; choose one of: {', '.join(choices)}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
+
+
+def config_diff(run_flat: dict[str, Any], base_flat: dict[str, Any]) -> list[str]:
+    """'key: baseline -> run' for every flattened key whose value differs (absent shown as <absent>)."""
+    lines = []
+    for key in sorted(set(run_flat) | set(base_flat)):
+        a, b = base_flat.get(key, "<absent>"), run_flat.get(key, "<absent>")
+        if a != b:
+            lines.append(f"{key}: {_show(a)} -> {_show(b)}")
+    return lines
+
+
+def _tracking_uri(meta: dict[str, Any], override: str | None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the run's recorded URI, else the project default."""
+    from pipelines import tracking
+
+    recorded = meta.get("tracking_uri")
+    if recorded and "***" in recorded:  # a redacted password: only the caller can supply the real URI
+        recorded = None
+    return override or os.environ.get("MLFLOW_TRACKING_URI") or recorded or tracking.tracking_uri()
+
+
+def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_override: str | None = None) -> int:
+    """Print the trace of one number; 0 if MLflow agrees with the run records and the reported value."""
+    from pipelines import tracking
+
+    metric, op = entry["metric"], entry["op"]
+    value = math.nan if entry["value"] is None else float(entry["value"])
+    paper = "" if entry.get("paper") is None else f"   (paper: {entry['paper']})"
+    print(f"{key} = {entry['text']}{paper}")
+    print(f"  how: {entry['aggregation']}")
+    print(f"  exact value: {value!r}")
+    print(f"  remake: dvc repro {' '.join(entry['dvc_repro'])}" if entry["dvc_repro"] else
+          "  remake: (runs made outside DVC)")
+    print(f"  rendered in: {', '.join(entry['files'])}")
+    print(f"contributing runs ({len(entry['runs'])}):")
+
+    problems: list[str] = []
+    logged: dict[str, float] = {}
+    for item in entry["runs"]:
+        run_dir = item["dir"]
+        print(f"  {run_dir}")
+        try:
+            run = load_run(Path(run_dir))
+        except ReportError as err:
+            problems.append(str(err))
+            print(f"    cannot read the run record: {err}")
+            continue
+        meta = run.meta
+        dirty = {True: " (dirty: uncommitted changes)", False: " (clean)"}.get(meta.get("git_dirty"),
+                                                                               " (dirty: unknown)")
+        print(f"    MLflow run: {meta.get('mlflow_run_id')} (experiment {meta.get('mlflow_experiment_id')})")
+        print(f"    git commit: {meta.get('git_commit')}{dirty}")
+        checksums = meta.get("data_checksums") or {}
+        print("    data: " + ("; ".join(f"{p} {c}" for p, c in checksums.items()) or "(none recorded)"))
+        base_dir = (runs.get(run_dir) or {}).get("baseline")
+        if base_dir is None:
+            print("    config diff: none (a baseline run)")
+        else:
+            try:
+                diff = config_diff(run.flat, load_run(Path(base_dir)).flat)
+                print(f"    config diff from baseline {base_dir} (baseline -> this run):")
+                print("\n".join(f"      {line}" for line in diff) if diff else "      (identical)")
+            except ReportError as err:
+                problems.append(str(err))
+                print(f"    config diff: cannot read the baseline run: {err}")
+        stage = meta.get("stage")
+        print(f"    dvc repro target: {stage}" + ("  (made outside DVC)" if stage in (None, "manual") else ""))
+
+        if meta.get("mlflow_run_id") != item.get("mlflow_run_id"):
+            problems.append(f"{run_dir} now holds MLflow run {meta.get('mlflow_run_id')}, the report used "
+                            f"{item.get('mlflow_run_id')}: the reports are stale; rerun python -m pipelines.report")
+        recorded = run.metrics.get(metric)
+        try:
+            values = tracking.logged_metrics(meta.get("mlflow_run_id"), _tracking_uri(meta, tracking_override))
+        except tracking.TrackingError as err:
+            problems.append(f"{run_dir}: {err}")
+            print(f"    {metric}: run record {_show(recorded)}; MLflow: unreadable")
+            continue
+        mlflow_value = values.get(metric)
+        print(f"    {metric}: run record {_show(recorded)}; MLflow {_show(mlflow_value)}")
+        if mlflow_value is None:
+            problems.append(f"{run_dir}: MLflow run {meta.get('mlflow_run_id')} has no metric {metric!r}")
+        elif recorded is None or not stats.same(float(recorded), mlflow_value):
+            problems.append(f"{run_dir}: {metric} is {_show(recorded)} in metrics.json but {_show(mlflow_value)} "
+                            f"in MLflow run {meta.get('mlflow_run_id')}")
+        else:
+            logged[run_dir] = mlflow_value
+
+    if not problems:
+        recomputed = stats.compute(op, [[logged[d] for d in group] for group in entry["groups"]])
+        if not stats.same(recomputed, value):
+            problems.append(f"{op} recomputed from MLflow is {recomputed!r} but the report shows {value!r}: "
+                            f"the reports are stale; rerun python -m pipelines.report")
+        else:
+            print(f"MLflow cross-check: OK ({len(logged)} runs' {metric} match their run records; "
+                  f"{op} recomputed from MLflow = {recomputed:.10g})")
+            return 0
+    print(f"MLflow cross-check: MISMATCH ({len(problems)} problem{'s' * (len(problems) != 1)})")
+    for problem in problems:
+        print(f"  - {problem}")
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.audit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help='e.g. "Table V" Boston GAL MAE, or a provenance key')
+    parser.add_argument("--reports", default="reports", help="where provenance.json is (default: reports)")
+    parser.add_argument("--tracking-uri", default=None, help="read every run from this MLflow store")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        path = Path(args.reports) / "provenance.json"
+        if not path.is_file():
+            raise AuditError(f"no {path}; render the reports first: python -m pipelines.report")
+        prov = json.loads(path.read_text())
+        key = resolve(prov["numbers"], args.names)
+    except AuditError as err:
+        print(f"audit: {err}", file=sys.stderr)
+        return 2
+    return audit(key, prov["numbers"][key], prov.get("runs", {}), args.tracking_uri)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""reports/index.md: every table inline, every figure embedded, the profile in the title, and a loud
+warning when the runs come from the smoke profile."""
+from __future__ import annotations
+
+from pipelines.report.model import Rendered
+
+SMOKE = "smoke"
+
+
+def profile_title(rendered: list[Rendered]) -> str:
+    profiles = sorted({r.profile for r in rendered})
+    if len(profiles) == 1:
+        return f"profile `{profiles[0]}`"
+    return "profiles " + ", ".join(f"`{r.profile}` ({r.name})" for r in rendered)
+
+
+def smoke_banner(rendered: list[Rendered]) -> str:
+    smoke = [r.name for r in rendered if r.profile == SMOKE]
+    if not smoke:
+        return ""
+    if len(smoke) == len(rendered):
+        what = "every number below comes from fixture-sized data and means nothing about the paper"
+    else:
+        what = f"the numbers of {', '.join(smoke)} come from fixture-sized data and mean nothing about the paper"
+    return ("> [!WARNING]\n"
+            f"> **SMOKE PROFILE: {what}.**\n"
+            "> The smoke profile only shows that every stage runs end to end. For real numbers rerun with "
+            "`profile=regression` (Table V, CPU) or `profile=paper` (the paper's full protocol).\n\n")
+
+
+def runs_line(item: Rendered) -> str:
+    """'30 runs from git commit 0123abc (2 with uncommitted changes)'."""
+    runs = list({run.dir: run for n in item.numbers for run in n.runs}.values())
+    commits = sorted({str(run.meta.get("git_commit"))[:7] for run in runs})
+    dirty = sum(run.meta.get("git_dirty") is True for run in runs)
+    text = f"{len(runs)} runs from git commit{'s' * (len(commits) > 1)} {', '.join(commits)}"
+    return text + (f" ({dirty} with uncommitted changes)" if dirty else "")
+
+
+def render(rendered: list[Rendered], claims_md: str, files: dict[str, list[str]], runs_root: str) -> str:
+    parts = [f"# GAL reproduction: results ({profile_title(rendered)})\n\n", smoke_banner(rendered),
+             f"Rendered by `python -m pipelines.report` from the run records under `{runs_root}/`; the paper's "
+             "numbers come from `pipelines/report/paper.yaml`. Every number is traced in "
+             "[provenance.json](provenance.json) (value, aggregation, runs, MLflow run ids, git commits, "
+             "`dvc repro` targets); to walk one back and cross-check it against MLflow, run e.g. "
+             "`python -m pipelines.audit \"Table V\" Boston GAL MAE`.\n\n"]
+    for item in rendered:
+        links = " · ".join(f"[{f.rsplit('.', 1)[-1]}]({f})" for f in files[item.name])
+        parts.append(f"## {item.name}\n\nProfile `{item.profile}`; {runs_line(item)}. Files: {links}\n\n")
+        parts.append(item.markdown + "\n")
+    parts.append("## Claims\n\nFiles: [md](tables/claims.md) · [csv](tables/claims.csv) · "
+                 "[tex](tables/claims.tex)\n\n" + claims_md)
+    return "".join(parts)

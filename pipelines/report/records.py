@@ -1,0 +1,123 @@
+"""Run records (pipelines/CONTRACT.md): loading runs/<task>/<run>/ and checking a table's set of runs.
+
+A record is read-only here: the report and the audit only look at what the training stages wrote.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+FILES = ("config.yaml", "metrics.json", "run.json", "history.csv")
+
+
+class ReportError(Exception):
+    """A problem the user must fix (missing or inconsistent runs); reported in one line, exit code 2."""
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (as provenance stores it)."""
+    path = Path(os.path.abspath(path))
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings to dotted keys: {"data": {"name": "boston"}} -> {"data.name": "boston"}.
+    Lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree} if prefix else {}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity
+class RunRecord:
+    """One run directory: resolved config, final metrics, run metadata (run.json) and per-step history."""
+
+    dir: str                    # as shown in reports and provenance (relative to the working directory)
+    config: dict = field(repr=False)
+    metrics: dict = field(repr=False)
+    meta: dict = field(repr=False)
+    path: Path = field(repr=False)
+
+    @cached_property
+    def flat(self) -> dict[str, Any]:
+        return flatten(self.config)
+
+    def get(self, key: str) -> Any:
+        """A dotted config key; ReportError naming the run when it is absent."""
+        if key not in self.flat:
+            raise ReportError(f"{self.dir}/config.yaml has no key {key!r}")
+        return self.flat[key]
+
+    @property
+    def profile(self) -> str:
+        return str(self.flat.get("profile", self.meta.get("profile", "?")))
+
+    def metric(self, name: str) -> float:
+        if name not in self.metrics:
+            raise ReportError(f"{self.dir}/metrics.json has no metric {name!r} (has {sorted(self.metrics)})")
+        return float(self.metrics[name])
+
+    def history(self) -> list[dict[str, str]]:
+        with open(self.path / "history.csv", newline="") as f:
+            return list(csv.DictReader(f))
+
+    def summary(self) -> dict[str, Any]:
+        """The run.json fields provenance keeps for this run."""
+        keys = ("mlflow_run_id", "mlflow_experiment_id", "tracking_uri", "stage", "git_commit", "git_dirty",
+                "data_checksums")
+        return {key: self.meta.get(key) for key in keys}
+
+
+def load_run(path: Path) -> RunRecord:
+    """One run directory; ReportError if a file of the record is missing or unreadable."""
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        raise ReportError(f"incomplete run record {display_path(path)}: no {', '.join(missing)}")
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        metrics = json.loads((path / "metrics.json").read_text())
+        meta = json.loads((path / "run.json").read_text())
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReportError(f"unreadable run record {display_path(path)}: {str(err).splitlines()[0]}") from None
+    return RunRecord(dir=display_path(path), config=config, metrics=metrics, meta=meta, path=path)
+
+
+def load_task(runs_root: Path, task: str) -> list[RunRecord]:
+    """Every run under runs_root/task, sorted by directory name; [] when there is none."""
+    root = Path(runs_root) / task
+    if not root.is_dir():
+        return []
+    return [load_run(p) for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+
+def check_one_profile(name: str, runs: Iterable[RunRecord], expected: str | None = None) -> str:
+    """The single profile of ``runs``; ReportError if they mix profiles or differ from ``expected``."""
+    by_profile: dict[str, list[str]] = {}
+    for run in runs:
+        by_profile.setdefault(run.profile, []).append(run.dir)
+    if len(by_profile) > 1:
+        parts = [f"{p} ({len(d)} runs, e.g. {d[0]})" for p, d in sorted(by_profile.items())]
+        raise ReportError(f"{name}: runs come from mixed profiles: {'; '.join(parts)}; rerun the stale ones "
+                          f"with one profile (dvc repro) or remove them")
+    (profile,) = by_profile or ["?"]
+    if expected is not None and profile != expected:
+        raise ReportError(f"{name}: runs were made with profile {profile!r} but profile={expected} was "
+                          f"asked for; rerun them with profile={expected} (dvc repro)")
+    return profile

@@ -1,0 +1,84 @@
+"""The aggregations a rendered number can be: each op maps groups of per-run values to one number.
+
+The report computes every number through ``compute`` and records the op in provenance; the audit calls
+``compute`` again on the values MLflow holds, so both sides share one definition.
+
+- mean: arithmetic mean over the runs (seeds) of one group.
+- std: *sample* standard deviation, ddof=1 (numpy.std(..., ddof=1)): the unbiased-variance estimate,
+  as a table of "mean ± std over runs" is usually read; needs at least 2 runs.
+- n: number of runs.
+- t, p: Student's two-sample t-test with equal variances (scipy.stats.ttest_ind(a, b, equal_var=True)),
+  two-sided p, where a is the baseline group and b the GAL group; so t > 0 means the baseline's mean is
+  larger (for MAE/MSE: GAL is better), as in the paper's Table V.
+- value: the single run's value as is (figures' per-run numbers).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy import stats as _scipy_stats
+
+Groups = Sequence[Sequence[float]]
+
+
+def _ttest(groups: Groups) -> tuple[float, float]:
+    baseline, gal = (np.asarray(g, dtype=float) for g in groups)
+    with warnings.catch_warnings():  # zero variance in both groups: scipy warns and returns nan; we show nan
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = _scipy_stats.ttest_ind(baseline, gal, equal_var=True)
+    return float(result.statistic), float(result.pvalue)
+
+
+def _one(groups: Groups) -> np.ndarray:
+    if len(groups) != 1:
+        raise ValueError(f"expected one group of values, got {len(groups)}")
+    return np.asarray(groups[0], dtype=float)
+
+
+def _single(groups: Groups) -> float:
+    values = _one(groups)
+    if values.size != 1:
+        raise ValueError(f"'value' takes exactly one run, got {values.size}")
+    return float(values[0])
+
+
+OPS: dict[str, Callable[[Groups], float]] = {
+    "mean": lambda g: float(np.mean(_one(g))),
+    "std": lambda g: float(np.std(_one(g), ddof=1)) if _one(g).size > 1 else math.nan,
+    "n": lambda g: float(_one(g).size),
+    "t": lambda g: _ttest(g)[0],
+    "p": lambda g: _ttest(g)[1],
+    "value": _single,
+}
+
+DESCRIBE = {
+    "mean": "mean over {n} runs of {metric}",
+    "std": "sample std (ddof=1) over {n} runs of {metric}",
+    "n": "number of runs with {metric}",
+    "t": "Student's t (ttest_ind, equal variances), baseline minus GAL, {n} vs {m} runs of {metric}",
+    "p": "two-sided p of Student's t-test (ttest_ind, equal variances), {n} vs {m} runs of {metric}",
+    "value": "{metric} of the one run",
+}
+
+
+def compute(op: str, groups: Groups) -> float:
+    """The number ``op`` makes of ``groups`` (lists of per-run values); ValueError for an unknown op."""
+    if op not in OPS:
+        raise ValueError(f"unknown aggregation {op!r}; known: {', '.join(OPS)}")
+    return OPS[op](groups)
+
+
+def describe(op: str, metric: str, groups: Groups, unit: str = "runs") -> str:
+    """A sentence saying how the number was made, e.g. 'mean over 5 runs of test_mae'."""
+    sizes = [len(g) for g in groups] + [0, 0]
+    return DESCRIBE[op].format(n=sizes[0], m=sizes[1], metric=metric).replace("runs", unit)
+
+
+def same(a: float, b: float) -> bool:
+    """Equal up to float round-off (nan equals nan): what the audit accepts as 'the same number'."""
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
