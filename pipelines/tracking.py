@@ -27,7 +27,8 @@ away mid-run still gets MLflow's retries, MLFLOW_HTTP_REQUEST_MAX_RETRIES/_TIMEO
 Tags: ``git_commit`` (``git rev-parse HEAD``; "unknown" outside a git checkout) and ``git_dirty``:
 "true" when ``git status --porcelain`` lists anything, untracked files included (an untracked module
 the run imported is not in the commit either), except ignored files (DVC outputs such as data/ and
-runs/ are git-ignored) and this module's own outputs (the runs root, mlflow.db, mlruns/, mlartifacts/);
+runs/ are git-ignored), this module's own outputs (the runs root, mlflow.db, mlruns/, mlartifacts/) and
+dvc.lock (DVC's record of outputs, rewritten after each stage);
 "unknown" outside git. In run.json it is true/false/null. ``dvc_stage`` (env ``DVC_STAGE``, else
 "manual"), ``profile``, ``env_lock_sha256`` (of ``<root>/requirements.lock``; "missing" if absent) and
 ``data.<path>`` = "md5:<hex>" per data file, path relative to the root. A directory's md5 runs over
@@ -65,7 +66,8 @@ FLUSH_SECONDS = 5.0  # log_epoch sends the buffered metrics once this long has p
 KEY_MAX = 250  # MLflow's limit for a param/tag/metric key
 # Characters MLflow accepts in param, tag and metric names; anything else in a key becomes "_".
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")
-_OWN_OUTPUTS = ("mlflow.db", "mlruns", "mlartifacts")
+# Not code: the tracking store, and dvc.lock, which DVC rewrites after every stage it runs.
+_OWN_OUTPUTS = ("mlflow.db", "mlruns", "mlartifacts", "dvc.lock")
 
 # The "View run ... at: http://..." line MLflow prints to stdout when a run ends on a server.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

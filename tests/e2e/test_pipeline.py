@@ -1,0 +1,152 @@
+"""End to end: `dvc repro` of the smoke profile in a temporary copy of the repo, tracked by a real MLflow
+server on 127.0.0.1; then the no-op rerun, a selective rerun, the report files and the audit trail."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DATASETS, METHODS, SEEDS = ("boston", "diabetes", "california"), ("baseline", "gal"), range(5)
+TOY_RUNS = [f"{o}-{m}" for o in ("gd", "lookahead", "rmsprop", "adam", "adabound") for m in METHODS]
+REPORT_FILES = ["index.md", "provenance.json", "tables/table5.md", "tables/table5.csv", "tables/table5.tex",
+                "tables/claims.md", "tables/claims.csv", "tables/claims.tex",
+                "figures/fig4_toy3d.png", "figures/fig4_toy3d.pdf"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    store = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    server = subprocess.Popen(
+        [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--default-artifact-root", str(store / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job workers: faster start
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail("mlflow server did not come up on 127.0.0.1")
+            time.sleep(0.5)
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, mlflow_server):
+    """A fresh git copy of the committed-or-working tree (no outputs), with the smoke pipeline run once."""
+    repo = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file() and name != "dvc.lock":  # this checkout's lock describes its own outputs
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": mlflow_server}
+    env.pop("GAL_DATA_MIRROR", None)
+    git = lambda *args: subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    first = dvc(repo, env, "repro")
+    return repo, env, first
+
+
+def dvc(repo: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([BIN / "dvc", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def stages_run(result: subprocess.CompletedProcess) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", result.stdout))
+
+
+def test_first_repro_runs_every_stage_and_writes_every_report_file(project):
+    repo, _, first = project
+    ran = stages_run(first)
+    assert {f"prepare@{d}" for d in DATASETS} <= ran and {"toy3d", "report"} <= ran
+    assert sum(stage.startswith("train_regression@") for stage in ran) == 30
+    for name in REPORT_FILES:
+        assert (repo / "reports" / name).stat().st_size > 0, name
+    index = (repo / "reports" / "index.md").read_text()
+    assert "smoke" in index and "Table V" in index
+
+
+def test_mlflow_server_lists_every_run_with_params_metrics_and_tags(project, mlflow_server):
+    repo, _, _ = project
+    client = MlflowClient(mlflow_server)
+    regression = client.search_runs([client.get_experiment_by_name("regression").experiment_id], max_results=100)
+    assert len(regression) == 30
+    record = json.loads((repo / "runs/regression/boston-gal-s3/run.json").read_text())
+    run = client.get_run(record["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "boston-gal-s3"
+    assert run.data.params["method.name"] == "gal" and run.data.params["seed"] == "3"
+    assert run.data.params["data.adjuster.arch"] in ("[16, 4]", "[16,4]")
+    assert {"test_mae", "test_mse", "test_r2", "train_loss", "remainder"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "test_mae")) > 1  # per-epoch history
+    tags = run.data.tags
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["git_commit"]) and tags["profile"] == "smoke"
+    assert tags["dvc_stage"] == "train_regression@boston-gal-3"
+    assert any(key.startswith("data.") and value.startswith("md5:") for key, value in tags.items())
+    assert re.fullmatch(r"[0-9a-f]{64}", tags["env_lock_sha256"])
+    toy = client.search_runs([client.get_experiment_by_name("toy3d").experiment_id], max_results=100)
+    assert sorted(r.info.run_name for r in toy) == sorted(TOY_RUNS)
+
+
+def test_dvc_metrics_and_plots_see_the_run_records(project):
+    repo, env, _ = project
+    metrics = dvc(repo, env, "metrics", "show", "--json").stdout
+    assert "test_mae" in metrics and "boston-gal-s0" in metrics
+    plots = dvc(repo, env, "plots", "show", "--json").stdout
+    assert "history.csv" in plots
+
+
+def test_second_repro_does_nothing(project):
+    repo, env, _ = project
+    again = dvc(repo, env, "repro")
+    assert stages_run(again) == set()
+
+
+def test_audit_traces_a_table5_cell_to_its_runs(project):
+    repo, env, _ = project
+    result = subprocess.run([sys.executable, "-m", "pipelines.audit", "Table V", "Boston", "GAL", "MAE"],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for seed in SEEDS:
+        record = json.loads((repo / f"runs/regression/boston-gal-s{seed}/run.json").read_text())
+        assert record["mlflow_run_id"] in result.stdout
+    assert "MLflow cross-check: OK" in result.stdout
+    assert "train_regression@boston-gal-0" in result.stdout
+
+
+def test_changing_one_parameter_reruns_only_what_depends_on_it(project):
+    repo, env, _ = project
+    config = repo / "pipelines/conf/method/gal.yaml"
+    config.write_text(config.read_text().replace("ratio: 0.01", "ratio: 0.02"))
+    ran = stages_run(dvc(repo, env, "repro"))
+    assert ran == {f"train_regression@{d}-gal-{s}" for d in DATASETS for s in SEEDS} | {"report"}
