@@ -69,7 +69,7 @@ def _optimizer(run: RunConf, params: list) -> torch.optim.Optimizer:
 
 
 def run_path(cfg: Toy3dConf, run: RunConf, gal: bool) -> list[dict]:
-    """Minimise the surface from cfg.start; one dict per point visited (COLUMNS without optimizer/method)."""
+    """Minimise the surface from cfg.start; one dict per point visited: step, x, y, z, accepted, remainder."""
     point = torch.nn.Parameter(torch.tensor(cfg.start, dtype=torch.float32))
     params = [point]
     if gal:
