@@ -203,15 +203,15 @@ def extract(archive: Path, dest_dir: Path) -> Path:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
-                    _check_member(archive, info.filename, _zip_kind(info))
-                tmp = _make_temp_dir(dest_dir)
+                    check_member(archive, info.filename, _zip_kind(info))
+                tmp = make_temp_dir(dest_dir)
                 zf.extractall(tmp)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive, "r:*") as tf:
                 members = tf.getmembers()  # reads the whole stream, so truncation shows up before extracting
                 for member in members:
-                    _check_member(archive, member.name, _tar_kind(member))
-                tmp = _make_temp_dir(dest_dir)
+                    check_member(archive, member.name, tar_kind(member))
+                tmp = make_temp_dir(dest_dir)
                 tf.extractall(tmp, members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         else:
             raise FetchError(f"corrupt or truncated archive {archive.name}: neither a tar nor a zip file; "
@@ -225,14 +225,14 @@ def extract(archive: Path, dest_dir: Path) -> Path:
             raise FetchError(f"could not extract {archive.name} into {dest_dir}: {e}") from None
         raise
     try:
-        _replace_dir(tmp, dest_dir)
+        replace_dir(tmp, dest_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FetchError(f"could not move the extracted files to {dest_dir}: {e}") from None
     return dest_dir
 
 
-def _check_member(archive: Path, name: str, kind: str) -> None:
+def check_member(archive: Path, name: str, kind: str) -> None:
     parts = re.split(r"[/\\]", name)
     if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts:
         raise FetchError(f"refusing to extract {archive.name}: member {name!r} has an unsafe path")
@@ -240,7 +240,7 @@ def _check_member(archive: Path, name: str, kind: str) -> None:
         raise FetchError(f"refusing to extract {archive.name}: member {name!r} is a {kind}")
 
 
-def _tar_kind(member: tarfile.TarInfo) -> str:
+def tar_kind(member: tarfile.TarInfo) -> str:
     if member.isreg():
         return "file"
     if member.isdir():
@@ -261,7 +261,7 @@ def _zip_kind(info: zipfile.ZipInfo) -> str:
     return "dir" if info.is_dir() else "file"
 
 
-def _make_temp_dir(dest_dir: Path) -> Path:
+def make_temp_dir(dest_dir: Path) -> Path:
     # A sibling of dest_dir, so the final rename stays on one filesystem.
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".extracting", dir=dest_dir.parent))
@@ -269,7 +269,7 @@ def _make_temp_dir(dest_dir: Path) -> Path:
     return tmp
 
 
-def _replace_dir(tmp: Path, dest_dir: Path) -> None:
+def replace_dir(tmp: Path, dest_dir: Path) -> None:
     if not (dest_dir.exists() or dest_dir.is_symlink()):
         os.replace(tmp, dest_dir)
         return

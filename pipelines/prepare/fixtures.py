@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import pickle
 import tarfile
 
 import numpy as np
@@ -113,6 +114,90 @@ def cal_housing_tgz(rows: int = 600, seed: int = 0) -> bytes:
                     info.size, info.mode = len(content), 0o644
                     tar.addfile(info, io.BytesIO(content))
     return buf.getvalue()
+
+
+CIFAR10_LABEL_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR_README = (b"<html><body><p>SYNTHETIC SMOKE FIXTURE written by pipelines/prepare/fixtures.py in the layout of "
+                b"the CIFAR python archives (Krizhevsky, 2009): the images are class templates plus noise, NOT "
+                b"CIFAR data. Use it to test code, never to report results.</p></body></html>\n")
+
+
+def cifar_members(kind: str, train: int = 200, test: int = 100, seed: int = 0) -> list[tuple[str, bytes | None]]:
+    """The members (name, content; None for a directory) of a CIFAR python archive, in the real layout.
+
+    kind ``cifar10``: cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta, readme.html}, each
+    batch a dict {b"batch_label", b"labels", b"data", b"filenames"}; kind ``cifar100``:
+    cifar-100-python/{train, test, meta}, batches {b"filenames", b"batch_label", b"fine_labels",
+    b"coarse_labels", b"data"}. b"data" is uint8 N x 3072 (row-major 3 x 32 x 32: all red, all green, all
+    blue), labels are lists of Python ints, and the files are protocol-2 pickles with bytes keys, as
+    ``pickle.load(f, encoding="bytes")`` returns the real ones. Each class has a fixed low-resolution colour
+    template (4 x 4 blocks of 8 x 8 pixels); an image is its class's template plus pixel noise, so a
+    classifier has something to learn. Every class occurs in each split once the split has that many images.
+    """
+    if kind not in ("cifar10", "cifar100"):
+        raise ValueError(f"no CIFAR fixture of kind {kind!r}; known: cifar10, cifar100")
+    classes = 10 if kind == "cifar10" else 100
+    rng = np.random.default_rng(seed)
+    templates = rng.uniform(30.0, 225.0, (classes, 3, 4, 4))
+
+    def split(n: int, tag: str) -> tuple[np.ndarray, list[int], list[bytes]]:
+        labels = rng.permutation(np.arange(n) % classes)
+        base = templates[labels].repeat(8, axis=2).repeat(8, axis=3)  # n x 3 x 32 x 32
+        images = np.clip(np.rint(base + rng.normal(0.0, 30.0, base.shape)), 0, 255).astype(np.uint8)
+        names = [f"fixture_{tag}_{i:05d}.png".encode() for i in range(n)]
+        return images.reshape(n, 3 * 32 * 32), [int(v) for v in labels], names
+
+    def dump(obj) -> bytes:
+        return pickle.dumps(obj, protocol=2)
+
+    (x_train, y_train, f_train), (x_test, y_test, f_test) = split(train, "train"), split(test, "test")
+    if kind == "cifar10":
+        folder = "cifar-10-batches-py"
+        members: list[tuple[str, bytes | None]] = [(folder, None)]
+        for i, part in enumerate(np.array_split(np.arange(train), 5), 1):
+            members.append((f"{folder}/data_batch_{i}", dump({
+                b"batch_label": f"training batch {i} of 5".encode(), b"labels": [y_train[j] for j in part],
+                b"data": x_train[part], b"filenames": [f_train[j] for j in part]})))
+        members.append((f"{folder}/test_batch", dump({b"batch_label": b"testing batch 1 of 1", b"labels": y_test,
+                                                      b"data": x_test, b"filenames": f_test})))
+        members.append((f"{folder}/batches.meta", dump({
+            b"num_cases_per_batch": len(np.array_split(np.arange(train), 5)[0]),
+            b"label_names": [n.encode() for n in CIFAR10_LABEL_NAMES], b"num_vis": 3072})))
+        members.append((f"{folder}/readme.html", CIFAR_README))
+        return members
+    folder = "cifar-100-python"
+    members = [(folder, None)]
+    for tag, x, y, f in (("train", x_train, y_train, f_train), ("test", x_test, y_test, f_test)):
+        members.append((f"{folder}/{tag}", dump({
+            b"filenames": f, b"batch_label": f"{'training' if tag == 'train' else 'testing'} batch 1 of 1".encode(),
+            b"fine_labels": y, b"coarse_labels": [v // 5 for v in y], b"data": x})))
+    members.append((f"{folder}/meta", dump({
+        b"fine_label_names": [f"fixture_class_{i:02d}".encode() for i in range(100)],
+        b"coarse_label_names": [f"fixture_superclass_{i:02d}".encode() for i in range(20)]})))
+    members.append((f"{folder}/file.txt~", CIFAR_README))
+    return members
+
+
+def tar_gz(members: list[tuple[str, bytes | None]]) -> bytes:
+    """A byte-deterministic .tar.gz of (name, content) members; content None makes a directory."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, content in members:
+                info = tarfile.TarInfo(name)
+                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                if content is None:
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+                else:
+                    info.size, info.mode = len(content), 0o644
+                    tar.addfile(info, io.BytesIO(content))
+    return buf.getvalue()
+
+
+def cifar_tgz(kind: str, train: int = 200, test: int = 100, seed: int = 0) -> bytes:
+    """cifar-10-python.tar.gz / cifar-100-python.tar.gz laid out like the real archive (cifar_members)."""
+    return tar_gz(cifar_members(kind, train, test, seed))
 
 
 MAKERS = {"statlib_boston": boston_statlib, "cal_housing_tgz": cal_housing_tgz}  # keyed by the stage's formats
