@@ -34,16 +34,15 @@ import json
 import os
 import pickle
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from pipelines.fetch import MIRROR_ENV, FetchError, replace_dir, digest, extract, fetch
+from pipelines.fetch import MIRROR_ENV, digest, extract, fetch, replace_dir
 from pipelines.prepare import fixtures
-from pipelines.prepare.regression import ConfigError, PrepareError, write_atomic
+from pipelines.prepare.stage import ConfigError, PrepareError, hydra_entry, run_stage, write_atomic
 
 IMAGE_SHAPE = (32, 32, 3)  # H, W, C of the prepared arrays; the archive stores C, H, W flattened
 PIXELS = 3 * 32 * 32
@@ -248,45 +247,10 @@ def prepare(cfg, created: list[Path]) -> dict:
 
 
 def run(cfg) -> int:
-    """The stage with its error reporting: 0 on success, else one line on stderr and 1 (2: bad config)."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    name = cfg.data.get("name", "?")
-    created: list[Path] = []
-    try:
-        record = prepare(cfg, created)
-    except BaseException as e:
-        for path in created:  # a failed run leaves no outputs behind
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        for folder in {p.parent for p in created}:  # nor the folders it made for them
-            try:
-                folder.rmdir()
-            except OSError:
-                pass  # not empty: it holds something else
-        if isinstance(e, (ConfigError, OmegaConfBaseException)):
-            print(f"prepare {name}: bad config: {' '.join(str(e).split())}", file=sys.stderr)
-            return 2
-        if isinstance(e, (PrepareError, FetchError)):
-            print(f"prepare {name}: {e}", file=sys.stderr)
-            return 1
-        raise  # a bug: the traceback is what helps
-    print(f"prepare {name}: {record['train']} train + {record['test']} test images, {record['classes']} classes "
-          f"from {record['source']} -> data/processed/{name}/ (raw md5 {record['raw_md5'][:12]}...)")
-    return 0
-
-
-def _hydra_main() -> None:
-    import hydra
-
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
-    def main(cfg) -> None:
-        sys.exit(run(cfg))
-
-    main()
+    return run_stage(cfg.data.get("name", "?"), lambda created: prepare(cfg, created), lambda r: (
+        f"{r['train']} train + {r['test']} test images, {r['classes']} classes from {r['source']} "
+        f"-> data/processed/{r['name']}/ (raw md5 {r['raw_md5'][:12]}...)"))
 
 
 if __name__ == "__main__":
-    _hydra_main()
+    hydra_entry(run)

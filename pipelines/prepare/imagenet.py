@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.fetch import CORRUPT, FetchError, check_member, make_temp_dir, replace_dir, tar_kind, digest
-from pipelines.prepare.regression import ConfigError, PrepareError, write_atomic
+from pipelines.prepare.stage import ConfigError, PrepareError, hydra_entry, run_stage, write_atomic
 
 try:
     from tqdm import tqdm
@@ -49,6 +49,8 @@ CHUNK = 1 << 20
 
 class MissingArchives(ConfigError):
     """The archives directory or one of its files is missing: exit code 2, with what to get and where."""
+
+    prefix = ""  # the message itself says what to do
 
 
 def missing_message(archives, where: str) -> str:
@@ -322,31 +324,9 @@ def prepare(cfg, created: list[Path]) -> dict:
 
 
 def run(cfg) -> int:
-    """The stage with its error reporting: 0 on success, else one line on stderr and 1 (2: missing/bad config)."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    created: list[Path] = []
-    try:
-        record = prepare(cfg, created)
-    except BaseException as e:
-        for path in created:  # a failed run leaves no outputs behind
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        if isinstance(e, MissingArchives):
-            print(f"prepare imagenet: {e}", file=sys.stderr)
-            return 2
-        if isinstance(e, (ConfigError, OmegaConfBaseException)):
-            print(f"prepare imagenet: bad config: {' '.join(str(e).split())}", file=sys.stderr)
-            return 2
-        if isinstance(e, (PrepareError, FetchError)):
-            print(f"prepare imagenet: {e}", file=sys.stderr)
-            return 1
-        raise  # a bug: the traceback is what helps
-    print(f"prepare imagenet: {record['classes']} classes, {record['train_images']} train / "
-          f"{record['val_images']} val images from {record['source']} -> data/processed/imagenet/")
-    return 0
+    return run_stage("imagenet", lambda created: prepare(cfg, created), lambda r: (
+        f"{r['classes']} classes, {r['train_images']} train / {r['val_images']} val images from {r['source']} "
+        "-> data/processed/imagenet/"))
 
 
 # ---------------------------------------------------------------- smoke fixtures
@@ -445,15 +425,5 @@ def write_fixtures(folder: Path, archives, **kw) -> dict[str, str]:
     return md5s
 
 
-def _hydra_main() -> None:
-    import hydra
-
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
-    def main(cfg) -> None:
-        sys.exit(run(cfg))
-
-    main()
-
-
 if __name__ == "__main__":
-    _hydra_main()
+    hydra_entry(run)

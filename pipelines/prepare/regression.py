@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import tempfile
 import urllib.parse
 import urllib.request
@@ -35,6 +34,7 @@ import numpy as np
 
 from pipelines.fetch import MIRROR_ENV, FetchError, digest, extract, fetch
 from pipelines.prepare import fixtures
+from pipelines.prepare.stage import ConfigError, PrepareError, hydra_entry, run_stage, write_atomic
 
 BOSTON_COLUMNS = ("CRIM", "ZN", "INDUS", "CHAS", "NOX", "RM", "AGE", "DIS", "RAD", "TAX", "PTRATIO", "B",
                   "LSTAT", "MEDV")  # StatLib order; the last is the target
@@ -42,17 +42,6 @@ CALIFORNIA_COLUMNS = ("MedInc", "HouseAge", "AveRooms", "AveBedrms", "Population
                       "Longitude", "MedHouseVal")  # scikit-learn's fetch_california_housing order + target
 CAL_HOUSING_DATA = "cal_housing.data"  # the table inside cal_housing.tgz (CaliforniaHousing/cal_housing.data)
 STATLIB_LINES = (11, 3)  # numbers per line of one StatLib Boston record
-
-
-class PrepareError(RuntimeError):
-    """An expected failure (unparseable file, checksum mismatch); reported in one line, exit code 1."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
-
-
-class ConfigError(PrepareError):
-    """A bad or incomplete stage config; exit code 2."""
 
 
 class Table(NamedTuple):
@@ -257,20 +246,6 @@ def _mirror_may_have(mirror: str, name: str) -> bool:
 # ---------------------------------------------------------------- writing
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` via a temporary sibling and one rename: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; data files are readable like any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     """An .npz (as np.savez writes) with fixed timestamps, so the same table always gives the same bytes."""
     buf = io.BytesIO()
@@ -362,42 +337,10 @@ def write_fixture(fmt: str, path: Path, rows: int, seed: int) -> str:
 
 
 def run(cfg) -> int:
-    """The stage with its error reporting: 0 on success, else one line on stderr and 1 (2: bad config)."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    name = cfg.data.get("name", "?")
-    created: list[Path] = []
-    try:
-        record = prepare(cfg, created)
-    except BaseException as e:
-        for path in created:  # a failed run leaves no outputs behind
-            path.unlink(missing_ok=True)
-        for folder in {p.parent for p in created}:  # nor the folders it made for them
-            try:
-                folder.rmdir()
-            except OSError:
-                pass  # not empty: it holds something else
-        if isinstance(e, (ConfigError, OmegaConfBaseException)):
-            print(f"prepare {name}: bad config: {' '.join(str(e).split())}", file=sys.stderr)
-            return 2
-        if isinstance(e, (PrepareError, FetchError)):
-            print(f"prepare {name}: {e}", file=sys.stderr)
-            return 1
-        raise  # a bug: the traceback is what helps
-    print(f"prepare {name}: {record['rows']} x {record['features']} from {record['source']} "
-          f"-> data/processed/{name}.npz (content_sha256 {record['content_sha256'][:12]}...)")
-    return 0
-
-
-def _hydra_main() -> None:
-    import hydra
-
-    @hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
-    def main(cfg) -> None:
-        sys.exit(run(cfg))
-
-    main()
+    return run_stage(cfg.data.get("name", "?"), lambda created: prepare(cfg, created), lambda r: (
+        f"{r['rows']} x {r['features']} from {r['source']} -> data/processed/{r['name']}.npz "
+        f"(content_sha256 {r['content_sha256'][:12]}...)"))
 
 
 if __name__ == "__main__":
-    _hydra_main()
+    hydra_entry(run)
