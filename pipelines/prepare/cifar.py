@@ -42,7 +42,8 @@ import numpy as np
 
 from pipelines.fetch import MIRROR_ENV, digest, extract, fetch, replace_dir
 from pipelines.prepare import fixtures
-from pipelines.prepare.stage import ConfigError, PrepareError, hydra_entry, run_stage, write_atomic
+from pipelines.prepare.stage import (ConfigError, PrepareError, hydra_entry, run_stage, write_atomic,
+                                     write_if_changed)
 
 IMAGE_SHAPE = (32, 32, 3)  # H, W, C of the prepared arrays; the archive stores C, H, W flattened
 PIXELS = 3 * 32 * 32
@@ -186,8 +187,7 @@ def write_fixture(kind: str, path: Path, train: int, test: int, seed: int) -> st
     if min(train, test) < 1:
         raise ConfigError(f"fixture sizes must be positive, got train={train} test={test}")
     content = fixtures.cifar_tgz(kind, train=train, test=test, seed=seed)
-    if not (path.is_file() and path.read_bytes() == content):
-        write_atomic(path, content)
+    write_if_changed(path, content)
     return f"md5:{hashlib.md5(content, usedforsecurity=False).hexdigest()}"
 
 

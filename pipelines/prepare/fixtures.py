@@ -100,20 +100,7 @@ def cal_housing_tgz(rows: int = 600, seed: int = 0) -> bytes:
     domain = "".join(f"{c}: continuous.\n" for c in CAL_HOUSING_COLUMNS).encode("ascii")
     members = [("CaliforniaHousing", None), ("CaliforniaHousing/cal_housing.data", cal_housing_data(rows, seed)),
                ("CaliforniaHousing/cal_housing.domain", domain)]
-    buf = io.BytesIO()
-    # mtime=0 and no file name in the gzip header, fixed owner/time in the tar headers: same bytes every time.
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as gz:
-        with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, content in members:
-                info = tarfile.TarInfo(name)
-                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-                if content is None:
-                    info.type, info.mode = tarfile.DIRTYPE, 0o755
-                    tar.addfile(info)
-                else:
-                    info.size, info.mode = len(content), 0o644
-                    tar.addfile(info, io.BytesIO(content))
-    return buf.getvalue()
+    return deterministic_tar(members)
 
 
 CIFAR10_LABEL_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -178,26 +165,30 @@ def cifar_members(kind: str, train: int = 200, test: int = 100, seed: int = 0) -
     return members
 
 
-def tar_gz(members: list[tuple[str, bytes | None]]) -> bytes:
-    """A byte-deterministic .tar.gz of (name, content) members; content None makes a directory."""
+def deterministic_tar(members: list[tuple[str, bytes | None]], gz: bool = True) -> bytes:
+    """A USTAR tar (gzipped unless ``gz`` is False) of (name, content) members, content None making a
+    directory. mtime 0 and no name in the gzip header, fixed owners and times in the tar headers: the same
+    members always give the same bytes, so a fixture's checksum is stable."""
     buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as gz:
-        with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, content in members:
-                info = tarfile.TarInfo(name)
-                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-                if content is None:
-                    info.type, info.mode = tarfile.DIRTYPE, 0o755
-                    tar.addfile(info)
-                else:
-                    info.size, info.mode = len(content), 0o644
-                    tar.addfile(info, io.BytesIO(content))
+    target = gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") if gz else buf
+    with tarfile.open(fileobj=target, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            if content is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.size, info.mode = len(content), 0o644
+                tar.addfile(info, io.BytesIO(content))
+    if gz:
+        target.close()
     return buf.getvalue()
 
 
 def cifar_tgz(kind: str, train: int = 200, test: int = 100, seed: int = 0) -> bytes:
     """cifar-10-python.tar.gz / cifar-100-python.tar.gz laid out like the real archive (cifar_members)."""
-    return tar_gz(cifar_members(kind, train, test, seed))
+    return deterministic_tar(cifar_members(kind, train, test, seed))
 
 
 MAKERS = {"statlib_boston": boston_statlib, "cal_housing_tgz": cal_housing_tgz}  # keyed by the stage's formats

@@ -19,7 +19,6 @@ code 1, or 2 when the archives are missing or the config is bad.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
@@ -33,7 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.fetch import CORRUPT, FetchError, check_member, make_temp_dir, replace_dir, tar_kind, digest
-from pipelines.prepare.stage import ConfigError, PrepareError, hydra_entry, run_stage, write_atomic
+from pipelines.prepare import fixtures
+from pipelines.prepare.stage import (ConfigError, PrepareError, hydra_entry, run_stage, write_atomic,
+                                     write_if_changed)
 
 try:
     from tqdm import tqdm
@@ -341,25 +342,6 @@ FIXTURE_INNER = (("n01439121", "cyprinid"), ("n01482330", "shark"))  # non-leaf 
 MAT_HEADER = b"MATLAB 5.0 MAT-file, SYNTHETIC SMOKE FIXTURE written by pipelines/prepare/imagenet.py"
 
 
-def _tar(members: list[tuple[str, bytes | None]], gz: bool = False) -> bytes:
-    """A USTAR tar (gzipped if ``gz``) with fixed owners and times: the same members give the same bytes."""
-    buf = io.BytesIO()
-    target = gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") if gz else buf
-    with tarfile.open(fileobj=target, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, content in members:
-            info = tarfile.TarInfo(name)
-            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-            if content is None:
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
-                tar.addfile(info)
-            else:
-                info.size, info.mode = len(content), 0o644
-                tar.addfile(info, io.BytesIO(content))
-    if gz:
-        target.close()
-    return buf.getvalue()
-
-
 def _jpeg(rng: np.random.Generator, tint: int) -> bytes:
     from PIL import Image
 
@@ -402,7 +384,7 @@ def fixture_archives(classes: int = 4, train_per_class: int = 6, val: int = 8, s
     class_tars = []
     for c, (_, wnid, _) in enumerate(leaves):
         images = [(f"{wnid}_{100 + 17 * j}.JPEG", _jpeg(rng, c)) for j in range(train_per_class)]
-        class_tars.append((f"{wnid}.tar", _tar(images)))
+        class_tars.append((f"{wnid}.tar", fixtures.deterministic_tar(images, gz=False)))
     labels = [int(x) for x in rng.integers(0, classes, val)]
     labels[:classes] = range(min(classes, val))  # every class appears in val when there are enough images
     val_members = [(f"ILSVRC2012_val_{i + 1:08d}.JPEG", _jpeg(rng, labels[i])) for i in range(val)]
@@ -411,7 +393,8 @@ def fixture_archives(classes: int = 4, train_per_class: int = 6, val: int = 8, s
     readme = b"SYNTHETIC SMOKE FIXTURE in the layout of the ILSVRC2012 devkit; not ImageNet data.\n"
     devkit = [(kit, None), (f"{kit}/COPYING", readme), (f"{kit}/data", None),
               (f"{kit}/data/{GROUND_TRUTH}", truth), (f"{kit}/data/{META_MAT}", meta_mat(leaves, inner))]
-    return {"train": _tar(class_tars), "val": _tar(val_members), "devkit": _tar(devkit, gz=True)}
+    return {"train": fixtures.deterministic_tar(class_tars, gz=False),
+            "val": fixtures.deterministic_tar(val_members, gz=False), "devkit": fixtures.deterministic_tar(devkit)}
 
 
 def write_fixtures(folder: Path, archives, **kw) -> dict[str, str]:
@@ -419,8 +402,7 @@ def write_fixtures(folder: Path, archives, **kw) -> dict[str, str]:
     md5s = {}
     for role, content in fixture_archives(**kw).items():
         path = folder / archives[role].name
-        if not (path.is_file() and path.read_bytes() == content):  # unchanged: keep the file (and its mtime)
-            write_atomic(path, content)
+        write_if_changed(path, content)
         md5s[role] = hashlib.md5(content, usedforsecurity=False).hexdigest()
     return md5s
 

@@ -34,7 +34,8 @@ import numpy as np
 
 from pipelines.fetch import MIRROR_ENV, FetchError, digest, extract, fetch
 from pipelines.prepare import fixtures
-from pipelines.prepare.stage import ConfigError, PrepareError, hydra_entry, run_stage, write_atomic
+from pipelines.prepare.stage import (ConfigError, PrepareError, hydra_entry, run_stage, write_atomic,
+                                     write_if_changed)
 
 BOSTON_COLUMNS = ("CRIM", "ZN", "INDUS", "CHAS", "NOX", "RM", "AGE", "DIS", "RAD", "TAX", "PTRATIO", "B",
                   "LSTAT", "MEDV")  # StatLib order; the last is the target
@@ -331,8 +332,7 @@ def write_fixture(fmt: str, path: Path, rows: int, seed: int) -> str:
         content = fixtures.make(fmt, rows=rows, seed=seed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if not (path.is_file() and path.read_bytes() == content):  # unchanged: keep the file (and its mtime)
-        write_atomic(path, content)
+    write_if_changed(path, content)
     return f"sha256:{hashlib.sha256(content).hexdigest()}"
 
 

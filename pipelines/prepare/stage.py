@@ -43,6 +43,12 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def write_if_changed(path: Path, content: bytes) -> None:
+    """write_atomic unless ``path`` already holds ``content`` (then its mtime stays, and nothing reruns)."""
+    if not (path.is_file() and path.read_bytes() == content):
+        write_atomic(path, content)
+
+
 def remove_outputs(created: list[Path]) -> None:
     """Delete what a failed run wrote, and the folders it made for it when they are left empty."""
     for path in created:
