@@ -7,42 +7,30 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
 from pipelines.fetch import MIRROR_ENV
 from pipelines.prepare import cifar as C
 from pipelines.prepare import fixtures
 
-ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "pipelines" / "conf"
+from .prepare_helpers import prepare_cli, prepare_config
+
 ARCHIVE = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
 FORMAT = {"cifar10": "cifar10_python", "cifar100": "cifar100_python"}
 CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
-def config(root: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("prepare", overrides=list(overrides))
-    cfg.root = str(root)
-    return cfg
+config = prepare_config
 
 
 def cli(cwd: Path, *args: str, mirror: Path | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != MIRROR_ENV}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    if mirror is not None:
-        env[MIRROR_ENV] = str(mirror)
-    return subprocess.run([sys.executable, "-m", "pipelines.prepare.cifar", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return prepare_cli("pipelines.prepare.cifar", cwd, *args, mirror=mirror)
 
 
 def files_under(folder: Path) -> set[str]:
@@ -62,7 +50,7 @@ def members_of(data: bytes) -> dict[str, object]:
 
 def damaged_archive(kind: str, change) -> bytes:
     """The cifar10/cifar100 fixture with its member list passed through ``change``."""
-    return fixtures.tar_gz(change(fixtures.cifar_members(kind, train=200, test=100, seed=0)))
+    return fixtures.deterministic_tar(change(fixtures.cifar_members(kind, train=200, test=100, seed=0)))
 
 
 def canonical(tmp_path: Path, name: str, archive: bytes, monkeypatch, *overrides: str):

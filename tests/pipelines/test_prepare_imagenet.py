@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from pipelines.prepare import imagenet as I
 
-ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "pipelines" / "conf"
+from .prepare_helpers import prepare_cli, prepare_config
+
 NAMES = {"train": "ILSVRC2012_img_train.tar", "val": "ILSVRC2012_img_val.tar",
          "devkit": "ILSVRC2012_devkit_t12.tar.gz"}
 FIXTURE_COUNTS = ("data.source.counts.classes=4", "data.source.counts.train=24", "data.source.counts.val=8")
@@ -31,10 +28,7 @@ def no_env(monkeypatch):
 
 
 def config(root: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("prepare", overrides=["data=imagenet", *overrides])
-    cfg.root = str(root)
-    return cfg
+    return prepare_config(root, "data=imagenet", *overrides)
 
 
 def canonical(root: Path, archives: Path, *overrides: str):
@@ -76,11 +70,7 @@ def devkit_truth() -> list[int]:
 
 
 def cli(cwd: Path, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != I.ENV}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "pipelines.prepare.imagenet", "data=imagenet", *args], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=120)
+    return prepare_cli("pipelines.prepare.imagenet", cwd, "data=imagenet", *args, env_extra=env_extra)
 
 
 # ---------------------------------------------------------------- fixtures and the good path

@@ -6,21 +6,18 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
 from pipelines.fetch import MIRROR_ENV
 from pipelines.prepare import fixtures
+
+from .prepare_helpers import prepare_cli, prepare_config
 from pipelines.prepare import regression as R
 
-ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "pipelines" / "conf"
 
 # The first three records of the StatLib file, laid out as StatLib does (preamble, then 11 + 3 numbers).
 STATLIB_3 = """\
@@ -41,21 +38,11 @@ STATLIB_3 = """\
 """
 
 
-def config(root: Path, *overrides: str):
-    """The stage's config as the CLI builds it, with outputs under ``root``."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("prepare", overrides=list(overrides))
-    cfg.root = str(root)
-    return cfg
+config = prepare_config
 
 
 def cli(cwd: Path, *args: str, mirror: Path | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != MIRROR_ENV}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    if mirror is not None:
-        env[MIRROR_ENV] = str(mirror)
-    return subprocess.run([sys.executable, "-m", "pipelines.prepare.regression", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return prepare_cli("pipelines.prepare.regression", cwd, *args, mirror=mirror)
 
 
 def table_csv(table: R.Table, columns: tuple[str, ...]) -> str:
