@@ -32,7 +32,7 @@ dvc.lock (DVC's record of outputs, rewritten after each stage);
 "unknown" outside git. In run.json it is true/false/null. ``dvc_stage`` (env ``DVC_STAGE``, else
 "manual"), ``profile``, ``env_lock_sha256`` (of ``<root>/requirements.lock``; "missing" if absent) and
 ``data.<path>`` = "md5:<hex>" per data file, path relative to the root. A directory's md5 runs over
-its files in sorted relative-path order, each fed as ``<relpath> NUL <size> NUL <content>``.
+its files in sorted relative-path order, each fed as ``<relpath> NUL <md5 of the file> LF``.
 """
 from __future__ import annotations
 
@@ -57,6 +57,8 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from pipelines.fetch import digest
 
 LOCK_FILE = "requirements.lock"
 PARAM_VALUE_MAX = 500  # MLflow's historic limit for a param value (newer servers allow more; old ones don't)
@@ -171,35 +173,17 @@ def logged_metrics(run_id: str, uri: str | None = None) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ checksums
-def _md5_file(path: Path, h=None):
-    h = h or hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h
-
-
 def data_checksum(path: Path) -> str:
-    """"md5:<hex>" of a file's content, or of a directory's files (sorted relative paths, sizes, contents)."""
+    """"md5:<hex>" of a file's content, or of a directory's files (sorted relative paths and file md5s)."""
     path = Path(path)
     if path.is_file():
-        return "md5:" + _md5_file(path).hexdigest()
+        return "md5:" + digest(path, "md5")
     if path.is_dir():
         h = hashlib.md5(usedforsecurity=False)
-        files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
-        for p in files:
-            h.update(f"{p.relative_to(path).as_posix()}\0{p.stat().st_size}\0".encode())
-            _md5_file(p, h)
+        for p in sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix()):
+            h.update(f"{p.relative_to(path).as_posix()}\0{digest(p, 'md5')}\n".encode())
         return "md5:" + h.hexdigest()
     raise TrackingError(f"data file {path} does not exist; run the stage that makes it first (dvc repro)")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _display_path(path: Path, root: Path) -> str:
@@ -353,7 +337,7 @@ class RunTracker:
         check_tracking_server(self.uri)
         checksums = {_display_path(p, root): data_checksum(p) for p in self.data_files}
         lock = root / LOCK_FILE
-        lock_sha = _sha256_file(lock) if lock.is_file() else "missing"
+        lock_sha = digest(lock, "sha256") if lock.is_file() else "missing"
         commit, dirty = git_state(root, exclude=[self.runs_root])
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         tags = {"git_commit": commit, "git_dirty": {True: "true", False: "false", None: "unknown"}[dirty],
