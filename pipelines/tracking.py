@@ -14,6 +14,26 @@ record on disk always means a FINISHED run. On any exception, a NaN/inf metric i
 ends FAILED (KILLED for Ctrl-C), no record is written, a previous record of the same name is left as it
 was, and the exception propagates.
 
+Resuming (a stage that checkpoints each epoch and is rerun after being killed):
+
+    with RunTracker(..., resume=ckpt.get("tracker")) as tracker:  # None: a new run
+        for epoch in range(start, epochs + 1):
+            ...
+            torch.save({..., "tracker": tracker.state()}, ckpt_path)  # JSON-able: fine for weights_only=True
+
+``state()`` (inside the block only; sends nothing) snapshots the MLflow run id, experiment, store,
+history rows, final metrics so far, metrics not sent yet, last step and the run record. With
+``resume=state`` no new MLflow run is made: the state's run is set back to RUNNING (it is RUNNING after
+a SIGKILL, FAILED/KILLED after an exception) and the history restored, so the finished record and
+MLflow run look like an uninterrupted run's (history.csv: the state's rows plus the new ones; log from
+the step after the state's). Params and tags are not logged again; run.json keeps the original
+``created``, git and data fields. Refused with a TrackingError, before the run is touched, when the
+state is not one of this task/run_name/step_name, the store differs, the run is not in it (or is
+deleted), the config differs from the run's params, or the git commit, data checksums, env lock or
+profile differ from the state's (a resume would mix two versions); the message says to delete the
+checkpoint to start over. Steps logged after the state was taken and before the crash are logged again
+by the resumed run: MLflow keeps both values for such a step, the later (resumed) one as the latest.
+
 Params are the flattened config (``a.b.c``; values as strings, cut to 500 characters; config.yaml has
 them whole). Epoch metrics are buffered and sent in batches (at the latest on the first log_epoch call
 5 s after the previous send, and at the end), so long runs cost few requests. Final metrics are logged
@@ -66,6 +86,7 @@ PARAM_BATCH = 100  # MLflow's log_batch limit for params
 METRIC_BATCH = 1000  # MLflow's log_batch limit for metrics
 FLUSH_SECONDS = 5.0  # log_epoch sends the buffered metrics once this long has passed since the last send
 KEY_MAX = 250  # MLflow's limit for a param/tag/metric key
+STATE_VERSION = 1  # of RunTracker.state()
 # Characters MLflow accepts in param, tag and metric names; anything else in a key becomes "_".
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")
 # Not code: the tracking store, and dvc.lock, which DVC rewrites after every stage it runs.
@@ -295,13 +316,32 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+_STATE_KEYS = {"version": int, "task": str, "run_name": str, "step_name": str, "mlflow_run_id": str,
+               "mlflow_experiment_id": str, "tracking_uri": str, "config_sha256": str, "columns": list,
+               "history": list, "final": dict, "last_step": int, "last_ts": int, "pending": list, "record": dict}
+
+
+def _check_state(state: Any, task: str, run_name: str, step_name: str) -> dict:
+    """A resume state from ``RunTracker.state()`` for this task and run name, else TrackingError."""
+    redo = "delete the checkpoint to start the run over"
+    if not isinstance(state, Mapping) or any(not isinstance(state.get(k), t) for k, t in _STATE_KEYS.items()) \
+            or state["version"] != STATE_VERSION:
+        raise TrackingError(f"cannot resume run {task}/{run_name}: the resume state is not one from "
+                            f"RunTracker.state() (version {STATE_VERSION}); {redo}")
+    if (state["task"], state["run_name"], state["step_name"]) != (task, run_name, step_name):
+        raise TrackingError(f"cannot resume run {task}/{run_name} (per {step_name}) from the state of "
+                            f"{state['task']}/{state['run_name']} (per {state['step_name']}); pass the right "
+                            f"checkpoint or {redo}")
+    return dict(state)
+
+
 # --------------------------------------------------------------------------------------------- tracker
 class RunTracker:
     """One tracked run: an MLflow run plus, on success, its record under runs/<task>/<run_name>/."""
 
     def __init__(self, task: str, run_name: str, config: Mapping, *, profile: str,
                  data_files: Sequence[Path] = (), runs_root: Path = Path("runs"), stage: str | None = None,
-                 step_name: str = "epoch"):
+                 step_name: str = "epoch", resume: Mapping | None = None):
         for what, value in (("task", task), ("run_name", run_name)):
             if not value or "/" in value or "\\" in value or value in (".", "..") or value.startswith("."):
                 raise TrackingError(f"bad {what} {value!r}: use a plain name such as 'regression' or 'boston-gal-s0'")
@@ -325,6 +365,8 @@ class RunTracker:
         self._record: dict | None = None
         self._active = False  # inside the with block
         self._unreachable = False  # a flush failed: do not wait on MLflow's retries again while failing
+        self._resume = _check_state(resume, task, run_name, step_name) if resume is not None else None
+        self._config_sha = hashlib.sha256(json.dumps(flatten(self.config), sort_keys=True).encode()).hexdigest()
 
     # ---------------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> "RunTracker":
@@ -343,6 +385,10 @@ class RunTracker:
         tags = {"git_commit": commit, "git_dirty": {True: "true", False: "false", None: "unknown"}[dirty],
                 "dvc_stage": self.stage, "profile": self.profile, "env_lock_sha256": lock_sha}
         tags.update({_key(f"data.{path}"): value for path, value in checksums.items()})
+        if self._resume is not None:
+            self._enter_resumed(checksums, lock_sha, commit)
+            self._active = True
+            return self
         try:
             self._client = _client(self.uri)
             self.experiment_id = self._experiment()
@@ -396,6 +442,77 @@ class RunTracker:
                                     "is reachable") from err
             raise
         return False
+
+    def _enter_resumed(self, checksums: dict[str, str], lock_sha: str, commit: str) -> None:
+        """Continue the state's MLflow run: check it all first, then set it RUNNING and restore."""
+        from mlflow.entities import Metric
+
+        state = self._resume
+        record = state["record"]
+        redo = "delete the checkpoint to start the run over"
+        if _redact(self.uri) != state["tracking_uri"]:
+            raise TrackingError(f"cannot resume run {self.task}/{self.run_name}: its MLflow run is in "
+                                f"{state['tracking_uri']}, not in {_redact(self.uri)}; set MLFLOW_TRACKING_URI "
+                                f"back or {redo}")
+        run_id = state["mlflow_run_id"]
+        try:
+            self._client = _client(self.uri)
+            run = self._client.get_run(run_id)
+        except Exception as err:
+            raise TrackingError(f"cannot resume run {self.task}/{self.run_name}: MLflow run {run_id} is not in "
+                                f"{_redact(self.uri)} ({_first_line(err)}); {redo}") from None
+        if (run.info.lifecycle_stage != "active" or run.info.experiment_id != state["mlflow_experiment_id"]
+                or run.info.run_name != self.run_name):
+            raise TrackingError(f"cannot resume run {self.task}/{self.run_name}: MLflow run {run_id} is deleted "
+                                f"or not this run; {redo}")
+        params = {_key(k): _param_value(v) for k, v in flatten(self.config).items()}
+        changed = sorted(k for k in params.keys() | run.data.params.keys()
+                         if params.get(k) != run.data.params.get(k))
+        if changed or self._config_sha != state["config_sha256"]:
+            what = (", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "") if changed
+                    else "past the 500 characters MLflow keeps")
+            raise TrackingError(f"cannot resume run {self.task}/{self.run_name}: the config differs from the "
+                                f"checkpoint's ({what}); a resumed run must have the same config: restore it "
+                                f"or {redo}")
+        now = {"git commit": commit, "data checksums": checksums, "env lock": lock_sha, "profile": self.profile}
+        then = {"git commit": record["git_commit"], "data checksums": record["data_checksums"],
+                "env lock": record["env_lock_sha256"], "profile": record["profile"]}
+        changed = [k for k in now if now[k] != then[k]]
+        if changed:
+            raise TrackingError(f"cannot resume run {self.task}/{self.run_name}: the {' and '.join(changed)} "
+                                f"changed since the checkpoint, so a resume would mix two versions; restore "
+                                f"them or {redo}")
+        try:
+            history = [(int(step), {str(k): str(v) for k, v in values.items()}) for step, values in state["history"]]
+            columns = dict.fromkeys(str(c) for c in state["columns"])
+            final = {str(k): float(v) for k, v in state["final"].items()}
+            pending = [Metric(str(k), float(v), int(ts), int(step)) for k, v, ts, step in state["pending"]]
+        except (TypeError, ValueError, AttributeError):
+            raise TrackingError(f"cannot resume run {self.task}/{self.run_name}: the resume state is damaged; "
+                                f"{redo}") from None
+        try:
+            self._client.update_run(run_id, status="RUNNING")
+        except Exception as err:
+            raise TrackingError(f"cannot resume MLflow run {run_id} in {_redact(self.uri)}: {_first_line(err)}; "
+                                "check the store") from None
+        self.run_id, self.experiment_id = run_id, state["mlflow_experiment_id"]
+        self._history, self._columns, self._final, self._pending = history, columns, final, pending
+        self._last_step, self._last_ts = state["last_step"], state["last_ts"]
+        self._record = json.loads(json.dumps(record))
+
+    def state(self) -> dict:
+        """What ``RunTracker(..., resume=state)`` needs to continue this run: plain JSON types only (a copy)."""
+        self._require_active()
+        # Metrics not sent yet travel in the state (sent on resume; MLflow drops exact duplicates), so a
+        # checkpoint costs no request and a SIGKILL loses nothing the checkpoint covers.
+        pending = [[m.key, m.value, m.timestamp, m.step] for m in self._pending]
+        return json.loads(json.dumps({
+            "version": STATE_VERSION, "task": self.task, "run_name": self.run_name, "step_name": self.step_name,
+            "mlflow_run_id": self.run_id, "mlflow_experiment_id": self.experiment_id,
+            "tracking_uri": _redact(self.uri), "config_sha256": self._config_sha,
+            "columns": list(self._columns), "history": [[step, values] for step, values in self._history],
+            "final": self._final, "last_step": self._last_step, "last_ts": self._last_ts, "pending": pending,
+            "record": self._record}))
 
     # ---------------------------------------------------------------------------------- logging
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:

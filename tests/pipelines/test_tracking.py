@@ -327,3 +327,166 @@ def test_run_on_real_server(env, server, monkeypatch, capfd):
             raise RuntimeError("boom")
     assert MlflowClient(server).get_run(failed.run_id).info.status == "FAILED"
     assert not (env / "runs" / "regression" / "boston-gal-s1").exists()
+
+
+# ------------------------------------------------------------------------------------------- resume
+def read_record(run_dir: Path) -> dict[str, str]:
+    return {name: (run_dir / name).read_text() for name in ("config.yaml", "history.csv", "metrics.json", "run.json")}
+
+
+def start_and_checkpoint(data_files=(), epochs=2) -> tuple[RunTracker, dict]:
+    """A run entered by hand (no __exit__: as if SIGKILLed later) that logged `epochs` epochs; its state."""
+    tracker = RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", data_files=data_files)
+    tracker.__enter__()
+    for epoch, metrics in enumerate(EPOCHS[:epochs], start=1):
+        tracker.log_epoch(epoch, metrics)
+    return tracker, json.loads(json.dumps(tracker.state()))  # as stored in a checkpoint
+
+
+def resume_and_finish(state: dict, data_files=(), **kwargs) -> RunTracker:
+    with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", data_files=data_files,
+                    resume=state, **kwargs) as tracker:
+        for epoch in range(state["last_step"] + 1, len(EPOCHS) + 1):
+            tracker.log_epoch(epoch, EPOCHS[epoch - 1])
+        tracker.log_final(FINAL)
+    return tracker
+
+
+@pytest.mark.parametrize("error, status", [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")])
+def test_resume_after_exception_matches_uninterrupted_run(env, sqlite_uri, error, status):
+    data_file, data = make_inputs(env)
+    run_dir = env / "runs" / "regression" / "boston-gal-s0"
+    whole = run_three_epochs([data_file])
+    expected = read_record(run_dir)
+    client = MlflowClient(sqlite_uri)
+
+    with pytest.raises(error):
+        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", data_files=[data_file]) as first:
+            first.log_epoch(1, EPOCHS[0])
+            first.log_epoch(2, EPOCHS[1])
+            state = first.state()
+            raise error("killed")
+    assert client.get_run(first.run_id).info.status == status
+    assert json.loads(json.dumps(state)) == state and state["last_step"] == 2
+    state = json.loads(json.dumps(state))
+
+    resumed = resume_and_finish(state, [data_file])
+    assert resumed.run_id == first.run_id == state["mlflow_run_id"] != whole.run_id
+    assert resumed.experiment_id == first.experiment_id
+    got = read_record(run_dir)
+    for name in ("config.yaml", "history.csv", "metrics.json"):
+        assert got[name] == expected[name], name
+    record, whole_record = json.loads(got["run.json"]), json.loads(expected["run.json"])
+    assert record == state["record"] and record["mlflow_run_id"] == first.run_id
+    for key in ("mlflow_run_id", "created"):
+        del record[key], whole_record[key]
+    assert record == whole_record
+    check_mlflow_run(client, resumed, data)  # FINISHED, params, each epoch once, final values, tags
+    assert logged_metrics(resumed.run_id) == logged_metrics(whole.run_id)
+    assert [p.name for p in run_dir.parent.iterdir()] == ["boston-gal-s0"]
+
+
+def test_resume_after_sigkill_relogs_epochs_past_the_checkpoint(env, sqlite_uri):
+    client = MlflowClient(sqlite_uri)
+    killed, state = start_and_checkpoint()  # epoch 2 not sent yet: it travels in the state
+    killed.log_epoch(3, {"train_loss": 9.0, "val_mae": 9.0})  # after the checkpoint, before the kill
+    killed._flush()
+    assert client.get_run(killed.run_id).info.status == "RUNNING"
+    resumed = resume_and_finish(state)
+    run = client.get_run(resumed.run_id)
+    assert resumed.run_id == killed.run_id and run.info.status == "FINISHED"
+    rows = list(csv.reader((env / "runs/regression/boston-gal-s0/history.csv").read_text().splitlines()))
+    assert [r[0] for r in rows] == ["epoch", "1", "2", "3"] and rows[3] == ["3", "0.25", "0.4", ""]
+    history = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert [(s, v) for s, _, v in history] == [(1, 1.0), (2, 0.5), (3, 9.0), (3, 0.25)]  # resumed value last
+    assert run.data.metrics == {"train_loss": 0.25, "val_mae": 0.4, "lr": 0.01, **FINAL}
+
+
+def test_resume_sends_metrics_pending_in_the_state(env, sqlite_uri):
+    killed, state = start_and_checkpoint()  # killed before epoch 2 reached MLflow
+    client = MlflowClient(sqlite_uri)
+    assert [m.step for m in client.get_metric_history(killed.run_id, "train_loss")] == [1]
+    resumed = resume_and_finish(state)
+    history = client.get_metric_history(resumed.run_id, "train_loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    assert [(m.step, m.value) for m in client.get_metric_history(resumed.run_id, "lr")] == [(2, 0.01)]
+
+
+def test_resume_twice_and_state_is_checkpointable(env, sqlite_uri):
+    _, state = start_and_checkpoint(epochs=1)
+    assert set(state) == {"version", "task", "run_name", "step_name", "mlflow_run_id", "mlflow_experiment_id",
+                          "tracking_uri", "config_sha256", "columns", "history", "final", "last_step", "last_ts",
+                          "pending", "record"}
+    with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", resume=state) as tracker:
+        tracker.log_epoch(2, EPOCHS[1])
+        second = tracker.state()
+        second["history"].clear()  # a copy: the tracker is not affected
+        second = tracker.state()
+        with pytest.raises(OSError):
+            raise OSError("killed again")
+    torch = pytest.importorskip("torch")
+    path = env / "ckpt.pt"
+    torch.save({"epoch": 2, "tracker": second}, path)
+    second = torch.load(path, weights_only=True)["tracker"]
+    assert second["last_step"] == 2 and len(second["history"]) == 2
+    resumed = resume_and_finish(second)
+    assert resumed.run_id == tracker.run_id
+    assert (env / "runs/regression/boston-gal-s0/history.csv").read_text() == \
+        "epoch,train_loss,val_mae,lr\n1,1.0,0.9,\n2,0.5,0.6,0.01\n3,0.25,0.4,\n"
+
+
+def test_resume_refusals_leave_the_run_alone(env, sqlite_uri, monkeypatch):
+    data_file, _ = make_inputs(env)
+    with pytest.raises(RuntimeError):
+        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", data_files=[data_file]) as first:
+            first.log_epoch(1, EPOCHS[0])
+            state = first.state()
+            raise RuntimeError("killed")
+    client = MlflowClient(sqlite_uri)
+
+    def refused(match, state=state, config=CONFIG, data_files=(data_file,), run_name="boston-gal-s0",
+                profile="smoke", **kwargs):
+        with pytest.raises(TrackingError, match=match) as err:
+            with RunTracker("regression", run_name, config, profile=profile, data_files=data_files,
+                            resume=state, **kwargs):
+                pytest.fail("the block must not run")
+        assert "\n" not in str(err.value)
+        assert client.get_run(first.run_id).info.status == "FAILED"  # untouched
+
+    delete = "delete the checkpoint to start the run over$"
+    refused(f"config differs from the checkpoint's \\(model.lr\\); .*{delete}",
+            config={**CONFIG, "model": {**CONFIG["model"], "lr": 0.02}})
+    refused("config differs .*past the 500 characters", config={**CONFIG, "long": "x" * 599 + "y"})
+    refused("config differs .*new_key", config={**CONFIG, "new_key": 1})
+    refused(f"MLflow run 0+ is not in .*; {delete}", state={**state, "mlflow_run_id": "0" * 32})
+    refused("from the state of regression/boston-gal-s0", run_name="boston-gal-s1")
+    refused("per step\\) from the state of .*\\(per epoch\\)", step_name="step")
+    refused(f"not one from RunTracker.state\\(\\) .*; {delete}", state={"task": "regression"})
+    refused("not one from RunTracker.state", state={**state, "version": 99})
+    refused(f"the resume state is damaged; {delete}", state={**state, "history": [[1]]})
+    refused(f"the git commit changed since the checkpoint, so a resume would mix two versions; .*{delete}",
+            state={**state, "record": {**state["record"], "git_commit": "0" * 40}})
+    refused("the data checksums changed since", data_files=())
+    refused("the profile changed since the checkpoint", profile="full")
+    refused("its MLflow run is in sqlite:///elsewhere.db, not in sqlite:///.*; set MLFLOW_TRACKING_URI back or",
+            state={**state, "tracking_uri": "sqlite:///elsewhere.db"})
+    (env / "data/processed/boston.npz").write_bytes(b"new data")
+    refused("the data checksums changed since the checkpoint")
+    (env / "requirements.lock").write_bytes(b"torch==3\n")
+    refused("the data checksums and env lock changed since the checkpoint")
+
+    with pytest.raises(TrackingError, match="outside its 'with' block"):
+        first.state()
+    with pytest.raises(TrackingError, match="outside its 'with' block"):
+        RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke").state()
+
+
+def test_resume_on_real_server(env, server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    killed, state = start_and_checkpoint()
+    resumed = resume_and_finish(state)
+    run = MlflowClient(server).get_run(resumed.run_id)
+    assert resumed.run_id == killed.run_id and run.info.status == "FINISHED"
+    assert logged_metrics(resumed.run_id) == {"train_loss": 0.25, "val_mae": 0.4, "lr": 0.01, **FINAL}
+    assert (env / "runs/regression/boston-gal-s0/history.csv").read_text() == \
+        "epoch,train_loss,val_mae,lr\n1,1.0,0.9,\n2,0.5,0.6,0.01\n3,0.25,0.4,\n"
