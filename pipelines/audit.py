@@ -4,6 +4,7 @@
     python -m pipelines.audit "Table V" Boston t-test MSE p
     python -m pipelines.audit "Table V/Boston/GAL/MAE/mean"     # a provenance key as is
     python -m pipelines.audit "Fig. 4" GD GAL final_z
+    python -m pipelines.audit "Table I" SGD GAL error
     options: --reports DIR (default reports), --tracking-uri URI
 
 Names match case-insensitively, ignoring spaces, dots, dashes and underscores ("table v" boston gal mae).
@@ -141,7 +142,10 @@ def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_overri
         if meta.get("mlflow_run_id") != item.get("mlflow_run_id"):
             problems.append(f"{run_dir} now holds MLflow run {meta.get('mlflow_run_id')}, the report used "
                             f"{item.get('mlflow_run_id')}: the reports are stale; rerun python -m pipelines.report")
-        recorded = run.metrics.get(metric)
+        try:  # metrics.json's value, else history.csv's last row's (as MLflow's latest value)
+            recorded: Any = run.latest(metric)
+        except ReportError:
+            recorded = None
         try:
             values = tracking.logged_metrics(meta.get("mlflow_run_id"), _tracking_uri(meta, tracking_override))
         except tracking.TrackingError as err:

@@ -1,14 +1,15 @@
 """A baseline-vs-GAL table over seeds: per row group (dataset, optimiser, ...) and method, mean ± std of
 each metric over seeds, Student's t-test baseline vs GAL, the paper's numbers beside ours, and one claim
-"GAL better than baseline" per group and metric. Table V is one instance (specs/table5.py); Tables I-III
-are meant to be others.
+"GAL better than baseline" per group and metric. Tables I, II, III and V are instances (specs/table1.py, ...).
+Optionally a parameter-count column (Table III) and the rows the paper quotes from other work (paper.yaml's
+"reference": shown as quoted, not rerun).
 
 Which runs belong where comes from each run's config.yaml (dotted keys), never from directory names.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from pipelines.report import stats
 from pipelines.report.model import Claim, Context, Layout, Number, Rendered
@@ -31,6 +32,27 @@ class Metric:
 
 
 @dataclass(frozen=True)
+class Params:
+    """A parameter-count column as the paper prints it: "23.5M" for a model, "23.5M+0.70M" with GAL's adjuster.
+    Mean over seeds of the metrics.json counts ``model`` and, where non-zero, ``extra``, in millions,
+    truncated (not rounded) to ``digits`` / ``extra_digits`` decimals, as the paper's "+0.70M" for an adjuster
+    of 705,536 weights shows. paper.yaml holds the paper's text under <table>/<group>/<method>/<key>."""
+
+    model: str = "params_model"
+    extra: str = "params_adjuster"
+    key: str = "params"
+    label: str = "Params"
+    digits: int = 1
+    extra_digits: int = 2
+
+    @staticmethod
+    def millions(count: float, digits: int) -> str:
+        """1e6 units, truncated to ``digits`` decimals with integer arithmetic: 705536 -> 0.70M."""
+        units = int(round(count)) // 10 ** (6 - digits)
+        return f"{units / 10 ** digits:.{digits}f}M"
+
+
+@dataclass(frozen=True)
 class ComparisonTable:
     name: str                             # "Table V"
     slug: str                             # "table5"
@@ -45,6 +67,8 @@ class ComparisonTable:
     seed_key: str = "seed"
     where: dict[str, Any] = field(default_factory=dict)  # further config filters, e.g. {"data.name": "cifar10"}
     show_ttest: bool = True               # a "t, p" row per group (the claims always use the t-test)
+    params: Params | None = None          # a parameter-count column before the metrics (Table III)
+    references: bool = False              # append paper.yaml's <name>/reference rows, marked as quoted
     min_seeds: int = 2                    # std and t need two runs per method
     kind: str = "table"
 
@@ -57,8 +81,9 @@ class ComparisonTable:
                 and str(r.get(self.group_key)) in self.groups and str(r.get(self.method_key)) in self.methods]
         where = ctx.task_dir(self.task)
         if not runs:
+            filters = "".join(f"{k}={v}, " for k, v in self.where.items())
             raise ReportError(
-                f"{self.name}: no runs under {where} for {self.group_key} in {{{', '.join(self.groups)}}} x "
+                f"{self.name}: no runs under {where} for {filters}{self.group_key} in {{{', '.join(self.groups)}}} x "
                 f"{self.method_key} in {{{', '.join(self.methods)}}}; make them first (dvc repro)")
         profile = check_one_profile(self.name, runs, ctx.profile)
         cells: dict[tuple[str, str], dict[Any, RunRecord]] = {(g, m): {} for g in self.groups for m in self.methods}
@@ -93,17 +118,19 @@ class ComparisonTable:
         claims: list[Claim] = []
         baselines: dict[str, str] = {}
 
-        def number(group_name: str, row: str, metric: Metric, op: str, groups: list[list[RunRecord]]) -> Number:
-            """One number: ``op`` of ``metric`` over ``groups``, keyed <table>/<group>/<row>/<metric>/<op>."""
+        def number(group_name: str, row: str, metric: Metric, op: str, groups: list[list[RunRecord]],
+                   show: Callable[[float], str] | None = None, paper: Any = None) -> Number:
+            """One number: ``op`` of ``metric`` over ``groups``, keyed <table>/<group>/<row>/<metric>/<op>;
+            ``show`` formats it (default by op), ``paper`` is the paper's value (default: paper.yaml at the key)."""
             key = "/".join([self.name, group_name, row, metric.key, op])
             value = stats.compute(op, [[r.metric(metric.source) for r in g] for g in groups])
-            text = {"n": lambda v: str(int(v)), "t": lambda v: fmt(v, 2), "p": fmt_p}.get(
-                op, lambda v: fmt(v, metric.digits))(value)
+            text = (show or {"n": lambda v: str(int(v)), "t": lambda v: fmt(v, 2), "p": fmt_p}.get(
+                op, lambda v: fmt(v, metric.digits)))(value)
             fields = {self.group_title.lower(): group_name, "method": row, "metric": metric.key, "stat": op}
             seeds = ", ".join(str(r.get(self.seed_key)) for r in groups[0])
             how = stats.describe(op, metric.source, groups, unit="seeds") + f" ({self.seed_key}s {seeds})"
             num = Number(key=key, value=value, text=text, op=op, metric=metric.source, groups=groups,
-                         aggregation=how, paper=lookup(key), fields=fields)
+                         aggregation=how, paper=lookup(key) if paper is None else paper, fields=fields)
             numbers.append(num)
             return num
 
@@ -115,6 +142,8 @@ class ComparisonTable:
             for method, method_name in self.methods.items():
                 runs = cells[(group, method)]
                 row = [group_name, method_name, str(len(runs))]
+                if self.params is not None:
+                    row += self._params_cells(group_name, method_name, runs, number)
                 for metric in self.metrics:
                     nums = {op: number(group_name, method_name, metric, op, [runs]) for op in ("mean", "std", "n")}
                     ours.setdefault(metric.key, {})[method] = nums["mean"]
@@ -122,7 +151,7 @@ class ComparisonTable:
                     row += [pm(nums["mean"].value, nums["std"].value, metric.digits),
                             pm(paper.get("mean"), paper.get("std"), metric.digits)]
                 rows.append(row)
-            ttest_row = [group_name, "t, p", ""]
+            ttest_row = [group_name, "t, p", ""] + ["", ""] * (self.params is not None)
             for metric in self.metrics:
                 t, p = (number(group_name, "t-test", metric, op, [base_runs, gal_runs]) for op in ("t", "p"))
                 paper = lookup(f"{self.name}/{group_name}/t-test/{metric.key}") or {}
@@ -133,16 +162,51 @@ class ComparisonTable:
                     claims.append(claim)
             if self.show_ttest:
                 rows.append(ttest_row)
+        rows += self._reference_rows()
 
         columns = [self.group_title, "Method", "n"]
+        if self.params is not None:
+            columns += [f"{self.params.label} (ours)", f"{self.params.label} (paper)"]
         for metric in self.metrics:
             columns += [f"{metric.title} (ours)", f"{metric.title} (paper)"]
         notes = ["mean ± sample std (ddof=1) over seeds; n = runs (seeds) per method",
                  "t, p: Student's two-sample t-test (scipy.stats.ttest_ind, equal variances, two-sided), "
                  "t = baseline minus GAL: positive when GAL's mean is lower"]
+        if self.params is not None:
+            notes.append(f"{self.params.label}: mean over seeds of {self.params.model} (+ {self.params.extra} where "
+                         f"non-zero), in millions, truncated as the paper prints them")
+        if self.references:
+            notes.append("quoted rows: results the paper cites from other work, shown as the paper prints them; "
+                         "neither the paper nor this project reran them")
         layout = Layout(columns=columns, rows=rows, caption=self.caption, notes=notes)
         return Rendered(name=self.name, slug=self.slug, kind=self.kind, profile=profile, numbers=numbers,
                         markdown=markdown(layout), layout=layout, claims=claims, baselines=baselines)
+
+    def _params_cells(self, group_name: str, method_name: str, runs: list[RunRecord], number) -> list[str]:
+        """[ours, paper] for the params column: "23.5M" or "23.5M+0.70M", each part a Number."""
+        spec = self.params
+        paper = lookup(f"{self.name}/{group_name}/{method_name}/{spec.key}")
+        model = number(group_name, method_name, Metric(spec.model, spec.model, better="lower"), "mean", [runs],
+                       show=lambda v: Params.millions(v, spec.digits), paper=paper)
+        text = model.text
+        if any(r.metric(spec.extra) for r in runs):
+            extra = number(group_name, method_name, Metric(spec.extra, spec.extra, better="lower"), "mean", [runs],
+                           show=lambda v: "+" + Params.millions(v, spec.extra_digits), paper=paper)
+            text += extra.text
+        return [text, "-" if paper is None else str(paper)]
+
+    def _reference_rows(self) -> list[list[str]]:
+        """paper.yaml's <name>/reference entries: other work's results the paper quotes (not rerun)."""
+        if not self.references:
+            return []
+        rows = []
+        for label, values in (lookup(f"{self.name}/reference") or {}).items():
+            row = [label, "quoted (not rerun)", ""] + ["", "-"] * (self.params is not None)
+            for metric in self.metrics:
+                value = values.get(metric.key)
+                row += ["", "-" if value is None else fmt(value, metric.digits)]
+            rows.append(row)
+        return rows
 
     def _claim(self, group_name: str, metric: Metric, ours: dict[str, Number], t: Number, p: Number) -> Claim | None:
         """The paper's claim 'GAL better' for this group and metric, if the paper reports GAL as better."""

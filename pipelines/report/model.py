@@ -25,8 +25,8 @@ from pipelines.report.records import RunRecord
 
 @dataclass
 class Number:
-    """One rendered number and how to remake it: ``stats.compute(op, [[run.metric(metric) for run in g]
-    for g in groups])`` equals ``value``."""
+    """One rendered number and how to remake it: ``stats.compute(op, [[run.latest(metric) for run in g]
+    for g in groups])`` equals ``value`` (``latest``: metrics.json's value, else history.csv's last row's)."""
 
     key: str                          # provenance key, e.g. "Table V/Boston/GAL/MAE/mean"
     value: float

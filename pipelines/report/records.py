@@ -74,7 +74,23 @@ class RunRecord:
             raise ReportError(f"{self.dir}/metrics.json has no metric {name!r} (has {sorted(self.metrics)})")
         return float(self.metrics[name])
 
+    def latest(self, name: str) -> float:
+        """The run's latest value of ``name``, as MLflow reports it: metrics.json's (final metrics win), else
+        the last history.csv row's (a per-epoch metric such as GAL's remainder); ReportError if neither has it."""
+        if name in self.metrics:
+            return float(self.metrics[name])
+        rows = self._rows
+        if rows and rows[-1].get(name) not in (None, ""):
+            return float(rows[-1][name])
+        raise ReportError(f"{self.dir} has no metric {name!r} in metrics.json nor a value in the last row of "
+                          f"history.csv (columns: {', '.join(rows[0]) if rows else 'none'})")
+
     def history(self) -> list[dict[str, str]]:
+        """history.csv's rows (cells as strings); read once."""
+        return [dict(row) for row in self._rows]
+
+    @cached_property
+    def _rows(self) -> list[dict[str, str]]:
         with open(self.path / "history.csv", newline="") as f:
             return list(csv.DictReader(f))
 

@@ -10,6 +10,7 @@ The report computes every number through ``compute`` and records the op in prove
 - t, p: Student's two-sample t-test with equal variances (scipy.stats.ttest_ind(a, b, equal_var=True)),
   two-sided p, where a is the baseline group and b the GAL group; so t > 0 means the baseline's mean is
   larger (for MAE/MSE: GAL is better), as in the paper's Table V.
+- ratio: mean of the second group over mean of the first (GAL's mean over the baseline's, Table VII).
 - value: the single run's value as is (figures' per-run numbers).
 """
 from __future__ import annotations
@@ -38,6 +39,13 @@ def _one(groups: Groups) -> np.ndarray:
     return np.asarray(groups[0], dtype=float)
 
 
+def _ratio(groups: Groups) -> float:
+    if len(groups) != 2:
+        raise ValueError(f"'ratio' takes two groups (baseline, GAL), got {len(groups)}")
+    baseline, gal = (float(np.mean(np.asarray(g, dtype=float))) for g in groups)
+    return gal / baseline if baseline != 0 else math.nan
+
+
 def _single(groups: Groups) -> float:
     values = _one(groups)
     if values.size != 1:
@@ -51,6 +59,7 @@ OPS: dict[str, Callable[[Groups], float]] = {
     "n": lambda g: float(_one(g).size),
     "t": lambda g: _ttest(g)[0],
     "p": lambda g: _ttest(g)[1],
+    "ratio": _ratio,
     "value": _single,
 }
 
@@ -60,6 +69,7 @@ DESCRIBE = {
     "n": "number of runs with {metric}",
     "t": "Student's t (ttest_ind, equal variances), baseline minus GAL, {n} vs {m} runs of {metric}",
     "p": "two-sided p of Student's t-test (ttest_ind, equal variances), {n} vs {m} runs of {metric}",
+    "ratio": "mean of {metric} over {m} GAL runs divided by its mean over {n} baseline runs",
     "value": "{metric} of the one run",
 }
 

@@ -1,6 +1,7 @@
 """The report stage (python -m pipelines.report) and the audit (python -m pipelines.audit) on synthetic run
-records: Table V's numbers against numpy/scipy, the claims' verdicts, provenance coverage, Fig. 4, the
-error paths (missing runs, mixed profiles) and the audit's MLflow cross-check against a tmp sqlite store."""
+records: Tables I-III, V and VII's numbers against numpy/scipy, the claims' verdicts, provenance coverage,
+Figs. 4, 5, 6 and 8b, the error paths (missing runs, mixed profiles) and the audit's MLflow cross-check
+against a tmp sqlite store."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +19,10 @@ from scipy import stats
 
 from pipelines import audit
 from pipelines.report import __main__ as report_cli
-from pipelines.report import index
-from pipelines.report.model import Rendered
+from pipelines.report import classification, index
+from pipelines.report.model import Context, Rendered
+from pipelines.report.records import ReportError
+from pipelines.report.specs import fig6, fig8b
 
 DATASETS = {"boston": "Boston", "diabetes": "Diabetes", "california": "California"}
 METHODS = {"baseline": "Baseline", "gal": "GAL"}
@@ -37,6 +41,51 @@ CENTRES = {
     ("california", "R2"): ((-0.6, 0.28), (0.12, 0.05)),
 }
 OPTIMIZERS = {"gd": "GD", "lookahead": "Lookahead(GD)", "rmsprop": "RMSProp", "adam": "Adam", "adabound": "AdaBound"}
+
+# classification: experiment -> (data.name, model.name, optim.name); run names <experiment>-<method>-s<seed>
+EXPERIMENTS = {f"{ds}_{opt}": (ds, "efficientnet_b1", opt) for ds in ("cifar10", "cifar100")
+               for opt in ("sgd", "lookahead", "adabound")}
+EXPERIMENTS.update({"imagenet_resnet50": ("imagenet", "resnet50", "rmsproptf"),
+                    "imagenet_efficientnet_b2": ("imagenet", "efficientnet_b2", "rmsproptf")})
+CLS_SEEDS = range(3)
+PARAMS = {"efficientnet_b1": (6525994, 47232), "resnet50": (23508032, 705536), "efficientnet_b2": (9109994, 905216)}
+EPOCHS = (1, 2, 3)
+
+
+def cls_record(exp: str, method: str, seed: int) -> tuple[dict, dict, list[dict]]:
+    """(config, metrics, history) of one synthetic classification run: GAL about 0.1 points better, noisy."""
+    ds, model, opt = EXPERIMENTS[exp]
+    rng = np.random.RandomState(zlib.crc32(f"{exp}-{method}-{seed}".encode()))
+    gal = method == "gal"
+    err = {"cifar10": 2.0, "cifar100": 11.5, "imagenet": 23.5}[ds] - 0.1 * gal + 0.02 * rng.standard_normal()
+    top5 = err / 3 + 0.02 * rng.standard_normal()
+    loss = err / 20
+    time_per_image = 1e-4 * (1 + 0.03 * gal) * (1 + 0.01 * rng.rand())
+    metrics = {"val_loss": loss, "val_top1_err": err, "val_top5_err": top5, "val_top1_acc": 100 - err,
+               "val_top5_acc": 100 - top5, "time_per_image": time_per_image,
+               "params_model": PARAMS[model][0], "params_adjuster": PARAMS[model][1] if gal else 0}
+    history = []
+    for e in EPOCHS:
+        row = {"epoch": e, "train_loss": 2.0 / e, "val_loss": loss * (1 + 0.2 * (EPOCHS[-1] - e)),
+               "val_top1_err": err + EPOCHS[-1] - e, "val_top5_err": top5, "lr": 0.1 / e,
+               "time_per_image": time_per_image, "images_per_s": 1 / time_per_image}
+        if gal:
+            row.update({"remainder": 0.5 / e + 0.01 * seed, "cosine": 0.9 - 0.05 * e - 0.01 * seed,
+                        "accepted": 0.8, "adjusted_better": 0.5 + 0.05 * e + 0.02 * seed + 0.1 * (ds == "imagenet")})
+        history.append(row)
+    config = {"task": {"name": "classification"}, "experiment": exp, "data": {"name": ds},
+              "model": {"name": model}, "optim": {"name": opt},
+              "method": {"name": method, **({"ratio": 0.1, "scale": 1.0} if gal else {})}, "seed": seed}
+    return config, metrics, history
+
+
+def cls_values(exp: str, method: str, metric: str) -> np.ndarray:
+    return np.array([cls_record(exp, method, s)[1][metric] for s in CLS_SEEDS])
+
+
+def cls_last(exp: str, column: str) -> np.ndarray:
+    """GAL runs' last history row's ``column`` over seeds."""
+    return np.array([cls_record(exp, "gal", s)[2][-1][column] for s in CLS_SEEDS])
 
 
 def value(dataset: str, method: str, metric: str, seed: int) -> float:
@@ -71,7 +120,8 @@ def write_run(root: Path, task: str, name: str, config: dict, metrics: dict, his
 
 def make_runs(root: Path, profile: str = "smoke", skip: tuple = (), profiles: dict | None = None,
               run_ids: dict | None = None) -> dict[str, Path]:
-    """Synthetic records: 3 datasets x 2 methods x 5 seeds of regression, 5 optimisers x 2 methods of toy3d.
+    """Synthetic records: 3 datasets x 2 methods x 5 seeds of regression, 5 optimisers x 2 methods of toy3d,
+    8 experiments (CIFAR-10/100 x 3 optimisers, ImageNet x 2 models) x 2 methods x 3 seeds of classification.
     ``skip``: run names to leave out; ``profiles``: run name -> another profile; ``run_ids``: name -> id."""
     profiles, run_ids = profiles or {}, run_ids or {}
     made = {}
@@ -108,6 +158,16 @@ def make_runs(root: Path, profile: str = "smoke", skip: tuple = (), profiles: di
                               "kwargs": {"k": 5, "alpha": 0.5} if opt == "lookahead" else {}}}
             made[name] = write_run(root, "toy3d", name, config, {"final_z": history[-1]["z"]}, history,
                                    run_ids.get(name, f"id-{name}"), "toy3d", profiles.get(name, profile))
+    for exp in EXPERIMENTS:
+        for method in METHODS:
+            for seed in CLS_SEEDS:
+                name = f"{exp}-{method}-s{seed}"
+                if name in skip:
+                    continue
+                config, metrics, history = cls_record(exp, method, seed)
+                made[name] = write_run(root, "classification", name, config, metrics, history,
+                                       run_ids.get(name, f"id-{name}"), f"train_classification@{exp}-{method}-{seed}",
+                                       profiles.get(name, profile))
     return made
 
 
@@ -120,9 +180,30 @@ def values_of(ds: str, method: str, metric: str) -> np.ndarray:
     return np.array([value(ds, method, metric, s) for s in SEEDS])
 
 
-OUTPUTS = ["tables/table5.md", "tables/table5.csv", "tables/table5.tex", "tables/claims.md", "tables/claims.csv",
-           "tables/claims.tex", "figures/fig4_toy3d.png", "figures/fig4_toy3d.pdf", "figures/fig4_toy3d.csv",
-           "index.md", "provenance.json"]
+FIGURES = ["fig4_toy3d", "fig5_val_loss", "fig6_remainder_cosine", "fig8b_adjusted_better"]
+OUTPUTS = [f"tables/{t}.{ext}" for t in ("table1", "table2", "table3", "table5", "table7", "claims")
+           for ext in ("md", "csv", "tex")]
+OUTPUTS += [f"figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf", "csv")] + ["index.md", "provenance.json"]
+
+
+def _log_classification(client, exp: str, experiments: tuple[str, ...]) -> dict[str, str]:
+    """One MLflow run per classification record of ``experiments``: its history per epoch, then its final
+    metrics (the latest values). The other records keep made-up run ids (not audited)."""
+    from mlflow.entities import Metric
+
+    ids = {}
+    for name in experiments:
+        for method in METHODS:
+            for seed in CLS_SEEDS:
+                _, metrics, history = cls_record(name, method, seed)
+                run = client.create_run(exp, run_name=f"{name}-{method}-s{seed}")
+                batch = [Metric(k, float(v), 1000 * row["epoch"], row["epoch"]) for row in history
+                         for k, v in row.items() if k != "epoch"]
+                batch += [Metric(k, float(v), 10_000, EPOCHS[-1]) for k, v in metrics.items()]
+                client.log_batch(run.info.run_id, metrics=batch)
+                client.set_terminated(run.info.run_id)
+                ids[f"{name}-{method}-s{seed}"] = run.info.run_id
+    return ids
 
 
 @pytest.fixture(scope="module")
@@ -143,12 +224,14 @@ def site(tmp_path_factory):
                     client.log_metric(run.info.run_id, src, value(ds, method, key, seed))
                 client.set_terminated(run.info.run_id)
                 ids[f"{ds}-{method}-s{seed}"] = run.info.run_id
+    ids.update(_log_classification(client, client.create_experiment("classification"),
+                                   ("cifar10_sgd", "imagenet_resnet50")))  # the ones audited below
     old = os.getcwd()
     os.chdir(root)
     try:
         make_runs(Path("runs"), run_ids=ids)
         for name in ids:  # point each record at the tmp store
-            meta_path = Path("runs/regression") / name / "run.json"
+            meta_path = next(Path("runs").glob(f"*/{name}/run.json"))
             meta = json.loads(meta_path.read_text())
             meta["tracking_uri"] = uri
             meta_path.write_text(json.dumps(meta))
@@ -201,7 +284,8 @@ def test_table5_shows_the_paper_beside_ours(site):
 
 
 def test_claims_verdicts(site):
-    claims = {(r["subject"], r["metric"]): r for r in read_csv(site["out"] / "tables/claims.csv")}
+    claims = {(r["subject"], r["metric"]): r for r in read_csv(site["out"] / "tables/claims.csv")
+              if r["table"] == "Table V"}
     assert len(claims) == 9  # the paper claims GAL better on 3 datasets x 3 metrics
     assert {c["verdict"] for k, c in claims.items() if k[0] == "Boston"} == {"reproduced"}
     worse = claims[("Diabetes", "MAE")]
@@ -235,7 +319,8 @@ def test_provenance_covers_every_rendered_number(site):
     assert len(ttest["groups"]) == 2 and ttest["groups"][0][0] == "runs/regression/boston-baseline-s0"
     assert "tables/claims.md" in ttest["files"] and "tables/table5.md" in ttest["files"]
     assert prov["runs"]["runs/regression/boston-gal-s3"]["baseline"] == "runs/regression/boston-baseline-s3"
-    assert prov["profiles"] == {"Table V": "smoke", "Fig. 4": "smoke"}
+    assert prov["profiles"] == {name: "smoke" for name in ("Table I", "Table II", "Table III", "Table V", "Table VII",
+                                                           "Fig. 4", "Fig. 5", "Fig. 6", "Fig. 8b")}
     for claim in read_csv(site["out"] / "tables/claims.csv"):  # the claims' numbers are Table V's
         for key in claim["provenance_keys"].split("; "):
             assert key in numbers, key
@@ -300,7 +385,9 @@ def test_missing_toy3d_run_is_named(tmp_path, monkeypatch, capsys):
 def test_no_runs_at_all(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert report_cli.main(["--runs", "runs", "--out", "reports"]) == 2
-    assert "Table V: no runs under runs/regression" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Table I: no runs under runs/classification for experiment in {cifar10_sgd, cifar10_lookahead, " \
+           "cifar10_adabound} x method.name in {baseline, gal}; make them first (dvc repro)" in err
 
 
 def test_mixed_profiles_fail(tmp_path, monkeypatch, capsys):
@@ -318,6 +405,140 @@ def test_asked_profile_must_match(tmp_path, monkeypatch, capsys):
     make_runs(Path("runs"))
     assert report_cli.main(["profile=regression"]) == 2
     assert "profile 'smoke' but profile=regression" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- classification
+CIFAR_TABLES = {"Table I": ("table1", "cifar10"), "Table II": ("table2", "cifar100")}
+CIFAR_OPTIMIZERS = {"sgd": "SGD", "lookahead": "Lookahead", "adabound": "AdaBound"}
+IMAGENET_MODELS = {"resnet50": "ResNet-50 (RMSProp)", "efficientnet_b2": "EfficientNet-B2"}
+PAPER_METHODS = {"baseline": "Reproduced", "gal": "GAL"}
+
+
+def test_tables_1_2_equal_numpy_and_scipy(site):
+    for table, (slug, ds) in CIFAR_TABLES.items():
+        rows = {r["key"]: r for r in read_csv(site["out"] / f"tables/{slug}.csv")}
+        for opt, opt_name in CIFAR_OPTIMIZERS.items():
+            exp = f"{ds}_{opt}"
+            for method, method_name in PAPER_METHODS.items():
+                v = cls_values(exp, method, "val_top1_err")
+                key = f"{table}/{opt_name}/{method_name}/error"
+                assert float(rows[f"{key}/mean"]["value"]) == pytest.approx(np.mean(v), rel=1e-12)
+                assert float(rows[f"{key}/std"]["value"]) == pytest.approx(np.std(v, ddof=1), rel=1e-12)
+                assert rows[f"{key}/mean"]["text"] == f"{np.mean(v):.2f}" and rows[f"{key}/n"]["value"] == "3.0"
+            expected = stats.ttest_ind(cls_values(exp, "baseline", "val_top1_err"),
+                                       cls_values(exp, "gal", "val_top1_err"), equal_var=True)
+            assert float(rows[f"{table}/{opt_name}/t-test/error/t"]["value"]) == pytest.approx(expected.statistic)
+            assert float(rows[f"{table}/{opt_name}/t-test/error/p"]["value"]) == pytest.approx(expected.pvalue)
+    assert read_csv(site["out"] / "tables/table1.csv")[0]["optimiser"] == "SGD"
+    md = (site["out"] / "tables/table2.md").read_text()
+    assert "| SGD | Reproduced | 3 |" in md and "11.81 ± 0.10" in md and "11.37 ± 0.10" in md  # the paper's
+    assert "| PreResNet-110 (Lookahead) | quoted (not rerun) |" in md and "21.63" in md
+    claims = [r for r in read_csv(site["out"] / "tables/claims.csv") if r["table"] in CIFAR_TABLES]
+    assert len(claims) == 6 and {c["metric"] for c in claims} == {"Top-1 error (%)"}
+    assert {c["direction_reproduced"] for c in claims} == {"True"}  # GAL's synthetic error is 0.1 lower
+
+
+def test_table3_accuracies_params_and_references(site):
+    rows = {r["key"]: r for r in read_csv(site["out"] / "tables/table3.csv")}
+    for model, model_name in IMAGENET_MODELS.items():
+        for method, method_name in PAPER_METHODS.items():
+            for key, src in (("top1", "val_top1_acc"), ("top5", "val_top5_acc")):
+                v = cls_values(f"imagenet_{model}", method, src)
+                base = f"Table III/{model_name}/{method_name}/{key}"
+                assert float(rows[f"{base}/mean"]["value"]) == pytest.approx(np.mean(v), rel=1e-12)
+                assert float(rows[f"{base}/std"]["value"]) == pytest.approx(np.std(v, ddof=1), rel=1e-12)
+    assert rows["Table III/ResNet-50 (RMSProp)/GAL/params_model/mean"]["text"] == "23.5M"
+    assert rows["Table III/ResNet-50 (RMSProp)/GAL/params_adjuster/mean"]["text"] == "+0.70M"  # 705536, truncated
+    assert rows["Table III/ResNet-50 (RMSProp)/GAL/params_adjuster/mean"]["paper"] == "23.5M+0.70M"
+    assert "Table III/ResNet-50 (RMSProp)/Reproduced/params_adjuster/mean" not in rows  # no adjuster: not shown
+    md = (site["out"] / "tables/table3.md").read_text()
+    assert "| Model | Method | n | Params (ours) | Params (paper) | Top-1 acc. (%) (ours) |" in md
+    assert "| ResNet-50 (RMSProp) | Reproduced | 3 | 23.5M | 23.5M |" in md
+    assert "| ResNet-50 (RMSProp) | GAL | 3 | 23.5M+0.70M | 23.5M+0.70M |" in md
+    assert "| EfficientNet-B2 | GAL | 3 | 9.1M+0.90M | 9.2M+0.90M |" in md
+    assert "| ResNet-50 (SGD) | quoted (not rerun) |  |  | - |  | 76.15 |  | 92.87 |" in md
+    claims = [r for r in read_csv(site["out"] / "tables/claims.csv") if r["table"] == "Table III"]
+    assert len(claims) == 4 and {c["better"] for c in claims} == {"higher"}
+
+
+def test_table7_times_and_ratios(site):
+    rows = {r["key"]: r for r in read_csv(site["out"] / "tables/table7.csv")}
+    for label, exp in (("ImageNet", "imagenet_resnet50"), ("CIFAR-10", "cifar10_sgd"), ("CIFAR-100", "cifar100_sgd")):
+        base, gal = cls_values(exp, "baseline", "time_per_image"), cls_values(exp, "gal", "time_per_image")
+        assert float(rows[f"Table VII/{label}/Baseline/time/mean"]["value"]) == pytest.approx(np.mean(base), rel=1e-12)
+        assert float(rows[f"Table VII/{label}/GAL/time/mean"]["value"]) == pytest.approx(np.mean(gal), rel=1e-12)
+        ratio = rows[f"Table VII/{label}/ratio/time/ratio"]
+        assert float(ratio["value"]) == pytest.approx(np.mean(gal) / np.mean(base), rel=1e-12)
+    assert rows["Table VII/ImageNet/GAL/time/mean"]["paper"] == "0.4027"
+    md = (site["out"] / "tables/table7.md").read_text()
+    assert "| ImageNet |  | GAL / Baseline |  |" in md and "| 1.0307 |" in md  # 0.4027 / 0.3907
+    assert "SGD runs" in md and "per iteration" in md
+
+
+def test_classification_figures(site):
+    out = site["out"]
+    for fig in FIGURES[1:]:
+        assert (out / f"figures/{fig}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b"CreationDate" not in (out / f"figures/{fig}.pdf").read_bytes()
+    fig5 = {r["key"]: r for r in read_csv(out / "figures/fig5_val_loss.csv")}
+    assert len(fig5) == 3 * 2 * 3
+    for label, exp in (("CIFAR-10", "cifar10_sgd"), ("ImageNet", "imagenet_resnet50")):
+        v = cls_values(exp, "gal", "val_loss")
+        assert float(fig5[f"Fig. 5/{label}/GAL/val_loss/mean"]["value"]) == pytest.approx(np.mean(v), rel=1e-12)
+        assert float(fig5[f"Fig. 5/{label}/GAL/val_loss/std"]["value"]) == pytest.approx(np.std(v, ddof=1), rel=1e-12)
+    fig6_rows = {r["key"]: r for r in read_csv(out / "figures/fig6_remainder_cosine.csv")}
+    for model, exp in (("ResNet-50", "imagenet_resnet50"), ("EfficientNet-B2", "imagenet_efficientnet_b2")):
+        for column in ("remainder", "cosine"):  # history.csv's last row: not in metrics.json
+            value = float(fig6_rows[f"Fig. 6/{model}/GAL/{column}/mean"]["value"])
+            assert value == pytest.approx(np.mean(cls_last(exp, column)), rel=1e-12)
+    fig8 = {r["key"]: r for r in read_csv(out / "figures/fig8b_adjusted_better.csv")}
+    assert sorted(fig8) == sorted(f"Fig. 8b/{d}/GAL/adjusted_better/{op}" for d in ("CIFAR-10", "CIFAR-100", "ImageNet")
+                                  for op in ("mean", "std"))
+    assert float(fig8["Fig. 8b/CIFAR-100/GAL/adjusted_better/mean"]["value"]) == \
+        pytest.approx(np.mean(cls_last("cifar100_sgd", "adjusted_better")), rel=1e-12)
+    text = (out / "index.md").read_text()
+    assert all(f"(figures/{fig}.png)" in text for fig in FIGURES)
+    numbers = json.loads((out / "provenance.json").read_text())["numbers"]
+    for fig in FIGURES[1:]:
+        for row in read_csv(out / f"figures/{fig}.csv"):
+            assert numbers[row["key"]]["runs"] and numbers[row["key"]]["dvc_repro"], row["key"]
+    assert numbers["Fig. 8b/ImageNet/GAL/adjusted_better/mean"]["dvc_repro"] == \
+        [f"train_classification@imagenet_resnet50-gal-{s}" for s in CLS_SEEDS]
+
+
+def test_missing_classification_runs_are_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    make_runs(Path("runs"), skip=("cifar100_adabound-gal-s1", "imagenet_resnet50-gal-s2"))
+    assert report_cli.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "Table II: missing runs under runs/classification: cifar100_adabound/gal seed=1" in err
+    assert not Path("reports/index.md").exists()
+
+
+def test_classification_selection(tmp_path):
+    """Fig. 6 leaves out EfficientNet-B2 when it has no GAL runs; Fig. 8b names the runs it lacks; a run of
+    another profile is refused."""
+    made = make_runs(tmp_path / "runs", profiles={"cifar10_sgd-baseline-s2": "paper"})
+    with pytest.raises(ReportError, match=r"Fig\. 5: runs come from mixed profiles: paper \(1 runs, e\.g\. "
+                                          r".*runs/classification/cifar10_sgd-baseline-s2\); smoke"):
+        classification.select("Fig. 5", Context(runs_root=tmp_path / "runs", out=tmp_path / "out"),
+                              classification.PER_DATASET, ("baseline", "gal"))
+    shutil.rmtree(made["cifar10_sgd-baseline-s2"])
+    for name, path in made.items():
+        if name.startswith("imagenet_efficientnet_b2-gal"):
+            shutil.rmtree(path)
+    ctx = Context(runs_root=tmp_path / "runs", out=tmp_path / "out")
+    spec = fig6.SPEC
+    cells, profile = classification.select(spec.name, ctx, spec.settings, (spec.method,), optional=spec.optional)
+    assert sorted(cells) == [("ResNet-50", "gal")] and profile == "smoke"
+    assert [r.get("seed") for r in cells[("ResNet-50", "gal")]] == list(CLS_SEEDS)
+    for name, path in made.items():
+        if name.startswith("imagenet_resnet50-gal"):
+            shutil.rmtree(path)
+    with pytest.raises(ReportError, match=r"Fig\. 8b: missing runs under .*ImageNet/gal: no runs "
+                                          r"\(experiment=imagenet_resnet50\).*make them first"):
+        fig8b.SPEC.render(Context(runs_root=tmp_path / "runs", out=tmp_path / "out"))
 
 
 # ------------------------------------------------------------------------------------------------ audit
@@ -387,7 +608,9 @@ def test_audit_stale_reports_are_caught(at_site, tmp_path, monkeypatch, capsys):
 
 def test_audit_unknown_names_list_what_exists(at_site, capsys):
     assert audit.main(["Table IX"]) == 2
-    assert capsys.readouterr().err.strip() == "audit: no table or figure 'Table IX'; choose one of: Table V, Fig. 4"
+    assert capsys.readouterr().err.strip() == (
+        "audit: no table or figure 'Table IX'; choose one of: Table I, Table II, Table III, Table V, Table VII, "
+        "Fig. 4, Fig. 5, Fig. 6, Fig. 8b")
     assert audit.main(["Table V", "Bostn"]) == 2
     err = capsys.readouterr().err
     assert "choose one of: Boston, Diabetes, California" in err and len(err.strip().splitlines()) == 1
@@ -395,3 +618,17 @@ def test_audit_unknown_names_list_what_exists(at_site, capsys):
     assert "choose one of: MAE, MSE, R2" in capsys.readouterr().err
     assert audit.main(["Table V", "--reports", "nowhere"]) == 2
     assert "no nowhere/provenance.json" in capsys.readouterr().err
+
+
+def test_audit_classification_numbers(at_site, capsys):
+    assert audit.main(["Table I", "SGD", "GAL", "error"]) == 0
+    out = capsys.readouterr().out
+    expected = np.mean(cls_values("cifar10_sgd", "gal", "val_top1_err"))
+    assert out.splitlines()[0] == f"Table I/SGD/GAL/error/mean = {expected:.2f}   (paper: 1.84)"
+    assert "runs/classification/cifar10_sgd-gal-s2" in out and "train_classification@cifar10_sgd-gal-2" in out
+    assert "method.name: baseline -> gal" in out and "MLflow cross-check: OK" in out
+    assert audit.main(["Table VII", "ImageNet", "ratio", "time"]) == 0  # op ratio over two groups
+    assert "MLflow cross-check: OK (6 runs' time_per_image" in capsys.readouterr().out
+    assert audit.main(["Fig. 6", "ResNet-50", "GAL", "remainder"]) == 0  # from history.csv's last row
+    out = capsys.readouterr().out
+    assert "remainder: run record" in out and "MLflow cross-check: OK" in out

@@ -1,12 +1,20 @@
 """The tables and figures the report renders, in the order index.md shows them.
 
 Adding a table or figure = one module here defining SPEC (see pipelines/report/model.py for the interface;
-pipelines/report/comparison.py for the baseline-vs-GAL-over-seeds kind) + one line below + its paper numbers
-in pipelines/report/paper.yaml. Every spec listed is required: its runs missing -> the report fails.
+pipelines/report/comparison.py for the baseline-vs-GAL-over-seeds kind, pipelines/report/classification.py
+for what the classification specs share) + one line below + its paper numbers in
+pipelines/report/paper.yaml. Every spec listed is required: its runs missing -> the report fails.
 """
-from pipelines.report.specs import fig4, table5
+from pipelines.report.specs import fig4, fig5, fig6, fig8b, table1, table2, table3, table5, table7
 
 SPECS = [
+    table1.SPEC,
+    table2.SPEC,
+    table3.SPEC,
     table5.SPEC,
+    table7.SPEC,
     fig4.SPEC,
+    fig5.SPEC,
+    fig6.SPEC,
+    fig8b.SPEC,
 ]

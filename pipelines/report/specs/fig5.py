@@ -1,0 +1,66 @@
+"""Fig. 5: validation loss against epoch, baseline vs GAL, one panel per dataset (mean over seeds, ±std
+shaded). Numbers: each curve's final validation loss (mean and std over seeds)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipelines.report import classification as cls
+from pipelines.report.model import Context, Layout, Number, Rendered
+from pipelines.report.render import markdown, pm
+
+
+@dataclass(frozen=True)
+class CurvesFigure:
+    name: str = "Fig. 5"
+    slug: str = "fig5_val_loss"
+    kind: str = "figure"
+    settings: tuple[cls.Setting, ...] = (cls.CIFAR10_SGD, cls.CIFAR100_SGD, cls.IMAGENET_R50)  # panels
+    methods: dict[str, str] = field(default_factory=lambda: {"baseline": "Baseline", "gal": "GAL"})
+    column: str = "val_loss"   # history.csv column plotted; its final value is metrics.json's
+    ylabel: str = "validation loss"
+
+    def render(self, ctx: Context) -> Rendered:
+        cells, profile = cls.select(self.name, ctx, self.settings, tuple(self.methods))
+        numbers: list[Number] = []
+        rows: list[list[str]] = []
+        finals: dict[tuple[str, str], dict[str, Number]] = {}
+        for s in self.settings:
+            for method, method_name in self.methods.items():
+                runs = cells[(s.label, method)]
+                nums = cls.final_numbers(self.name, [s.label, method_name], self.column, runs, ops=("mean", "std", "n"))
+                finals[(s.label, method)] = nums
+                numbers += nums.values()
+                rows.append([s.label, s.detail, method_name, nums["n"].text,
+                             pm(nums["mean"].value, nums["std"].value)])
+        files = [f"figures/{self.slug}.png", f"figures/{self.slug}.pdf"]
+        self._plot(cells, finals, profile, [ctx.out / f for f in files])
+        layout = Layout(columns=["Dataset", "Runs", "Method", "n", f"final {self.column} (mean ± std)"], rows=rows)
+        md = (f"![{self.name}: {self.ylabel} per epoch, baseline vs GAL]({files[0]})\n\n"
+              f"[{self.name} as PDF]({files[1]}). Final {self.column} of each curve (over seeds):\n\n"
+              + markdown(layout))
+        baselines = {g.dir: b.dir for s in self.settings
+                     for b, g in zip(cells[(s.label, "baseline")], cells[(s.label, "gal")])}
+        return Rendered(name=self.name, slug=self.slug, kind=self.kind, profile=profile, numbers=numbers,
+                        markdown=md, files=files, baselines=baselines)
+
+    def _plot(self, cells, finals, profile, files) -> None:
+        plt = cls.pyplot()
+        n = len(self.settings)
+        fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False,  # fixed margins (constrained
+                                 gridspec_kw={"left": 0.06, "right": 0.98, "bottom": 0.13,   # layout is slow)
+                                              "top": 0.84, "wspace": 0.25})
+        for ax, s in zip(axes[0], self.settings):
+            for method, method_name in self.methods.items():
+                runs = cells[(s.label, method)]
+                epochs, mean, std = cls.curve(runs, self.column)
+                final = finals[(s.label, method)]["mean"].text
+                cls.band(ax, epochs, mean, std, color=cls.COLORS[method], lw=1.8,
+                         label=f"{method_name} ({len(runs)} seeds): final {final}")
+            ax.set(title=f"{s.label} ({s.detail})", xlabel="epoch", ylabel=self.ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"{self.name}: {self.ylabel}, baseline vs GAL, mean ± std over seeds (profile {profile})")
+        cls.save(fig, files)
+
+
+SPEC = CurvesFigure()

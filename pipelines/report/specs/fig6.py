@@ -1,0 +1,71 @@
+"""Fig. 6: GAL's remainder (norm of the adjustment) and the cosine between the adjusted and the plain
+gradient, per epoch, for the ImageNet GAL runs (ResNet-50; EfficientNet-B2 too when its runs exist), mean
+over seeds (±std shaded). Numbers: each curve's final value (mean and std over seeds)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipelines.report import classification as cls
+from pipelines.report.model import Context, Layout, Number, Rendered
+from pipelines.report.render import markdown, pm
+
+MODELS = (cls.Setting("ResNet-50", {"experiment": "imagenet_resnet50"}, "ImageNet, RMSProp"),
+          cls.Setting("EfficientNet-B2", {"experiment": "imagenet_efficientnet_b2"}, "ImageNet"))
+
+
+@dataclass(frozen=True)
+class GalStatsFigure:
+    name: str = "Fig. 6"
+    slug: str = "fig6_remainder_cosine"
+    kind: str = "figure"
+    settings: tuple[cls.Setting, ...] = MODELS
+    optional: tuple[str, ...] = ("EfficientNet-B2",)   # shown when its GAL runs exist
+    columns: tuple[tuple[str, str], ...] = (("remainder", "remainder"), ("cosine", "cosine similarity"))
+    method: str = "gal"
+    method_name: str = "GAL"
+
+    def render(self, ctx: Context) -> Rendered:
+        cells, profile = cls.select(self.name, ctx, self.settings, (self.method,), optional=self.optional)
+        shown = [s for s in self.settings if (s.label, self.method) in cells]
+        numbers: list[Number] = []
+        rows: list[list[str]] = []
+        finals: dict[tuple[str, str], Number] = {}
+        for s in shown:
+            runs = cells[(s.label, self.method)]
+            row = [s.label, s.detail, str(len(runs))]
+            for column, _ in self.columns:
+                nums = cls.final_numbers(self.name, [s.label, self.method_name], column, runs)
+                finals[(s.label, column)] = nums["mean"]
+                numbers += nums.values()
+                row.append(pm(nums["mean"].value, nums["std"].value))
+            rows.append(row)
+        files = [f"figures/{self.slug}.png", f"figures/{self.slug}.pdf"]
+        self._plot(cells, shown, finals, profile, [ctx.out / f for f in files])
+        layout = Layout(columns=["Model", "Runs", "n (seeds)",
+                                 *(f"final {c} (mean ± std)" for c, _ in self.columns)], rows=rows)
+        md = (f"![{self.name}: GAL's remainder and cosine per epoch]({files[0]})\n\n"
+              f"[{self.name} as PDF]({files[1]}). Final value of each curve (GAL runs, over seeds):\n\n"
+              + markdown(layout))
+        return Rendered(name=self.name, slug=self.slug, kind=self.kind, profile=profile, numbers=numbers,
+                        markdown=md, files=files)
+
+    def _plot(self, cells, shown, finals, profile, files) -> None:
+        plt = cls.pyplot()
+        n = len(self.columns)
+        fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.8), squeeze=False,
+                                 gridspec_kw={"left": 0.09, "right": 0.98, "bottom": 0.13, "top": 0.84,
+                                              "wspace": 0.3})
+        for ax, (column, ylabel) in zip(axes[0], self.columns):
+            for s in shown:
+                runs = cells[(s.label, self.method)]
+                epochs, mean, std = cls.curve(runs, column)
+                cls.band(ax, epochs, mean, std, lw=1.8,
+                         label=f"{s.label} ({len(runs)} seeds): final {finals[(s.label, column)].text}")
+            ax.set(title=f"{ylabel} per epoch", xlabel="epoch", ylabel=f"{ylabel} (epoch mean)")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"{self.name}: GAL on ImageNet, mean ± std over seeds (profile {profile})")
+        cls.save(fig, files)
+
+
+SPEC = GalStatsFigure()

@@ -1,0 +1,61 @@
+"""Fig. 8b: the fraction of GAL's steps whose adjusted update was better than the plain one
+(history.csv's adjusted_better), per epoch, one line per dataset, mean over seeds (±std shaded). Numbers:
+each line's final value (mean and std over seeds)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipelines.report import classification as cls
+from pipelines.report.model import Context, Layout, Number, Rendered
+from pipelines.report.render import markdown, pm
+
+
+@dataclass(frozen=True)
+class FractionFigure:
+    name: str = "Fig. 8b"
+    slug: str = "fig8b_adjusted_better"
+    kind: str = "figure"
+    settings: tuple[cls.Setting, ...] = (cls.CIFAR10_SGD, cls.CIFAR100_SGD, cls.IMAGENET_R50)  # lines
+    column: str = "adjusted_better"
+    ylabel: str = "fraction of steps with the adjusted update better"
+    method: str = "gal"
+    method_name: str = "GAL"
+
+    def render(self, ctx: Context) -> Rendered:
+        cells, profile = cls.select(self.name, ctx, self.settings, (self.method,))
+        numbers: list[Number] = []
+        rows: list[list[str]] = []
+        finals: dict[str, Number] = {}
+        for s in self.settings:
+            runs = cells[(s.label, self.method)]
+            nums = cls.final_numbers(self.name, [s.label, self.method_name], self.column, runs)
+            finals[s.label] = nums["mean"]
+            numbers += nums.values()
+            rows.append([s.label, s.detail, str(len(runs)), pm(nums["mean"].value, nums["std"].value)])
+        files = [f"figures/{self.slug}.png", f"figures/{self.slug}.pdf"]
+        self._plot(cells, finals, profile, [ctx.out / f for f in files])
+        layout = Layout(columns=["Dataset", "Runs", "n (seeds)", f"final {self.column} (mean ± std)"], rows=rows)
+        md = (f"![{self.name}: {self.column} per epoch]({files[0]})\n\n"
+              f"[{self.name} as PDF]({files[1]}). Final value of each line (GAL runs, over seeds):\n\n"
+              + markdown(layout))
+        return Rendered(name=self.name, slug=self.slug, kind=self.kind, profile=profile, numbers=numbers,
+                        markdown=md, files=files)
+
+    def _plot(self, cells, finals, profile, files) -> None:
+        plt = cls.pyplot()
+        fig, ax = plt.subplots(figsize=(5.6, 4.0), gridspec_kw={"left": 0.13, "right": 0.97, "bottom": 0.12,
+                                                                "top": 0.86})
+        for s in self.settings:
+            runs = cells[(s.label, self.method)]
+            epochs, mean, std = cls.curve(runs, self.column)
+            cls.band(ax, epochs, mean, std, lw=1.8,
+                     label=f"{s.label} ({s.detail}, {len(runs)} seeds): final {finals[s.label].text}")
+        ax.set(xlabel="epoch", ylabel=self.ylabel, ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title(f"{self.name}: GAL's adjusted update better than the plain one\n"
+                     f"mean ± std over seeds (profile {profile})", fontsize=10)
+        cls.save(fig, files)
+
+
+SPEC = FractionFigure()
