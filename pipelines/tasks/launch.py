@@ -1,0 +1,97 @@
+"""Processes and devices for a training run: relaunch under torchrun for several processes, then set up
+torch.distributed (NCCL on GPUs, gloo on CPU) and pick this process's device.
+
+The DVC stage command is the same for 1 GPU and for many: with trainer.gpus * trainer.nodes > 1 and no
+torchrun around it, `python -m pipelines.train ...` re-executes itself as
+`python -m torch.distributed.run --nproc_per_node <gpus> ... -m pipelines.train ...`.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pipelines.tasks import RunError
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def group(self):
+        return dist.group.WORLD if self.world > 1 else None
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def torchrun_command(trainer, argv: list[str]) -> list[str]:
+    """The torchrun command line that reruns ``python -m pipelines.train <argv>`` on trainer.gpus processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={trainer.gpus}"]
+    if trainer.nodes > 1:
+        if not trainer.rdzv_endpoint:
+            raise RunError(f"trainer.nodes={trainer.nodes} needs trainer.rdzv_endpoint=<host:port of node 0>")
+        cmd += [f"--nnodes={trainer.nodes}", f"--node_rank={trainer.node_rank}", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={trainer.rdzv_endpoint}"]
+    else:
+        cmd.append("--standalone")
+    return [*cmd, "-m", "pipelines.train", *argv]
+
+
+def relaunch(trainer) -> int:
+    """Run this command again under torchrun; the exit code of torchrun."""
+    cmd = torchrun_command(trainer, sys.argv[1:])
+    print(f"launching {trainer.gpus * trainer.nodes} processes: {' '.join(cmd[1:])}", flush=True)
+    return subprocess.run(cmd).returncode
+
+
+def _device_type(trainer) -> str:
+    choice = str(trainer.device)
+    if choice not in ("auto", "cuda", "cpu"):
+        raise RunError(f"trainer.device={choice!r}: use auto, cuda or cpu")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RunError("trainer.device=cuda but torch sees no CUDA device; use trainer.device=cpu or auto")
+    return choice
+
+
+def setup(trainer) -> Processes:
+    """Initialise torch.distributed when under torchrun; this process's rank, world size and device."""
+    kind = _device_type(trainer)
+    if not under_torchrun():
+        return Processes(0, 0, 1, torch.device(kind))
+    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if kind == "cuda":
+        if local >= torch.cuda.device_count():
+            raise RunError(f"trainer.gpus={trainer.gpus} but this node has {torch.cuda.device_count()} GPUs")
+        torch.cuda.set_device(local)
+    device = torch.device(kind, local) if kind == "cuda" else torch.device("cpu")
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
+                            device_id=device if kind == "cuda" else None)
+    return Processes(rank, local, world, device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, procs: Processes) -> torch.Tensor:
+    if procs.world > 1:
+        dist.all_reduce(tensor)
+    return tensor
