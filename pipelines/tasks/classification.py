@@ -96,7 +96,10 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer):
 
 
 def config_digest(config: dict) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    """What a checkpoint must match to be resumed: the config without ``trainer`` (where and on how many
+    processes the run goes, which differs between nodes and does not change the results)."""
+    rest = {k: v for k, v in config.items() if k != "trainer"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class Trainer:

@@ -1,6 +1,7 @@
-"""Fig. 8b: the fraction of GAL's steps whose adjusted update was better than the plain one
-(history.csv's adjusted_better), per epoch, one line per dataset, mean over seeds (±std shaded). Numbers:
-each line's final value (mean and std over seeds)."""
+"""Fig. 8b: how often the adjusted update beats the plain one: the fraction of training samples whose loss
+after the adjusted trial step is lower than after the plain step (history.csv's adjusted_better), per
+epoch, one line per dataset, mean over seeds (±std shaded). Numbers: each line's final value (mean and std
+over seeds)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ class FractionFigure:
     kind: str = "figure"
     settings: tuple[cls.Setting, ...] = (cls.CIFAR10_SGD, cls.CIFAR100_SGD, cls.IMAGENET_R50)  # lines
     column: str = "adjusted_better"
-    ylabel: str = "fraction of steps with the adjusted update better"
+    ylabel: str = "samples where the adjusted step is better"
     method: str = "gal"
     method_name: str = "GAL"
 
