@@ -14,15 +14,22 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DATASETS, METHODS, SEEDS = ("boston", "diabetes", "california"), ("baseline", "gal"), range(5)
 TOY_RUNS = [f"{o}-{m}" for o in ("gd", "lookahead", "rmsprop", "adam", "adabound") for m in METHODS]
-REPORT_FILES = ["index.md", "provenance.json", "tables/table5.md", "tables/table5.csv", "tables/table5.tex",
-                "tables/claims.md", "tables/claims.csv", "tables/claims.tex",
-                "figures/fig4_toy3d.png", "figures/fig4_toy3d.pdf"]
+IMAGE_SEEDS = range(2)
+CIFAR_RUNS = [f"{d}_{o}-{m}-s{s}" for d in ("cifar10", "cifar100") for o in ("sgd", "lookahead", "adabound")
+              for m in METHODS for s in IMAGE_SEEDS]
+IMAGENET_RUNS = [f"imagenet_{n}-{m}-s{s}" for n in ("resnet50", "efficientnet_b2") for m in METHODS for s in IMAGE_SEEDS]
+REPORT_FILES = ["index.md", "provenance.json", "tables/claims.md", "tables/claims.csv", "tables/claims.tex",
+                *(f"tables/table{n}.{ext}" for n in (1, 2, 3, 5, 7) for ext in ("md", "csv", "tex")),
+                *(f"figures/{name}.{ext}" for name in ("fig4_toy3d", "fig5_val_loss", "fig6_remainder_cosine",
+                                                       "fig8b_adjusted_better") for ext in ("png", "pdf"))]
 
 
 def free_port() -> int:
@@ -91,10 +98,14 @@ def test_first_repro_runs_every_stage_and_writes_every_report_file(project):
     ran = stages_run(first)
     assert {f"prepare@{d}" for d in DATASETS} <= ran and {"toy3d", "report"} <= ran
     assert sum(stage.startswith("train_regression@") for stage in ran) == 30
+    assert {"prepare_cifar@cifar10", "prepare_cifar@cifar100", "prepare_imagenet"} <= ran
+    assert sum(stage.startswith("train_cifar@") for stage in ran) == len(CIFAR_RUNS)
+    assert sum(stage.startswith("train_imagenet@") for stage in ran) == len(IMAGENET_RUNS)
     for name in REPORT_FILES:
         assert (repo / "reports" / name).stat().st_size > 0, name
     index = (repo / "reports" / "index.md").read_text()
-    assert "smoke" in index and "Table V" in index
+    assert "smoke" in index and all(f"## {name}" in index for name in (
+        "Table I", "Table II", "Table III", "Table V", "Table VII", "Fig. 4", "Fig. 5", "Fig. 6", "Fig. 8b"))
 
 
 def test_mlflow_server_lists_every_run_with_params_metrics_and_tags(project, mlflow_server):
@@ -116,6 +127,24 @@ def test_mlflow_server_lists_every_run_with_params_metrics_and_tags(project, mlf
     assert re.fullmatch(r"[0-9a-f]{64}", tags["env_lock_sha256"])
     toy = client.search_runs([client.get_experiment_by_name("toy3d").experiment_id], max_results=100)
     assert sorted(r.info.run_name for r in toy) == sorted(TOY_RUNS)
+
+
+def test_image_runs_are_tracked_with_metrics_and_checkpoints(project, mlflow_server):
+    repo, _, _ = project
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("classification").experiment_id], max_results=100)
+    assert sorted(r.info.run_name for r in runs) == sorted(CIFAR_RUNS + IMAGENET_RUNS)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    record = json.loads((repo / "runs/classification/imagenet_resnet50-gal-s1/run.json").read_text())
+    run = client.get_run(record["mlflow_run_id"])
+    assert run.data.params["experiment"] == "imagenet_resnet50" and run.data.params["task.ema_decay"] == "0.9"
+    assert {"val_loss", "val_top1_err", "val_top5_err", "raw_val_top1_err", "remainder", "cosine", "accepted",
+            "adjusted_better", "lr", "time_per_image", "params_model", "params_adjuster"} <= set(run.data.metrics)
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert sorted({m.step for m in history}) == [1, 2, 3]  # per epoch (the final value is logged at step 3 too)
+    assert run.data.tags["dvc_stage"] == "train_imagenet@resnet50-gal-1"
+    state = torch.load(repo / "checkpoints/classification/imagenet_resnet50-gal-s1/last.pt", weights_only=True)
+    assert state["epoch"] == 3 and state["adjuster"] and state["ema"]
 
 
 def test_dvc_metrics_and_plots_see_the_run_records(project):
@@ -142,11 +171,22 @@ def test_audit_traces_a_table5_cell_to_its_runs(project):
         assert record["mlflow_run_id"] in result.stdout
     assert "MLflow cross-check: OK" in result.stdout
     assert "train_regression@boston-gal-0" in result.stdout
+    table1 = subprocess.run([sys.executable, "-m", "pipelines.audit", "Table I", "SGD", "GAL", "error"],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert table1.returncode == 0, table1.stderr
+    assert "MLflow cross-check: OK" in table1.stdout and "train_cifar@cifar10-sgd-gal-1" in table1.stdout
 
 
 def test_changing_one_parameter_reruns_only_what_depends_on_it(project):
     repo, env, _ = project
-    config = repo / "pipelines/conf/method/gal.yaml"
-    config.write_text(config.read_text().replace("ratio: 0.01", "ratio: 0.02"))
-    ran = stages_run(dvc(repo, env, "repro"))
-    assert ran == {f"train_regression@{d}-gal-{s}" for d in DATASETS for s in SEEDS} | {"report"}
+    config = repo / "pipelines/conf/data/boston.yaml"
+    config.write_text(config.read_text().replace("arch: [16, 4]", "arch: [16, 8]"))
+    preset = repo / "pipelines/conf/experiment/cifar10_adabound_gal.yaml"
+    preset.write_text(preset.read_text().replace("ratio: 0.01", "ratio: 0.02"))
+    result = dvc(repo, env, "repro")
+    assert stages_run(result) == ({"prepare@boston"} | {f"train_regression@boston-{m}-{s}" for m in METHODS for s in SEEDS}
+                                  | {f"train_cifar@cifar10-adabound-gal-{s}" for s in IMAGE_SEEDS} | {"report"})
+    # the persisted checkpoint of the old config is not resumed: the run starts over
+    assert "starting cifar10_adabound-gal-s0 over" in result.stdout
+    config = yaml.safe_load((repo / "runs/classification/cifar10_adabound-gal-s0/config.yaml").read_text())
+    assert config["method"]["ratio"] == 0.02
