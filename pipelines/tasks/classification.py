@@ -165,7 +165,9 @@ class Trainer:
         self.net.train()
         self.train_loader.sampler.set_epoch(epoch)
         smoothing = cfg.task.label_smoothing
-        steps = len(self.train_loader) if cfg.task.max_steps is None else min(cfg.task.max_steps, len(self.train_loader))
+        steps = len(self.train_loader)
+        if cfg.task.max_steps is not None:
+            steps = min(cfg.task.max_steps, steps)
         names = ("loss", *GAL_STATS) if self.adjuster is not None else ("loss",)
         sums = torch.zeros(len(names), device=self.device, dtype=torch.float64)
         lr = self.optimizer.param_groups[0]["lr"]

@@ -25,7 +25,8 @@ TOY_RUNS = [f"{o}-{m}" for o in ("gd", "lookahead", "rmsprop", "adam", "adabound
 IMAGE_SEEDS = range(2)
 CIFAR_RUNS = [f"{d}_{o}-{m}-s{s}" for d in ("cifar10", "cifar100") for o in ("sgd", "lookahead", "adabound")
               for m in METHODS for s in IMAGE_SEEDS]
-IMAGENET_RUNS = [f"imagenet_{n}-{m}-s{s}" for n in ("resnet50", "efficientnet_b2") for m in METHODS for s in IMAGE_SEEDS]
+IMAGENET_RUNS = [f"imagenet_{n}-{m}-s{s}" for n in ("resnet50", "efficientnet_b2") for m in METHODS
+                 for s in IMAGE_SEEDS]
 REPORT_FILES = ["index.md", "provenance.json", "tables/claims.md", "tables/claims.csv", "tables/claims.tex",
                 *(f"tables/table{n}.{ext}" for n in (1, 2, 3, 5, 7) for ext in ("md", "csv", "tex")),
                 *(f"figures/{name}.{ext}" for name in ("fig4_toy3d", "fig5_val_loss", "fig6_remainder_cosine",
@@ -184,8 +185,9 @@ def test_changing_one_parameter_reruns_only_what_depends_on_it(project):
     preset = repo / "pipelines/conf/experiment/cifar10_adabound_gal.yaml"
     preset.write_text(preset.read_text().replace("ratio: 0.01", "ratio: 0.02"))
     result = dvc(repo, env, "repro")
-    assert stages_run(result) == ({"prepare@boston"} | {f"train_regression@boston-{m}-{s}" for m in METHODS for s in SEEDS}
-                                  | {f"train_cifar@cifar10-adabound-gal-{s}" for s in IMAGE_SEEDS} | {"report"})
+    assert stages_run(result) == ({"prepare@boston", "report"}
+                                  | {f"train_regression@boston-{m}-{s}" for m in METHODS for s in SEEDS}
+                                  | {f"train_cifar@cifar10-adabound-gal-{s}" for s in IMAGE_SEEDS})
     # the persisted checkpoint of the old config is not resumed: the run starts over
     assert "starting cifar10_adabound-gal-s0 over" in result.stdout
     config = yaml.safe_load((repo / "runs/classification/cifar10_adabound-gal-s0/config.yaml").read_text())

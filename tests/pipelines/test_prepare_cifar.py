@@ -59,7 +59,7 @@ def canonical(tmp_path: Path, name: str, archive: bytes, monkeypatch, *overrides
     mirror.mkdir(exist_ok=True)
     (mirror / ARCHIVE[name]).write_bytes(archive)
     monkeypatch.setenv(MIRROR_ENV, str(mirror))
-    return config(tmp_path / "out", f"data={name}", "profile=regression",
+    return config(tmp_path / "out", f"data={name}", "profile=paper",
                   f"data.source.md5={hashlib.md5(archive).hexdigest()}", *overrides)
 
 
@@ -176,7 +176,7 @@ def test_md5_mismatch_cli_one_line_error_and_no_outputs(tmp_path):
     # The fixture where the real archive should be: the published md5 in the config rejects it.
     (tmp_path / "mirror").mkdir()
     (tmp_path / "mirror" / ARCHIVE["cifar10"]).write_bytes(fixtures.cifar_tgz("cifar10", train=20, test=10))
-    proc = cli(tmp_path, "data=cifar10", "profile=regression", mirror=tmp_path / "mirror")
+    proc = cli(tmp_path, "data=cifar10", "profile=paper", mirror=tmp_path / "mirror")
     assert proc.returncode == 1
     assert proc.stderr.startswith("prepare cifar10: checksum mismatch") and proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
@@ -266,3 +266,11 @@ def test_bad_config_exits_2(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("prepare cifar10: bad config: data_source must be")
     assert C.run(config(tmp_path, "data=cifar10", "data.source.format=cifar10_binary")) == 2
     assert "unknown data.source.format" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagenet"])
+def test_regression_profile_keeps_image_data_at_fixture_size(tmp_path, name):
+    """profile=regression is about Table V: image sets stay on fixtures and their runs are labelled smoke."""
+    cfg = config(tmp_path, f"data={name}", "profile=regression")
+    assert (cfg.data_source, cfg.profile) == ("fixtures", "smoke")
+    assert config(tmp_path, f"data={name}", "profile=paper").data_source == "canonical"
