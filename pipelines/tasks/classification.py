@@ -109,10 +109,11 @@ class Trainer:
         self.cfg, self.procs, self.device = cfg, procs, procs.device
         cuda = self.device.type == "cuda"
         trainer = cfg.trainer
-        precision = "bf16" if trainer.precision == "auto" and cuda else str(trainer.precision)
-        if precision not in ("bf16", "fp32", "auto"):
+        precision = str(trainer.precision)
+        if precision not in ("auto", "bf16", "fp32"):
             raise RunError(f"trainer.precision={precision!r}: use auto, bf16 or fp32")
-        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        bf16 = precision == "bf16" or (precision == "auto" and cuda)
+        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=bf16)
         channels_last = cuda if trainer.channels_last == "auto" else bool(trainer.channels_last)
 
         self.root = Path(cfg.root)
@@ -187,7 +188,7 @@ class Trainer:
             if self.adjuster is None:
                 loss = loss_fn(logits)
                 loss.backward()
-                values = [launch.all_reduce_sum(loss.detach().clone(), procs) / procs.world]
+                values = [loss.detach()]  # this process's shard: averaged over processes once per epoch
             else:
                 per_sample = lambda z: F.cross_entropy(z.float(), labels, reduction="none",  # noqa: E731
                                                        label_smoothing=smoothing)
@@ -204,6 +205,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
+        if self.adjuster is None:  # GAL's stats are batch-global already; the plain loss is per process
+            sums = launch.all_reduce_sum(sums, procs) / procs.world
         means = (sums / max(steps, 1)).tolist()
         row = {f"train_{n}" if n == "loss" else n: v for n, v in zip(names, means)}
         row.update(lr=lr, time_per_image=elapsed / max(images_seen, 1), images_per_s=images_seen / elapsed)
