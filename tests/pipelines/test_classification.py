@@ -125,7 +125,10 @@ def test_two_ddp_processes_match_one_on_the_same_global_batch(tmp_path, prepared
         assert torch.allclose(w1[k].float(), w2[k].float(), rtol=1e-4, atol=1e-5), k
     for row1, row2 in zip(h1, h2):
         for name in row1:
-            assert float(row1[name]) == pytest.approx(float(row2[name]), rel=1e-4, abs=1e-5), name
+            # adjusted_better compares per-sample trial losses that are near float ties: another summation order
+            # of the gradients flips a few of the epoch's 200 comparisons (1-2 here, depending on the CPU)
+            tolerance = dict(abs=5 / 200) if name == "adjusted_better" else dict(rel=1e-4, abs=1e-5)
+            assert float(row1[name]) == pytest.approx(float(row2[name]), **tolerance), name
     assert m1["params_model"] == m2["params_model"] and m1["val_top1_err"] == pytest.approx(m2["val_top1_err"])
 
 
