@@ -249,16 +249,19 @@ def fit(cfg: DictConfig, procs: launch.Processes) -> None:
     config = OmegaConf.to_container(cfg, resolve=True)
     config_sha = config_digest(config)
     ckpt_path = root / "checkpoints" / TASK / name / "last.pt"
-    saved = checkpoint.load(ckpt_path)
+    # rank 0 decides and sends the checkpoint: only node 0 has it, and other nodes' configs may differ (root)
+    saved = checkpoint.load(ckpt_path) if procs.main else None
+    resumable = saved is not None and saved["config_sha"] == config_sha and saved["epoch"] < cfg.task.epochs
+    if saved is not None and not resumable:
+        why = "a finished run" if saved["config_sha"] == config_sha else "another config"
+        print(f"starting {name} over: {ckpt_path} holds {why}", flush=True)
+    saved = launch.from_main(saved if resumable else None, procs)
     start, resume = 1, None
-    if saved is not None and saved["config_sha"] == config_sha and saved["epoch"] < cfg.task.epochs:
+    if saved is not None:
         trainer.restore(saved)
         start, resume = saved["epoch"] + 1, saved["tracker"]
         if procs.main:
             print(f"resuming {name} after epoch {saved['epoch']} from {ckpt_path}", flush=True)
-    elif saved is not None and procs.main:
-        why = "a finished run" if saved["config_sha"] == config_sha else "another config"
-        print(f"starting {name} over: {ckpt_path} holds {why}", flush=True)
     counts = trainer.parameter_counts()
     if procs.main:
         print(f"{name}: {counts['params_model']:,} model parameters, {counts['params_adjuster']:,} adjuster "

@@ -45,7 +45,12 @@ def torchrun_command(trainer, argv: list[str]) -> list[str]:
     if trainer.nodes > 1:
         if not trainer.rdzv_endpoint:
             raise RunError(f"trainer.nodes={trainer.nodes} needs trainer.rdzv_endpoint=<host:port of node 0>")
-        cmd += [f"--nnodes={trainer.nodes}", f"--node_rank={trainer.node_rank}", "--rdzv_backend=c10d",
+        if str(trainer.node_rank) not in map(str, range(trainer.nodes)):
+            raise RunError(f"trainer.node_rank={trainer.node_rank!r}: use 0 to {trainer.nodes - 1} (0 on the node "
+                           "at rdzv_endpoint)")
+        # static rendezvous: ranks follow node_rank, so global rank 0 (logging, checkpoints) is on node 0,
+        # where the DVC stage runs; c10d would hand out node ranks in arrival order
+        cmd += [f"--nnodes={trainer.nodes}", f"--node_rank={trainer.node_rank}", "--rdzv_backend=static",
                 f"--rdzv_endpoint={trainer.rdzv_endpoint}"]
     else:
         cmd.append("--standalone")
@@ -95,3 +100,12 @@ def all_reduce_sum(tensor: torch.Tensor, procs: Processes) -> torch.Tensor:
     if procs.world > 1:
         dist.all_reduce(tensor)
     return tensor
+
+
+def from_main(obj, procs: Processes):
+    """Rank 0's ``obj`` on every process: what only node 0's disk holds (a checkpoint) reaches all nodes."""
+    if procs.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=procs.device if procs.device.type == "cuda" else None)
+    return box[0]
