@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -57,11 +58,22 @@ def torchrun_command(trainer, argv: list[str]) -> list[str]:
     return [*cmd, "-m", "pipelines.train", *argv]
 
 
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies. torchrun starts workers in sessions of their own, so
+    without this a killed stage would leave them training (and writing checkpoints) beside its rerun."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent was gone before prctl took effect
+            os._exit(1)
+
+
 def relaunch(trainer) -> int:
     """Run this command again under torchrun; the exit code of torchrun."""
     cmd = torchrun_command(trainer, sys.argv[1:])
     print(f"launching {trainer.gpus * trainer.nodes} processes: {' '.join(cmd[1:])}", flush=True)
-    return subprocess.run(cmd).returncode
+    return subprocess.run(cmd, preexec_fn=die_with_parent).returncode
 
 
 def _device_type(trainer) -> str:
@@ -80,6 +92,7 @@ def setup(trainer) -> Processes:
     kind = _device_type(trainer)
     if not under_torchrun():
         return Processes(0, 0, 1, torch.device(kind))
+    die_with_parent()  # with the torchrun agent
     rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if kind == "cuda":
         if local >= torch.cuda.device_count():
