@@ -1,6 +1,6 @@
 """The classification trainer on the CIFAR-10 smoke fixture: kill-and-resume ends bitwise equal to an
-uninterrupted run (same MLflow run), 2 DDP processes (gloo) match 1 process on the same global batch,
-checkpoints load with weights_only=True, and bad inputs fail in one line without a run record."""
+uninterrupted run (same MLflow run), 2 DDP processes (gloo; on one node or two) match 1 process on the same
+global batch, checkpoints load with weights_only=True, and bad inputs fail in one line without a run record."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from hydra import compose, initialize
 from mlflow.tracking import MlflowClient
 
 from pipelines.prepare import cifar
-from pipelines.tasks import RunError, classification
+from pipelines.tasks import RunError, classification, launch
 from tests.pipelines.prepare_helpers import ROOT, prepare_config
 
 TIMINGS = {"time_per_image", "images_per_s"}  # wall-clock: the only values allowed to differ between runs
@@ -102,25 +103,54 @@ def test_kill_and_resume_ends_bitwise_equal_in_the_same_mlflow_run(tmp_path, pre
     assert len(runs) == 2 and client.get_run(run_id).info.status == "FINISHED"  # one per root: no third run
 
 
-def test_two_ddp_processes_match_one_on_the_same_global_batch(tmp_path, prepared):
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_on_one_or_two_nodes_matches_one_process_on_the_same_global_batch(tmp_path, prepared):
     # GroupNorm model, no dropout: nothing depends on how the global batch is split between processes. eps 0.1:
     # at the preset's 0.001 the per-sample "adjusted better" comparisons are float-rounding ties.
     overrides = ("model.name=test_efficientnet_gn", "model.drop_rate=0", "task.epochs=2", "trainer.device=cpu",
                  "method.ratio=0.1")
+    nodes = ("trainer.nodes=2", "trainer.gpus=1", f"trainer.rdzv_endpoint=127.0.0.1:{free_port()}")
+    layouts = {"1 process": [("trainer.gpus=1",)], "2 processes": [("trainer.gpus=2",)],
+               "2 nodes": [(*nodes, "trainer.node_rank=0"), (*nodes, "trainer.node_rank=1")]}
     results = {}
-    for gpus in (1, 2):
-        root = tmp_path / f"world{gpus}"
-        (root / "data").mkdir(parents=True)
-        shutil.copytree(prepared, root / "data" / "processed")
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-        run = subprocess.run(train_cmd(root, *overrides, f"trainer.gpus={gpus}"), cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-        assert ("launching 2 processes" in run.stdout) == (gpus == 2)
-        results[gpus] = outcome(root)
+    for layout, commands in layouts.items():
+        roots = [tmp_path / layout / f"node{i}" for i in range(len(commands))]  # one disk per node
+        for root in roots:
+            (root / "data").mkdir(parents=True)
+            shutil.copytree(prepared, root / "data" / "processed")
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{roots[0] / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+        start = lambda: [subprocess.Popen(train_cmd(root, *overrides, *command), cwd=ROOT, env=env,  # noqa: E731
+                                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                       for root, command in zip(roots, commands)]
+        if layout == "2 nodes":  # kill both nodes after the first checkpoint, which only node 0 has: resume
+            procs = start()
+            deadline = time.monotonic() + 300
+            while not checkpoint_path(roots[0]).exists():
+                assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "no checkpoint"
+                time.sleep(0.02)
+            for proc in procs:  # the stage processes only: their torchrun agents and workers must follow
+                proc.kill()
+                proc.communicate()
+            assert torch.load(checkpoint_path(roots[0]), weights_only=True)["epoch"] == 1
+        procs = start()
+        outs = [proc.communicate(timeout=600)[0] for proc in procs]
+        for proc, out in zip(procs, outs):
+            assert proc.returncode == 0, out[-4000:]
+        assert ("launching 2 processes" in outs[-1]) == (layout != "1 process")
+        if layout == "2 nodes":
+            assert f"resuming {RUN} after epoch 1" in outs[0]
+        results[layout] = outcome(roots[0])
         client = MlflowClient(env["MLFLOW_TRACKING_URI"])
         assert len(client.search_runs([client.get_experiment_by_name("classification").experiment_id])) == 1
-    (h1, m1, w1), (h2, m2, w2) = results[1], results[2]
+        for other in roots[1:]:  # global rank 0 is on node 0: node 1 writes no record and no checkpoint
+            assert not (other / "runs").exists() and not (other / "checkpoints").exists()
+
+    (h1, m1, w1), (h2, m2, w2), (hn, mn, wn) = results.values()
     for k in w1:
         assert torch.allclose(w1[k].float(), w2[k].float(), rtol=1e-4, atol=1e-5), k
     for row1, row2 in zip(h1, h2):
@@ -130,6 +160,31 @@ def test_two_ddp_processes_match_one_on_the_same_global_batch(tmp_path, prepared
             tolerance = dict(abs=5 / 200) if name == "adjusted_better" else dict(rel=1e-4, abs=1e-5)
             assert float(row1[name]) == pytest.approx(float(row2[name]), **tolerance), name
     assert m1["params_model"] == m2["params_model"] and m1["val_top1_err"] == pytest.approx(m2["val_top1_err"])
+    # two nodes of one process each are the same 2-rank job as one node of two: the same numbers exactly
+    assert hn == h2 and mn == m2 and all(torch.equal(wn[k], w2[k]) for k in w2)
+
+
+def test_bf16_autocast_and_channels_last_also_run_on_cpu(tmp_path, prepared):
+    # the GPU recipe's precision and layout (what "auto" picks on CUDA), forced on CPU: GAL steps with bf16
+    # logits and channels_last weights and inputs, close to fp32 but not equal to it
+    (tmp_path / "data").mkdir()
+    shutil.copytree(prepared, tmp_path / "data" / "processed")
+    rows = {}
+    for precision, layout in (("fp32", False), ("bf16", True)):
+        cfg = config(tmp_path, f"trainer.precision={precision}", f"trainer.channels_last={layout}",
+                     "task.max_steps=3")
+        trainer = classification.Trainer(cfg, launch.setup(cfg.trainer))
+        stem = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))  # 3x3: layouts differ
+        assert stem.weight.is_contiguous(memory_format=torch.channels_last) == layout
+        x = trainer.preprocess(next(iter(trainer.val_loader))[0], train=False)
+        assert x.is_contiguous(memory_format=torch.channels_last) == layout
+        with torch.no_grad(), torch.autocast(**trainer.autocast):
+            assert trainer.model(x).dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+        rows[precision] = trainer.train_epoch(1)
+    fp32, bf16 = rows["fp32"], rows["bf16"]
+    assert bf16["train_loss"] != fp32["train_loss"]
+    assert bf16["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.05)
+    assert bf16["remainder"] == pytest.approx(fp32["remainder"], rel=0.1) and bf16["accepted"] == fp32["accepted"]
 
 
 # ------------------------------------------------------------------------------------------- failures
@@ -161,6 +216,9 @@ def test_gal_and_baseline_record_their_metrics(root, capsys):
     (("model.name=no_such_net",), "model.name='no_such_net' is not a timm model"),
     (("trainer.precision=fp16",), "trainer.precision='fp16': use auto, bf16 or fp32"),
     (("task.epochs=0",), "task.epochs=0: train for at least one epoch"),
+    (("trainer.nodes=2",), "trainer.nodes=2 needs trainer.rdzv_endpoint=<host:port of node 0>"),
+    (("trainer.nodes=2", "trainer.rdzv_endpoint=node0:29500", "trainer.node_rank=2"),
+     "trainer.node_rank=2: use 0 to 1"),
     (("data=cifar100",), "cifar100.json is missing: run the prepare stage of cifar100 first"),
 ])
 def test_bad_settings_fail_in_one_line_without_a_record(root, overrides, message):
@@ -197,3 +255,15 @@ def test_diverging_run_fails_and_keeps_no_record(root):
     with pytest.raises(TrackingError, match="the run diverged"):
         classification.run(config(root, "optim.lr=1e12", "method.ratio=0", "task.max_steps=3"))
     assert not (root / "runs" / "classification" / RUN).exists()
+
+
+def test_resume_on_other_trainer_settings_is_refused_in_one_line(root):
+    from pipelines.tracking import TrackingError
+
+    classification.run(config(root, "task.epochs=2", "task.max_steps=2"))
+    path = checkpoint_path(root)
+    saved = torch.load(path, weights_only=True)
+    torch.save({**saved, "epoch": 1}, path)  # as if killed after epoch 1
+    # same model state on another precision: resumable weights, but the MLflow params would misstate the run
+    with pytest.raises(TrackingError, match=r"config differs from the checkpoint's \(trainer.precision\)"):
+        classification.run(config(root, "task.epochs=2", "task.max_steps=2", "trainer.precision=fp32"))
