@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+
+from tests.network import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -31,12 +32,6 @@ REPORT_FILES = ["index.md", "provenance.json", "tables/claims.md", "tables/claim
                 *(f"tables/table{n}.{ext}" for n in (1, 2, 3, 5, 7) for ext in ("md", "csv", "tex")),
                 *(f"figures/{name}.{ext}" for name in ("fig4_toy3d", "fig5_val_loss", "fig6_remainder_cosine",
                                                        "fig8b_adjusted_better") for ext in ("png", "pdf"))]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.prepare import cifar
 from pipelines.tasks import RunError, classification, launch
+from pipelines.tracking import TrackingError
+from tests.network import free_port
 from tests.pipelines.prepare_helpers import ROOT, prepare_config
 
 TIMINGS = {"time_per_image", "images_per_s"}  # wall-clock: the only values allowed to differ between runs
@@ -101,12 +102,6 @@ def test_kill_and_resume_ends_bitwise_equal_in_the_same_mlflow_run(tmp_path, pre
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("classification").experiment_id])
     assert len(runs) == 2 and client.get_run(run_id).info.status == "FINISHED"  # one per root: no third run
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_ddp_on_one_or_two_nodes_matches_one_process_on_the_same_global_batch(tmp_path, prepared):
@@ -250,16 +245,12 @@ def test_corrupt_inputs_fail_clearly(root):
 
 
 def test_diverging_run_fails_and_keeps_no_record(root):
-    from pipelines.tracking import TrackingError
-
     with pytest.raises(TrackingError, match="the run diverged"):
         classification.run(config(root, "optim.lr=1e12", "method.ratio=0", "task.max_steps=3"))
     assert not (root / "runs" / "classification" / RUN).exists()
 
 
 def test_resume_on_other_trainer_settings_is_refused_in_one_line(root):
-    from pipelines.tracking import TrackingError
-
     classification.run(config(root, "task.epochs=2", "task.max_steps=2"))
     path = checkpoint_path(root)
     saved = torch.load(path, weights_only=True)

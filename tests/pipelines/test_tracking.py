@@ -21,18 +21,13 @@ from omegaconf import OmegaConf
 
 from pipelines.tracking import RunTracker, TrackingError, check_tracking_server, data_checksum, logged_metrics, \
     tracking_uri
+from tests.network import free_port
 
 CONFIG = {"model": {"hidden": [64, 64], "lr": 0.01, "act": "relu"}, "data": {"name": "boston"},
           "seed": 0, "long": "x" * 600, "many": {f"k{i:03d}": i for i in range(150)}}  # > one param batch
 EPOCHS = [{"train_loss": 1.0, "val_mae": 0.9}, {"train_loss": 0.5, "val_mae": 0.6, "lr": 0.01},
           {"train_loss": 0.25, "val_mae": 0.4}]
 FINAL = {"test_mae": 0.41, "test_mse": 0.3, "test_r2": 0.8}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
