@@ -22,13 +22,15 @@ import shutil
 import stat
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
+
+from pipelines.atomic import replace_dir, temp_dir_beside
+from pipelines.errors import UserError
 
 try:
     from tqdm import tqdm
@@ -42,11 +44,8 @@ HEX_LENGTHS = {"md5": 32, "sha256": 64}
 CORRUPT = (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError, zlib.error)
 
 
-class FetchError(RuntimeError):
+class FetchError(UserError):
     """A fetch or extract failed; the message is one line saying what happened and what to do."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))  # wrapped OS/HTTP messages may span lines
 
 
 def digest(path: Path, algorithm: str) -> str:
@@ -204,14 +203,14 @@ def extract(archive: Path, dest_dir: Path) -> Path:
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
                     check_member(archive, info.filename, _zip_kind(info))
-                tmp = make_temp_dir(dest_dir)
+                tmp = temp_dir_beside(dest_dir)
                 zf.extractall(tmp)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive, "r:*") as tf:
                 members = tf.getmembers()  # reads the whole stream, so truncation shows up before extracting
                 for member in members:
                     check_member(archive, member.name, tar_kind(member))
-                tmp = make_temp_dir(dest_dir)
+                tmp = temp_dir_beside(dest_dir)
                 tf.extractall(tmp, members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         else:
             raise FetchError(f"corrupt or truncated archive {archive.name}: neither a tar nor a zip file; "
@@ -259,22 +258,3 @@ def _zip_kind(info: zipfile.ZipInfo) -> str:
     if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
         return "device or fifo"
     return "dir" if info.is_dir() else "file"
-
-
-def make_temp_dir(dest_dir: Path) -> Path:
-    # A sibling of dest_dir, so the final rename stays on one filesystem.
-    dest_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".extracting", dir=dest_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it 0o700; the result should be readable like any data directory
-    return tmp
-
-
-def replace_dir(tmp: Path, dest_dir: Path) -> None:
-    if not (dest_dir.exists() or dest_dir.is_symlink()):
-        os.replace(tmp, dest_dir)
-        return
-    # rename() cannot replace a non-empty directory: move the old one aside first, then delete it.
-    trash = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".old", dir=dest_dir.parent))
-    os.replace(dest_dir, trash / dest_dir.name)
-    os.replace(tmp, dest_dir)
-    shutil.rmtree(trash, ignore_errors=True)

@@ -25,7 +25,7 @@ The pickles are read only after the archive's md5 has been verified, and with an
 only the few globals a pickled numpy array needs (nothing else can be called while loading).
 
 A failed run leaves no outputs (no processed files, sidecar, or fetched archive): one line on stderr and
-exit code 1, or 2 for a bad config.
+exit code 2 (pipelines.errors).
 """
 from __future__ import annotations
 
@@ -40,10 +40,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipelines.fetch import MIRROR_ENV, digest, extract, fetch, replace_dir
+from pipelines.atomic import replace_dir, write_atomic, write_if_changed
+from pipelines.fetch import MIRROR_ENV, digest, extract, fetch
 from pipelines.prepare import fixtures
-from pipelines.prepare.stage import (ConfigError, PrepareError, hydra_entry, run_stage, write_atomic,
-                                     write_if_changed)
+from pipelines.errors import ConfigError
+from pipelines.prepare.stage import PrepareError, hydra_entry, run_stage
 
 IMAGE_SHAPE = (32, 32, 3)  # H, W, C of the prepared arrays; the archive stores C, H, W flattened
 PIXELS = 3 * 32 * 32

@@ -31,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.fetch import CORRUPT, FetchError, check_member, make_temp_dir, replace_dir, tar_kind, digest
+from pipelines.atomic import replace_dir, temp_dir_beside, write_atomic, write_if_changed
+from pipelines.fetch import CORRUPT, FetchError, check_member, digest, tar_kind
 from pipelines.prepare import fixtures
-from pipelines.prepare.stage import (ConfigError, PrepareError, hydra_entry, run_stage, write_atomic,
-                                     write_if_changed)
+from pipelines.errors import ConfigError
+from pipelines.prepare.stage import PrepareError, hydra_entry, run_stage
 
 try:
     from tqdm import tqdm
@@ -49,7 +50,7 @@ CHUNK = 1 << 20
 
 
 class MissingArchives(ConfigError):
-    """The archives directory or one of its files is missing: exit code 2, with what to get and where."""
+    """The archives directory or one of its files is missing: what to get and where."""
 
     prefix = ""  # the message itself says what to do
 
@@ -304,7 +305,7 @@ def prepare(cfg, created: list[Path]) -> dict:
     dest, sidecar = processed / "imagenet", processed / "imagenet.json"
     created += [sidecar, dest]  # from here a failure removes the old outputs too: no stale result survives
     sidecar.unlink(missing_ok=True)
-    tmp = make_temp_dir(dest)
+    tmp = temp_dir_beside(dest)
     try:
         try:
             found = build(paths, counts, tmp)

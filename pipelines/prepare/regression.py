@@ -14,7 +14,7 @@ load_diabetes reads are copied into data/raw/diabetes/ as the record of the inpu
 
 Outputs under ``root``: data/raw/<name>/<file>, data/processed/<name>.npz (X, y, feature_names) and
 data/processed/<name>.json (CONTRACT.md). A failed run leaves none of them (a run that fails must not leave
-an older table looking like its result): one line on stderr, exit code 1, or 2 for a bad config.
+an older table looking like its result): one line on stderr, exit code 2 (pipelines.errors).
 """
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pipelines.atomic import write_atomic, write_if_changed
 from pipelines.fetch import MIRROR_ENV, FetchError, digest, extract, fetch
 from pipelines.prepare import fixtures
-from pipelines.prepare.stage import (ConfigError, PrepareError, hydra_entry, run_stage, write_atomic,
-                                     write_if_changed)
+from pipelines.errors import ConfigError
+from pipelines.prepare.stage import PrepareError, hydra_entry, run_stage
 
 BOSTON_COLUMNS = ("CRIM", "ZN", "INDUS", "CHAS", "NOX", "RM", "AGE", "DIS", "RAD", "TAX", "PTRATIO", "B",
                   "LSTAT", "MEDV")  # StatLib order; the last is the target

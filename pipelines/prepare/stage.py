@@ -1,52 +1,17 @@
-"""What every prepare stage shares: its errors, atomic writes, and the run wrapper that reports a failure
-in one line and leaves no outputs behind."""
+"""What every prepare stage shares: its error, and the run wrapper that reports a failure in one line and
+leaves no outputs behind."""
 from __future__ import annotations
 
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
-from pipelines.fetch import FetchError
+from pipelines.errors import ConfigError, UserError, report
 
 
-class PrepareError(RuntimeError):
-    """An expected failure (unparseable file, checksum mismatch); reported in one line, exit code 1."""
-
-    exit_code = 1
-    prefix = ""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
-
-
-class ConfigError(PrepareError):
-    """A bad or incomplete stage config; exit code 2."""
-
-    exit_code = 2
-    prefix = "bad config: "
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` via a temporary sibling and one rename: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; data files are readable like any other
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_if_changed(path: Path, content: bytes) -> None:
-    """write_atomic unless ``path`` already holds ``content`` (then its mtime stays, and nothing reruns)."""
-    if not (path.is_file() and path.read_bytes() == content):
-        write_atomic(path, content)
+class PrepareError(UserError):
+    """An expected failure (unparseable file, checksum mismatch); reported in one line."""
 
 
 def remove_outputs(created: list[Path]) -> None:
@@ -64,7 +29,7 @@ def remove_outputs(created: list[Path]) -> None:
 
 
 def run_stage(name: str, prepare: Callable[[list[Path]], dict], summary: Callable[[dict], str]) -> int:
-    """Run ``prepare(created)``; 0 and a summary line on success, else one line on stderr and 1 (2: config)."""
+    """Run ``prepare(created)``; 0 and a summary line on success, else one line on stderr and exit code 2."""
     from omegaconf.errors import OmegaConfBaseException
 
     created: list[Path] = []
@@ -73,12 +38,9 @@ def run_stage(name: str, prepare: Callable[[list[Path]], dict], summary: Callabl
     except BaseException as e:
         remove_outputs(created)
         if isinstance(e, OmegaConfBaseException):
-            e = ConfigError(str(e))
-        if isinstance(e, FetchError):
-            e = PrepareError(str(e))
-        if isinstance(e, PrepareError):
-            print(f"prepare {name}: {e.prefix}{e}", file=sys.stderr)
-            return e.exit_code
+            e = ConfigError(str(e).splitlines()[0])
+        if isinstance(e, UserError):
+            return report(f"prepare {name}", e)
         raise  # a bug: the traceback is what helps
     print(f"prepare {name}: {summary(record)}")
     return 0

@@ -1,32 +1,23 @@
 """Per-epoch training checkpoints: written atomically, read back with ``torch.load(weights_only=True)``.
 
 A checkpoint holds only tensors and plain Python values (state dicts, numbers, strings, lists, dicts), so
-loading it never runs pickled code. It is written to a temporary file in the same directory, flushed to
-disk, then renamed over the previous one: a kill at any moment leaves the old or the new checkpoint, whole.
+loading it never runs pickled code. It is written atomically (pipelines.atomic): a kill at any moment
+leaves the old or the new checkpoint, whole.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipelines.atomic import open_atomic
 from pipelines.tasks import RunError
 
 
 def save(state: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with open_atomic(path) as f:
+        torch.save(state, f)
 
 
 def load(path: Path) -> dict[str, Any] | None:

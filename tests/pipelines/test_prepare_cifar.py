@@ -177,7 +177,7 @@ def test_md5_mismatch_cli_one_line_error_and_no_outputs(tmp_path):
     (tmp_path / "mirror").mkdir()
     (tmp_path / "mirror" / ARCHIVE["cifar10"]).write_bytes(fixtures.cifar_tgz("cifar10", train=20, test=10))
     proc = cli(tmp_path, "data=cifar10", "profile=paper", mirror=tmp_path / "mirror")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.startswith("prepare cifar10: checksum mismatch") and proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists() or files_under(tmp_path / "data") == set()
@@ -195,14 +195,14 @@ def test_failure_removes_the_outputs_of_an_earlier_run(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(C, "write_fixture", write_then_corrupt)
     capsys.readouterr()
-    assert C.run(config(tmp_path, "data=cifar100")) == 1
+    assert C.run(config(tmp_path, "data=cifar100")) == 2
     assert_one_line_failure(capsys, "cifar100", "checksum mismatch", tmp_path)
 
 
 def test_truncated_archive_one_line_error(tmp_path, monkeypatch, capsys):
     whole = fixtures.cifar_tgz("cifar10", train=200, test=100)
     cfg = canonical(tmp_path, "cifar10", whole[: len(whole) // 2], monkeypatch)
-    assert C.run(cfg) == 1
+    assert C.run(cfg) == 2
     assert_one_line_failure(capsys, "cifar10", "corrupt or truncated archive cifar-10-python.tar.gz", tmp_path / "out")
 
 
@@ -210,7 +210,7 @@ def test_truncated_archive_one_line_error(tmp_path, monkeypatch, capsys):
 def test_archive_missing_a_file_one_line_error(name, missing, tmp_path, monkeypatch, capsys):
     archive = damaged_archive(name, lambda ms: [(n, c) for n, c in ms if not n.endswith("/" + missing)])
     cfg = canonical(tmp_path, name, archive, monkeypatch, "data.source.train=200", "data.source.test=100")
-    assert C.run(cfg) == 1
+    assert C.run(cfg) == 2
     assert_one_line_failure(capsys, name, f"incomplete archive, {fixtures.cifar_members(name, 2, 1)[0][0]}/{missing} "
                                           "is missing", tmp_path / "out")
 
@@ -229,7 +229,7 @@ def test_label_out_of_range_one_line_error(name, key, tmp_path, monkeypatch, cap
 
     cfg = canonical(tmp_path, name, damaged_archive(name, bad_label), monkeypatch,
                     "data.source.train=200", "data.source.test=100")
-    assert C.run(cfg) == 1
+    assert C.run(cfg) == 2
     assert_one_line_failure(capsys, name, f"label {CLASSES[name]} of image 3 is out of range 0..{CLASSES[name] - 1}",
                             tmp_path / "out")
 
@@ -257,7 +257,7 @@ def test_read_batch_rejects_malformed_batches(tmp_path):
 def test_wrong_image_count_is_rejected(tmp_path, monkeypatch, capsys):
     # The fixture under the canonical config: md5 matches (overridden) but 200 images are not 50000.
     cfg = canonical(tmp_path, "cifar100", fixtures.cifar_tgz("cifar100"), monkeypatch)
-    assert C.run(cfg) == 1
+    assert C.run(cfg) == 2
     assert_one_line_failure(capsys, "cifar100", "200 train images, expected 50000", tmp_path / "out")
 
 

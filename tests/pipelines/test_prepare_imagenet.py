@@ -151,7 +151,7 @@ def test_missing_archives_cli_says_what_to_get(tmp_path):
 
 def test_md5_mismatch_names_file_expected_and_actual(tmp_path, capsys):
     folder = archives_dir(tmp_path)
-    assert I.run(canonical(tmp_path / "r", folder)) == 1
+    assert I.run(canonical(tmp_path / "r", folder)) == 2
     err = capsys.readouterr().err.strip()
     got = I.digest(folder / NAMES["train"], "md5")
     assert len(err.splitlines()) == 1
@@ -177,7 +177,7 @@ def _hostile_class_tar(kind: str) -> bytes:
 def test_hostile_member_in_class_tar_is_refused(tmp_path, capsys, kind):
     folder = archives_dir(tmp_path, train=_hostile_class_tar(kind))
     root = tmp_path / "r"
-    assert I.run(canonical(root, folder, "data.verify_md5=false", *FIXTURE_COUNTS)) == 1
+    assert I.run(canonical(root, folder, "data.verify_md5=false", *FIXTURE_COUNTS)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "refusing to extract" in err and "n01440764.tar" in err
     assert outputs(root) == []
@@ -188,7 +188,7 @@ def test_failed_run_removes_older_outputs(tmp_path, capsys):
     root = tmp_path / "r"
     assert I.run(config(root, "profile=smoke")) == 0
     folder = archives_dir(tmp_path, train=_hostile_class_tar("dotdot"))
-    assert I.run(canonical(root, folder, "data.verify_md5=false", *FIXTURE_COUNTS)) == 1
+    assert I.run(canonical(root, folder, "data.verify_md5=false", *FIXTURE_COUNTS)) == 2
     assert outputs(root) == []  # no stale result that looks like this run's
 
 
@@ -201,7 +201,7 @@ def test_truncated_val_tar_is_an_error(tmp_path, capsys, cut):
     size = offsets[3] + 512 + 100 if cut == "mid_member" else offsets[4]
     folder = archives_dir(tmp_path, val=val[:size])
     root = tmp_path / "r"
-    assert I.run(canonical(root, folder, "data.verify_md5=false", *FIXTURE_COUNTS)) == 1
+    assert I.run(canonical(root, folder, "data.verify_md5=false", *FIXTURE_COUNTS)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"truncated archive {NAMES['val']}" in err
     assert outputs(root) == []

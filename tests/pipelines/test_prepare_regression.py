@@ -248,7 +248,7 @@ def test_csv_mirror_verified_by_content_checksum(name, fmt, csv_name, columns, t
     text = (mirror / csv_name).read_text().splitlines()
     text[2] = text[2].replace(text[2].split(",")[1], "9" + text[2].split(",")[1], 1)
     (mirror / csv_name).write_text("\n".join(text) + "\n")
-    assert R.run(cfg) == 1
+    assert R.run(cfg) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"prepare {name}: content checksum mismatch for mirror:{csv_name}")
     assert err.count("\n") == 1
@@ -260,7 +260,7 @@ def test_tampered_csv_cli_one_line_error(tmp_path):
     (tmp_path / "boston_house_prices.csv").write_text(table_csv(table, R.BOSTON_COLUMNS).replace("21.6", "21.7"))
     proc = cli(tmp_path, "data=boston", "profile=regression",
                f"data.source.content_sha256={R.content_sha256(table.X, table.y)}", mirror=tmp_path)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.startswith("prepare boston: content checksum mismatch") and proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
     assert files_under(tmp_path / "data") == []
@@ -271,7 +271,7 @@ def test_real_checksum_rejects_a_wrong_archive_in_the_mirror(tmp_path):
     (tmp_path / "mirror").mkdir()
     (tmp_path / "mirror" / "cal_housing.tgz").write_bytes(fixtures.cal_housing_tgz(rows=20))
     proc = cli(tmp_path, "data=california", "profile=regression", mirror=tmp_path / "mirror")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.startswith("prepare california: checksum mismatch") and proc.stderr.count("\n") == 1
     assert files_under(tmp_path / "data") == []
 
@@ -288,7 +288,7 @@ def test_corrupt_fixture_in_mirror_fails_and_removes_outputs(tmp_path, monkeypat
 
     monkeypatch.setattr(R, "write_fixture", write_then_corrupt)
     capsys.readouterr()
-    assert R.run(config(tmp_path, "data=boston")) == 1
+    assert R.run(config(tmp_path, "data=boston")) == 2
     err = capsys.readouterr().err
     assert err.startswith("prepare boston: checksum mismatch") and err.count("\n") == 1
     assert outputs(tmp_path, "boston") == []  # the earlier run's outputs are gone too: no stale table
@@ -296,7 +296,7 @@ def test_corrupt_fixture_in_mirror_fails_and_removes_outputs(tmp_path, monkeypat
 
 def test_mirror_without_the_files_names_them(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(MIRROR_ENV, str(tmp_path))
-    assert R.run(config(tmp_path / "out", "data=california", "profile=regression")) == 1
+    assert R.run(config(tmp_path / "out", "data=california", "profile=regression")) == 2
     err = capsys.readouterr().err
     assert "none of cal_housing.tgz, 5976036, california_housing.csv found in mirror" in err
     assert files_under(tmp_path / "out") == []
