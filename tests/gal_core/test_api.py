@@ -35,6 +35,18 @@ def test_bad_calls_are_clear_errors():
         adjuster.backward(torch.zeros(2, 4, requires_grad=True), lambda z: z.sum(0), 0.1)
 
 
+@pytest.mark.parametrize("extra_loss, got", [
+    (torch.ones(2, requires_grad=True), r"got shape \(2,\), requires_grad=True$"),
+    (torch.tensor(1.0), r"got shape \(\), requires_grad=False$"),
+    (0.5, "got float$"),
+])
+def test_bad_extra_loss_is_a_one_line_error(extra_loss, got):
+    z = torch.zeros(2, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="^extra_loss must be a scalar tensor that requires grad, " + got) as error:
+        GradientAdjuster(4).backward(z, lambda out: out.sum(), 0.1, extra_loss=extra_loss)
+    assert "\n" not in str(error.value) and z.grad is None  # raised before any backward pass
+
+
 def test_stats_to_dict_gives_floats():
     stats = GradientAdjuster(3, (4,)).backward(torch.randn(5, 3, requires_grad=True), lambda z: z.pow(2).mean(), 0.1)
     values = stats.to_dict()

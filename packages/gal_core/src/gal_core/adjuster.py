@@ -109,13 +109,25 @@ class GradientAdjuster(nn.Module):
         loss_fn: Callable[[Tensor], Tensor],
         lr: float | Tensor,
         *,
+        extra_loss: Tensor | None = None,
         per_sample_loss_fn: Callable[[Tensor], Tensor] | None = None,
         scaler: torch.amp.GradScaler | None = None,
     ) -> GALStats:
         """Back-propagate the (possibly adjusted) gradient of ``loss_fn(output)`` into the model and the
         gradient of the remainder into h. ``lr`` is the optimiser's current learning rate.
+        ``extra_loss``: a scalar that requires grad, for terms GAL does not adjust (e.g. DETR's class and
+        auxiliary losses); it is back-propagated plainly, as by ``extra_loss.backward()``, in the same single
+        autograd call as the rest (DDP sees one backward pass). It is not part of the statistics: loss,
+        tentative loss and remainder are those of ``loss_fn`` alone. Under DDP, with or without a
+        ``process_group``, pass each rank's own extra loss as with plain DDP: it is not all-reduced, and
+        DDP's gradient averaging makes it the mean of the ranks' extra losses.
         ``per_sample_loss_fn(z)`` -> losses of shape z.shape[0] adds the adjusted_better statistic.
-        ``scaler`` (a torch.amp.GradScaler) scales both backward passes like ``scaler.scale(loss)``."""
+        ``scaler`` (a torch.amp.GradScaler) scales all backward roots like ``scaler.scale(loss)``."""
+        if extra_loss is not None and not (isinstance(extra_loss, Tensor) and extra_loss.dim() == 0
+                                           and extra_loss.requires_grad):
+            got = (f"shape {tuple(extra_loss.shape)}, requires_grad={extra_loss.requires_grad}"
+                   if isinstance(extra_loss, Tensor) else type(extra_loss).__name__)
+            raise ValueError(f"extra_loss must be a scalar tensor that requires grad, got {got}")
         if output.shape[-1:] != (self.dim,):
             raise ValueError(f"output's last dimension must be {self.dim}, got shape {tuple(output.shape)}")
         if not output.requires_grad:
@@ -167,6 +179,9 @@ class GradientAdjuster(nn.Module):
         if self.net is not None:
             roots.append(remainder_grad_path)
             grads.append(torch.ones_like(remainder_grad_path))
+        if extra_loss is not None:
+            roots.append(extra_loss)
+            grads.append(torch.ones_like(extra_loss))
         if scaler is not None:
             grads = [scaler.scale(grad) for grad in grads]
         torch.autograd.backward(roots, grads)
