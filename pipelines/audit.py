@@ -5,20 +5,24 @@
     python -m pipelines.audit "Table V/Boston/GAL/MAE/mean"     # a provenance key as is
     python -m pipelines.audit "Fig. 4" GD GAL final_z
     python -m pipelines.audit "Table I" SGD GAL error
-    options: --reports DIR (default reports), --tracking-uri URI
+    options: --reports DIR (default reports), --tracking-uri URI, --diff (print dirty runs' patches)
 
 Names match case-insensitively, ignoring spaces, dots, dashes and underscores ("table v" boston gal mae).
-Prints the value and how it was aggregated; for each contributing run: run dir, MLflow run id, git commit
-(+ dirty flag), data checksums, the config diff from the matching baseline run, the `dvc repro` target;
-then reads each run's metric back from MLflow (--tracking-uri, else MLFLOW_TRACKING_URI, else the
-tracking URI recorded in the run's run.json, else the project default), compares it with the run record,
-recomputes the aggregate and compares it with the reported value.
-Exit codes: 0 cross-check OK; 1 a mismatch (or a run or MLflow run that cannot be read); 2 no such number
-(the message lists what exists) or no provenance.json.
+Prints the value and how it was aggregated; for each contributing run: run dir, MLflow run id, variant
+(if any), git commit (+ dirty flag; for a dirty run the files its uncommitted changes touch, its untracked
+files and the path of its git_diff.patch in the run record, the patch itself with --diff), data
+checksums, the config diff from the matching baseline run, the `dvc repro` target; then reads each run's
+metric back from MLflow (--tracking-uri, else MLFLOW_TRACKING_URI, else the tracking URI recorded in the
+run's run.json, else the project default), compares it with the run record, recomputes the aggregate and
+compares it with the reported value.
+Exit codes: 0 cross-check OK; 1 a mismatch (or a run or MLflow run that cannot be read, or a patch that
+does not match its checksum in run.json); 2 a user error (pipelines.errors): no such number (the message
+lists what exists) or no readable provenance.json.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -27,12 +31,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import UserError, run_cli
 from pipelines.report import stats
-from pipelines.report.records import ReportError, load_run
+from pipelines.report.records import ReportError, RunRecord, load_run
 
 
-class AuditError(Exception):
-    """Bad request or missing provenance: one line, exit code 2."""
+class AuditError(UserError):
+    """Bad request or missing provenance: one line, exit code 2 (pipelines.errors)."""
 
 
 def _norm(name: str) -> str:
@@ -82,6 +87,45 @@ def config_diff(run_flat: dict[str, Any], base_flat: dict[str, Any]) -> list[str
     return lines
 
 
+def patch_files(patch: str) -> list[str]:
+    """The files a run's git_diff.patch changes, as git names them (quoted if unusual) in its headers."""
+    files = []
+    for line in patch.splitlines():
+        if line.startswith("diff --git "):  # no renames: "a/P b/P", or '"a/P" "b/P"': two equal halves
+            rest = line[len("diff --git "):]
+            first = rest[:(len(rest) - 1) // 2]
+            files.append(first[2:] if first.startswith("a/") else '"' + first[3:] if first.startswith('"a/')
+                         else first)
+    return files
+
+
+def _print_changes(run: RunRecord, show_diff: bool, problems: list[str]) -> None:
+    """A dirty run's uncommitted changes: files changed, untracked files, the patch's path (and text)."""
+    from pipelines import tracking
+
+    sha = run.meta.get("git_diff_sha256")
+    if sha is None:
+        print("      (no diff recorded: the run predates diff recording)")
+        return
+    shown = f"{run.dir}/{tracking.DIFF_FILE}"
+    try:
+        patch = (run.path / tracking.DIFF_FILE).read_bytes()
+    except OSError:
+        problems.append(f"{run.dir}: run.json records a git diff but {tracking.DIFF_FILE} is missing; "
+                        "rerun that run")
+        print(f"      patch: {shown} (missing)")
+        return
+    if hashlib.sha256(patch).hexdigest() != sha:
+        problems.append(f"{shown} does not match git_diff_sha256 in run.json: the record was edited; rerun that run")
+    text = patch.decode("utf-8", "replace")
+    print(f"      changed: {', '.join(patch_files(text)) or '(no tracked file)'}")
+    if run.meta.get("git_untracked"):
+        print(f"      untracked: {', '.join(run.meta['git_untracked'])}")
+    print(f"      patch: {shown}" + ("" if show_diff else "  (--diff prints it)"))
+    if show_diff:
+        print("\n".join(f"        {line}" for line in text.splitlines()))
+
+
 def _tracking_uri(meta: dict[str, Any], override: str | None) -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else the run's recorded URI, else the project default."""
     from pipelines import tracking
@@ -92,7 +136,8 @@ def _tracking_uri(meta: dict[str, Any], override: str | None) -> str:
     return override or os.environ.get("MLFLOW_TRACKING_URI") or recorded or tracking.tracking_uri()
 
 
-def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_override: str | None = None) -> int:
+def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_override: str | None = None,
+          show_diff: bool = False) -> int:
     """Print the trace of one number; 0 if MLflow agrees with the run records and the reported value."""
     from pipelines import tracking
 
@@ -122,7 +167,11 @@ def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_overri
         dirty = {True: " (dirty: uncommitted changes)", False: " (clean)"}.get(meta.get("git_dirty"),
                                                                                " (dirty: unknown)")
         print(f"    MLflow run: {meta.get('mlflow_run_id')} (experiment {meta.get('mlflow_experiment_id')})")
+        if meta.get("variant"):
+            print(f"    variant: {meta['variant']}")
         print(f"    git commit: {meta.get('git_commit')}{dirty}")
+        if meta.get("git_dirty") is True:
+            _print_changes(run, show_diff, problems)
         checksums = meta.get("data_checksums") or {}
         print("    data: " + ("; ".join(f"{p} {c}" for p, c in checksums.items()) or "(none recorded)"))
         base_dir = (runs.get(run_dir) or {}).get("baseline")
@@ -182,17 +231,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help='e.g. "Table V" Boston GAL MAE, or a provenance key')
     parser.add_argument("--reports", default="reports", help="where provenance.json is (default: reports)")
     parser.add_argument("--tracking-uri", default=None, help="read every run from this MLflow store")
+    parser.add_argument("--diff", action="store_true", help="print the git diff of each dirty run")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def run() -> int:  # 1 for a mismatch is a result; a user error is one line and exit code 2
         path = Path(args.reports) / "provenance.json"
         if not path.is_file():
             raise AuditError(f"no {path}; render the reports first: python -m pipelines.report")
-        prov = json.loads(path.read_text())
-        key = resolve(prov["numbers"], args.names)
-    except AuditError as err:
-        print(f"audit: {err}", file=sys.stderr)
-        return 2
-    return audit(key, prov["numbers"][key], prov.get("runs", {}), args.tracking_uri)
+        try:
+            prov = json.loads(path.read_text())
+            numbers = prov["numbers"]
+        except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError included
+            raise AuditError(f"unreadable {path} ({type(err).__name__}: {err}); render the reports again: "
+                             "python -m pipelines.report") from None
+        key = resolve(numbers, args.names)
+        return audit(key, numbers[key], prov.get("runs", {}), args.tracking_uri, args.diff)
+
+    return run_cli("audit", run)
 
 
 if __name__ == "__main__":

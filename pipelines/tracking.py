@@ -7,12 +7,15 @@
         tracker.log_final({"test_mae": mae, "test_mse": mse})
 
 One MLflow experiment per task; one MLflow run per ``with`` block. On success the block leaves
-``runs/<task>/<run_name>/{config.yaml, history.csv, metrics.json, run.json}`` and the MLflow run
-FINISHED: the record is written into a temp dir beside it, the run is marked FINISHED, then the temp dir
-is renamed into place (a previous record of the same name is moved aside first and deleted after), so a
-record on disk always means a FINISHED run. On any exception, a NaN/inf metric included, the MLflow run
-ends FAILED (KILLED for Ctrl-C), no record is written, a previous record of the same name is left as it
-was, and the exception propagates.
+``runs/<task>/<run_name>/{config.yaml, history.csv, metrics.json, run.json}`` (plus, from a dirty tree,
+``git_diff.patch`` and ``git_untracked.txt``: see Tags) and the MLflow run FINISHED: the record is
+written into a temp dir beside it, the run is marked FINISHED, then the temp dir replaces the old record
+(``pipelines.atomic``), so a record on disk is always whole and means a FINISHED run. On any exception, a
+NaN/inf metric included, the MLflow run ends FAILED (KILLED for Ctrl-C), no record is written, a previous
+record of the same name is left as it was, and the exception propagates.
+
+``variant`` (keyword, default "") names a run off a preset (e.g. "eps0.001"; "" for the preset's own
+run): run.json "variant" and MLflow tag ``variant``; a resume must have the same one.
 
 Resuming (a stage that checkpoints each epoch and is rerun after being killed):
 
@@ -22,17 +25,18 @@ Resuming (a stage that checkpoints each epoch and is rerun after being killed):
             torch.save({..., "tracker": tracker.state()}, ckpt_path)  # JSON-able: fine for weights_only=True
 
 ``state()`` (inside the block only; sends nothing) snapshots the MLflow run id, experiment, store,
-history rows, final metrics so far, metrics not sent yet, last step and the run record. With
+history rows, final metrics so far, metrics not sent yet, last step, variant and the run record. With
 ``resume=state`` no new MLflow run is made: the state's run is set back to RUNNING (it is RUNNING after
 a SIGKILL, FAILED/KILLED after an exception) and the history restored, so the finished record and
 MLflow run look like an uninterrupted run's (history.csv: the state's rows plus the new ones; log from
 the step after the state's). Params and tags are not logged again; run.json keeps the original
-``created``, git and data fields. Refused with a TrackingError, before the run is touched, when the
-state is not one of this task/run_name/step_name, the store differs, the run is not in it (or is
-deleted), the config differs from the run's params, or the git commit, data checksums, env lock or
-profile differ from the state's (a resume would mix two versions); the message says to delete the
-checkpoint to start over. Steps logged after the state was taken and before the crash are logged again
-by the resumed run: MLflow keeps both values for such a step, the later (resumed) one as the latest.
+``created``, git and data fields (the git diff recorded is the start's). Refused with a TrackingError,
+before the run is touched, when the state is not one of this task/run_name/step_name/variant, the store
+differs, the run is not in it (or is deleted), the config differs from the run's params, or the git
+commit, git diff (of tracked files: its sha256), data checksums, env lock or profile differ from the
+state's (a resume would mix two versions); the message says to delete the checkpoint to start over.
+Steps logged after the state was taken and before the crash are logged again by the resumed run: MLflow
+keeps both values for such a step, the later (resumed) one as the latest.
 
 Params are the flattened config (``a.b.c``; values as strings, cut to 500 characters; config.yaml has
 them whole). Epoch metrics are buffered and sent in batches (at the latest on the first log_epoch call
@@ -43,15 +47,31 @@ Store: ``MLFLOW_TRACKING_URI``, else ``sqlite:///<root>/mlflow.db`` with root = 
 current directory. An http(s) server is probed (``/health``) before anything else, so an unreachable
 one fails in seconds with a TrackingError instead of MLflow's minutes of retries. (A server that goes
 away mid-run still gets MLflow's retries, MLFLOW_HTTP_REQUEST_MAX_RETRIES/_TIMEOUT, before the run fails.)
+An sqlite store gets a write tried and rolled back first, so a read-only file or directory fails at
+once (MLflow would retry for about 100 s when it cannot create the file). Store errors are one line
+naming the root cause (the innermost ``raise ... from``: e.g. "sqlite3.OperationalError: attempt to
+write a readonly database"); MLflow's, alembic's and SQLAlchemy's loggers are silenced meanwhile (they
+would print the error again with tracebacks, about 90 lines). Artifacts: a database store's new
+experiment keeps them in ``<dir of the sqlite file>/mlartifacts/<task>`` (for another database,
+``<root>/mlartifacts/<task>``), set when it is created, not in MLflow's default ./mlruns of whatever
+the cwd is; a server (its ``--artifacts-destination`` or ``--default-artifact-root``) or file store
+decides itself.
 
 Tags: ``git_commit`` (``git rev-parse HEAD``; "unknown" outside a git checkout) and ``git_dirty``:
 "true" when ``git status --porcelain`` lists anything, untracked files included (an untracked module
 the run imported is not in the commit either), except ignored files (DVC outputs such as data/ and
 runs/ are git-ignored), this module's own outputs (the runs root, mlflow.db, mlruns/, mlartifacts/) and
 dvc.lock (DVC's record of outputs, rewritten after each stage);
-"unknown" outside git. In run.json it is true/false/null. ``dvc_stage`` (env ``DVC_STAGE``, else
-"manual"), ``profile``, ``env_lock_sha256`` (of ``<root>/requirements.lock``; "missing" if absent) and
-``data.<path>`` = "md5:<hex>" per data file, path relative to the root. A directory's md5 runs over
+"unknown" outside git. In run.json it is true/false/null. What made it dirty is kept with the run:
+``git diff HEAD --binary`` of the tracked files (same exclusions; ``git apply`` puts it back onto the
+commit) as ``git_diff.patch`` and the untracked, not ignored files (one per line, from the top of the
+checkout, quoted as git quotes them) as ``git_untracked.txt``, both in the run record and as MLflow
+artifacts under ``provenance/`` (logged at the start: a failed run has them too); run.json has
+``git_diff_sha256`` (of the patch, also the tag ``git_diff_sha256``) and ``git_untracked`` (the list).
+A clean tree writes neither file: ``git_diff_sha256`` null, ``git_untracked`` [] (null outside git).
+``dvc_stage`` (env ``DVC_STAGE``, else "manual"), ``profile``, ``variant``, ``env_lock_sha256`` (of
+``<root>/requirements.lock``; "missing" if absent) and ``data.<path>`` = "md5:<hex>" per data file, path
+relative to the root. A directory's md5 runs over
 its files in sorted relative-path order, each fed as ``<relpath> NUL <md5 of the file> LF``.
 """
 from __future__ import annotations
@@ -67,17 +87,20 @@ import os
 import posixpath
 import re
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import time
-import uuid
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pipelines.atomic import replace_dir, temp_dir_beside
+from pipelines.errors import UserError
 from pipelines.fetch import digest
 
 LOCK_FILE = "requirements.lock"
@@ -86,21 +109,22 @@ PARAM_BATCH = 100  # MLflow's log_batch limit for params
 METRIC_BATCH = 1000  # MLflow's log_batch limit for metrics
 FLUSH_SECONDS = 5.0  # log_epoch sends the buffered metrics once this long has passed since the last send
 KEY_MAX = 250  # MLflow's limit for a param/tag/metric key
-STATE_VERSION = 1  # of RunTracker.state()
+STATE_VERSION = 2  # of RunTracker.state() (2: variant, git diff)
 # Characters MLflow accepts in param, tag and metric names; anything else in a key becomes "_".
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")
 # Not code: the tracking store, and dvc.lock, which DVC rewrites after every stage it runs.
 _OWN_OUTPUTS = ("mlflow.db", "mlruns", "mlartifacts", "dvc.lock")
+DIFF_FILE, UNTRACKED_FILE = "git_diff.patch", "git_untracked.txt"  # a dirty run's record (and MLflow artifacts)
+PROVENANCE_DIR = "provenance"  # the MLflow artifact directory they go to
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # SQLAlchemy stores: MLflow puts artifacts at ./mlruns
+_STORE_LOGGERS = ("mlflow", "alembic", "sqlalchemy")
 
 # The "View run ... at: http://..." line MLflow prints to stdout when a run ends on a server.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError):
     """Tracking failed; the message is one line saying what happened and what to do."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
 
 
 # --------------------------------------------------------------------------------------------- store
@@ -124,7 +148,8 @@ def _redact(uri: str) -> str:
 
 
 def check_tracking_server(uri: str, timeout: float = 5) -> None:
-    """Fail fast (TrackingError) when an http(s) store does not answer; make a local store's directory."""
+    """Fail fast (TrackingError) when an http(s) store does not answer or an sqlite store cannot be
+    written; make a local store's directory."""
     scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
     if scheme in ("http", "https"):
         parts = urllib.parse.urlsplit(uri)  # without user:password (urllib does not take them in the URL)
@@ -158,6 +183,59 @@ def check_tracking_server(uri: str, timeout: float = 5) -> None:
         except OSError as err:
             raise TrackingError(f"cannot create the MLflow store directory {path}: {err.strerror or err}; "
                                 "fix the path or set MLFLOW_TRACKING_URI") from None
+    if scheme == "sqlite" and db is not None:
+        reason = _sqlite_unwritable(db)
+        if reason is not None:
+            raise TrackingError(f"cannot write to the MLflow store {_redact(uri)}: {reason}; make it a writable "
+                                "sqlite file or set MLFLOW_TRACKING_URI")
+
+
+def _sqlite_unwritable(db: Path) -> str | None:
+    """Why the sqlite file ``db`` cannot be written (a write is tried and rolled back), else None. MLflow
+    finds out only at its first write, after logging each SQL error with its traceback, or, when it
+    cannot create the file, after about 100 s of retries."""
+    try:
+        conn = sqlite3.connect(db, timeout=20, isolation_level=None)  # creates the file as MLflow would
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # the write lock: waits out another writer, as MLflow does
+            conn.execute("CREATE TABLE pipelines_write_probe (x)")  # a page write: needs the journal too
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            conn.close()
+    except sqlite3.Error as err:
+        return _cause(err)
+    return None
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts in a database store: ``<root>/mlartifacts/<experiment>``,
+    root being the sqlite file's directory (else the project root), so the same from any cwd (MLflow's
+    default is ./mlruns of the cwd). None for a server or file store: it decides itself."""
+    if uri.split(":", 1)[0].split("+", 1)[0].lower() not in _DB_SCHEMES:
+        return None
+    db = _sqlite_path(uri)
+    root = db.resolve().parent if db is not None else project_root()
+    return (root / "mlartifacts" / experiment).as_uri()
+
+
+@contextmanager
+def _quiet_store():
+    """MLflow, alembic and SQLAlchemy silenced: a failing store logs each SQL error with its traceback
+    (about 90 lines for a read-only mlflow.db) and a new one its migrations; a TrackingError says the
+    root cause in one line instead. (Import mlflow first: it sets its loggers up on import.)"""
+    manager = logging.root.manager
+    loggers = {logging.getLogger(name) for name in _STORE_LOGGERS}
+    loggers.update(lg for name, lg in list(manager.loggerDict.items()) if isinstance(lg, logging.Logger)
+                   and lg.level != logging.NOTSET and name.split(".")[0] in _STORE_LOGGERS)
+    levels = {lg: lg.level for lg in loggers}
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in levels.items():
+            lg.setLevel(level)
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -171,10 +249,8 @@ def _sqlite_path(uri: str) -> Path | None:
 def _client(uri: str):
     from mlflow.tracking import MlflowClient  # imported late: mlflow takes a while to import
 
-    # Creating a store logs its database migrations at INFO (mlflow sets its loggers up on import).
-    for name in ("mlflow.store.db.utils", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=uri)
+    with _quiet_store():  # creating a store runs (and logs) its database migrations
+        return MlflowClient(tracking_uri=uri)
 
 
 def logged_metrics(run_id: str, uri: str | None = None) -> dict[str, float]:
@@ -186,9 +262,10 @@ def logged_metrics(run_id: str, uri: str | None = None) -> dict[str, float]:
     if db is None:
         check_tracking_server(uri)
     try:
-        run = _client(uri).get_run(run_id)
+        with _quiet_store():
+            run = _client(uri).get_run(run_id)
     except Exception as err:  # MlflowException and friends
-        raise TrackingError(f"cannot read MLflow run {run_id} from {_redact(uri)}: {_first_line(err)}; "
+        raise TrackingError(f"cannot read MLflow run {run_id} from {_redact(uri)}: {_cause(err)}; "
                             "check the run id and MLFLOW_TRACKING_URI") from None
     return {k: float(v) for k, v in run.data.metrics.items()}
 
@@ -217,12 +294,26 @@ def _display_path(path: Path, root: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ git
-def _git(root: Path, *args: str) -> str | None:
+def _git(root: Path, *args: str, text: bool = True) -> Any:
+    """git's stdout (str, or bytes with text=False), None if it fails or is not there."""
     try:
-        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=text, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout if out.returncode == 0 else None
+
+
+def _pathspecs(root: Path, exclude: Sequence[Path]) -> list[str]:
+    """The whole checkout less ``exclude`` and this module's own outputs, as git pathspecs."""
+    top = _git(root, "rev-parse", "--show-toplevel")
+    top = Path(top.strip()).resolve() if top else root
+    specs = [":(top)"]
+    for path in [*exclude, *(root / name for name in _OWN_OUTPUTS)]:
+        try:
+            specs.append(f":(top,exclude){Path(path).resolve().relative_to(top).as_posix()}")
+        except ValueError:
+            pass  # outside the checkout: git would not list it anyway
+    return specs
 
 
 def git_state(root: Path, exclude: Sequence[Path] = ()) -> tuple[str, bool | None]:
@@ -230,23 +321,38 @@ def git_state(root: Path, exclude: Sequence[Path] = ()) -> tuple[str, bool | Non
     commit = _git(root, "rev-parse", "HEAD")
     if commit is None:
         return "unknown", None
-    top = _git(root, "rev-parse", "--show-toplevel")
-    top = Path(top.strip()).resolve() if top else root
-    specs = []
-    for path in [*exclude, *(root / name for name in _OWN_OUTPUTS)]:
-        try:
-            specs.append(f":(top,exclude){Path(path).resolve().relative_to(top).as_posix()}")
-        except ValueError:
-            pass  # outside the checkout: git would not list it anyway
-    status = _git(root, "status", "--porcelain", "--untracked-files=normal", "--", ":(top)",
-                  *specs)
+    status = _git(root, "status", "--porcelain", "--untracked-files=normal", "--", *_pathspecs(root, exclude))
     return commit.strip(), None if status is None else bool(status.strip())
 
 
+def git_changes(root: Path, exclude: Sequence[Path] = ()) -> tuple[bytes, list[str]]:
+    """What makes a dirty tree dirty (same exclusions as git_state): the diff of the tracked files against
+    HEAD (binary-safe: ``git apply`` puts it back onto the commit) and the untracked, not ignored files
+    (paths from the top of the checkout, quoted as git quotes them)."""
+    specs = _pathspecs(root, exclude)
+    # Options that user config could otherwise change: renames, external/textconv drivers, colour, prefixes.
+    diff = _git(root, "diff", "HEAD", "--binary", "--no-renames", "--no-ext-diff", "--no-textconv",
+                "--no-color", "--src-prefix=a/", "--dst-prefix=b/", "--", *specs, text=False)
+    untracked = _git(root, "ls-files", "--others", "--exclude-standard", "--full-name", "--", *specs)
+    if diff is None or untracked is None:
+        raise TrackingError(f"cannot read the uncommitted changes in {root} (git diff HEAD, git ls-files); "
+                            "check that git works in the checkout")
+    return diff, untracked.splitlines()
+
+
 # ------------------------------------------------------------------------------------------- helpers
-def _first_line(err: BaseException) -> str:
+def _cause(err: BaseException) -> str:
+    """The root cause in one line: the first line of the last exception in the ``raise ... from`` chain
+    (MLflow and SQLAlchemy wrap the driver's error), its type named with its package, e.g.
+    "sqlite3.OperationalError: attempt to write a readonly database"."""
+    seen = {id(err)}
+    while err.__cause__ is not None and id(err.__cause__) not in seen:
+        err = err.__cause__
+        seen.add(id(err))
+    package = type(err).__module__.split(".")[0]
+    name = type(err).__qualname__ if package == "builtins" else f"{package}.{type(err).__qualname__}"
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
+    return f"{name}: {text[0]}" if text else name
 
 
 def _plain(config: Any) -> dict:
@@ -316,23 +422,28 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-_STATE_KEYS = {"version": int, "task": str, "run_name": str, "step_name": str, "mlflow_run_id": str,
+_STATE_KEYS = {"version": int, "task": str, "run_name": str, "step_name": str, "variant": str, "mlflow_run_id": str,
                "mlflow_experiment_id": str, "tracking_uri": str, "config_sha256": str, "columns": list,
                "history": list, "final": dict, "last_step": int, "last_ts": int, "pending": list, "record": dict}
 
 
-def _check_state(state: Any, task: str, run_name: str, step_name: str) -> dict:
-    """A resume state from ``RunTracker.state()`` for this task and run name, else TrackingError."""
+def _check_state(state: Any, task: str, run_name: str, step_name: str, variant: str) -> dict:
+    """A resume state from ``RunTracker.state()`` for this task, run name and variant, else TrackingError."""
     redo = "delete the checkpoint to start the run over"
     if not isinstance(state, Mapping) or any(not isinstance(state.get(k), t) for k, t in _STATE_KEYS.items()) \
             or state["version"] != STATE_VERSION:
         raise TrackingError(f"cannot resume run {task}/{run_name}: the resume state is not one from "
                             f"RunTracker.state() (version {STATE_VERSION}); {redo}")
-    if (state["task"], state["run_name"], state["step_name"]) != (task, run_name, step_name):
-        raise TrackingError(f"cannot resume run {task}/{run_name} (per {step_name}) from the state of "
-                            f"{state['task']}/{state['run_name']} (per {state['step_name']}); pass the right "
+    mine = (task, run_name, step_name, variant)
+    theirs = tuple(state[k] for k in ("task", "run_name", "step_name", "variant"))
+    if mine != theirs:
+        raise TrackingError(f"cannot resume run {_who(*mine)} from the state of {_who(*theirs)}; pass the right "
                             f"checkpoint or {redo}")
     return dict(state)
+
+
+def _who(task: str, run_name: str, step_name: str, variant: str) -> str:
+    return f"{task}/{run_name} (per {step_name}{f', variant {variant!r}' if variant else ''})"
 
 
 # --------------------------------------------------------------------------------------------- tracker
@@ -341,11 +452,12 @@ class RunTracker:
 
     def __init__(self, task: str, run_name: str, config: Mapping, *, profile: str,
                  data_files: Sequence[Path] = (), runs_root: Path = Path("runs"), stage: str | None = None,
-                 step_name: str = "epoch", resume: Mapping | None = None):
+                 step_name: str = "epoch", variant: str = "", resume: Mapping | None = None):
         for what, value in (("task", task), ("run_name", run_name)):
             if not value or "/" in value or "\\" in value or value in (".", "..") or value.startswith("."):
                 raise TrackingError(f"bad {what} {value!r}: use a plain name such as 'regression' or 'boston-gal-s0'")
         self.task, self.run_name, self.profile, self.step_name = task, run_name, str(profile), step_name
+        self.variant = str(variant)
         self.config = _plain(config)
         self.data_files = [Path(p) for p in data_files]
         self.runs_root = Path(runs_root)
@@ -363,9 +475,10 @@ class RunTracker:
         self._last_step = 0
         self._last_ts = 0
         self._record: dict | None = None
+        self._diff: bytes | None = None  # a dirty tree's git diff (None: clean or outside git)
         self._active = False  # inside the with block
         self._unreachable = False  # a flush failed: do not wait on MLflow's retries again while failing
-        self._resume = _check_state(resume, task, run_name, step_name) if resume is not None else None
+        self._resume = _check_state(resume, task, run_name, step_name, self.variant) if resume is not None else None
         self._config_sha = hashlib.sha256(json.dumps(flatten(self.config), sort_keys=True).encode()).hexdigest()
 
     # ---------------------------------------------------------------------------------- lifecycle
@@ -381,37 +494,53 @@ class RunTracker:
         lock = root / LOCK_FILE
         lock_sha = digest(lock, "sha256") if lock.is_file() else "missing"
         commit, dirty = git_state(root, exclude=[self.runs_root])
-        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        tags = {"git_commit": commit, "git_dirty": {True: "true", False: "false", None: "unknown"}[dirty],
-                "dvc_stage": self.stage, "profile": self.profile, "env_lock_sha256": lock_sha}
-        tags.update({_key(f"data.{path}"): value for path, value in checksums.items()})
+        diff, untracked = git_changes(root, exclude=[self.runs_root]) if dirty else (None, None)
         if self._resume is not None:
-            self._enter_resumed(checksums, lock_sha, commit)
+            self._enter_resumed(checksums, lock_sha, commit, diff or b"")
             self._active = True
             return self
+        diff_sha = None if diff is None else hashlib.sha256(diff).hexdigest()
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        tags = {"git_commit": commit, "git_dirty": {True: "true", False: "false", None: "unknown"}[dirty],
+                "dvc_stage": self.stage, "profile": self.profile, "variant": self.variant,
+                "env_lock_sha256": lock_sha}
+        if diff_sha is not None:
+            tags["git_diff_sha256"] = diff_sha
+        tags.update({_key(f"data.{path}"): value for path, value in checksums.items()})
         try:
             self._client = _client(self.uri)
-            self.experiment_id = self._experiment()
-            run = self._client.create_run(self.experiment_id, run_name=self.run_name,
-                                          tags={k: str(v) for k, v in tags.items()})
+            with _quiet_store():
+                self.experiment_id = self._experiment()
+                run = self._client.create_run(self.experiment_id, run_name=self.run_name,
+                                              tags={k: str(v) for k, v in tags.items()})
         except TrackingError:
             raise
         except Exception as err:
-            raise TrackingError(f"cannot start an MLflow run in {_redact(self.uri)}: {_first_line(err)}; "
+            raise TrackingError(f"cannot start an MLflow run in {_redact(self.uri)}: {_cause(err)}; "
                                 "check MLFLOW_TRACKING_URI and the store") from None
         self.run_id = run.info.run_id
+        self._diff = diff
+        self._record = {"task": self.task, "run_name": self.run_name, "variant": self.variant,
+                        "mlflow_run_id": self.run_id, "mlflow_experiment_id": self.experiment_id,
+                        "tracking_uri": _redact(self.uri), "stage": self.stage, "git_commit": commit,
+                        "git_dirty": dirty, "git_diff_sha256": diff_sha,
+                        "git_untracked": [] if dirty is False else untracked, "profile": self.profile,
+                        "data_checksums": checksums, "env_lock_sha256": lock_sha, "created": created}
+        what = "config"
         try:
             params = [Param(_key(k), _param_value(v)) for k, v in flatten(self.config).items()]
-            for i in range(0, len(params), PARAM_BATCH):
-                self._client.log_batch(self.run_id, params=params[i:i + PARAM_BATCH], synchronous=True)
+            with _quiet_store():
+                for i in range(0, len(params), PARAM_BATCH):
+                    self._client.log_batch(self.run_id, params=params[i:i + PARAM_BATCH], synchronous=True)
+                if diff is not None:  # with the run from its start: a failed run says what code it ran too
+                    what = "git diff"
+                    with tempfile.TemporaryDirectory() as tmp:
+                        self._write_git_changes(Path(tmp))
+                        self._client.log_artifacts(self.run_id, tmp, PROVENANCE_DIR)
         except Exception as err:
             self._terminate("FAILED")
-            raise TrackingError(f"cannot log the config of run {self.run_name} to MLflow: {_first_line(err)}; "
+            raise TrackingError(f"cannot log the {what} of run {self.run_name} to MLflow: {_cause(err)}; "
                                 "check the store") from None
-        self._record = {"task": self.task, "run_name": self.run_name, "mlflow_run_id": self.run_id,
-                        "mlflow_experiment_id": self.experiment_id, "tracking_uri": _redact(self.uri),
-                        "stage": self.stage, "git_commit": commit, "git_dirty": dirty, "profile": self.profile,
-                        "data_checksums": checksums, "env_lock_sha256": lock_sha, "created": created}
         self._active = True
         return self
 
@@ -425,25 +554,24 @@ class RunTracker:
         tmp = None
         try:
             self._flush()
-            self.run_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.run_dir.parent / f".{self.run_name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir()  # not mkdtemp: the record gets the usual permissions (umask), not 0700
+            tmp = temp_dir_beside(self.run_dir)
             self._write(tmp)
-            self._client.set_terminated(self.run_id, "FINISHED")  # before publishing: a record means FINISHED
-            self._publish(tmp)
+            with _quiet_store():
+                self._client.set_terminated(self.run_id, "FINISHED")  # before publishing: a record means FINISHED
+            replace_dir(tmp, self.run_dir)  # an old record is replaced, or kept if this fails
             tmp = None
         except BaseException as err:
             self._fail("FAILED")
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(err, Exception) and not isinstance(err, TrackingError):
-                raise TrackingError(f"cannot finish run {self.task}/{self.run_name}: {_first_line(err)}; "
+                raise TrackingError(f"cannot finish run {self.task}/{self.run_name}: {_cause(err)}; "
                                     f"check that {self.run_dir.parent} is writable and the MLflow store "
                                     "is reachable") from err
             raise
         return False
 
-    def _enter_resumed(self, checksums: dict[str, str], lock_sha: str, commit: str) -> None:
+    def _enter_resumed(self, checksums: dict[str, str], lock_sha: str, commit: str, diff: bytes) -> None:
         """Continue the state's MLflow run: check it all first, then set it RUNNING and restore."""
         from mlflow.entities import Metric
 
@@ -457,10 +585,11 @@ class RunTracker:
         run_id = state["mlflow_run_id"]
         try:
             self._client = _client(self.uri)
-            run = self._client.get_run(run_id)
+            with _quiet_store():
+                run = self._client.get_run(run_id)
         except Exception as err:
             raise TrackingError(f"cannot resume run {self.task}/{self.run_name}: MLflow run {run_id} is not in "
-                                f"{_redact(self.uri)} ({_first_line(err)}); {redo}") from None
+                                f"{_redact(self.uri)} ({_cause(err)}); {redo}") from None
         if (run.info.lifecycle_stage != "active" or run.info.experiment_id != state["mlflow_experiment_id"]
                 or run.info.run_name != self.run_name):
             raise TrackingError(f"cannot resume run {self.task}/{self.run_name}: MLflow run {run_id} is deleted "
@@ -474,9 +603,14 @@ class RunTracker:
             raise TrackingError(f"cannot resume run {self.task}/{self.run_name}: the config differs from the "
                                 f"checkpoint's ({what}); a resumed run must have the same config: restore it "
                                 f"or {redo}")
-        now = {"git commit": commit, "data checksums": checksums, "env lock": lock_sha, "profile": self.profile}
-        then = {"git commit": record["git_commit"], "data checksums": record["data_checksums"],
-                "env lock": record["env_lock_sha256"], "profile": record["profile"]}
+        # The diff of tracked files only: an untracked file made or removed meanwhile is no other version
+        # of the code the run imported (the record keeps the list from the start).
+        empty = hashlib.sha256(b"").hexdigest()
+        now = {"git commit": commit, "git diff": hashlib.sha256(diff).hexdigest(), "data checksums": checksums,
+               "env lock": lock_sha, "profile": self.profile}
+        then = {"git commit": record["git_commit"], "git diff": record["git_diff_sha256"] or empty,
+                "data checksums": record["data_checksums"], "env lock": record["env_lock_sha256"],
+                "profile": record["profile"]}
         changed = [k for k in now if now[k] != then[k]]
         if changed:
             raise TrackingError(f"cannot resume run {self.task}/{self.run_name}: the {' and '.join(changed)} "
@@ -491,14 +625,16 @@ class RunTracker:
             raise TrackingError(f"cannot resume run {self.task}/{self.run_name}: the resume state is damaged; "
                                 f"{redo}") from None
         try:
-            self._client.update_run(run_id, status="RUNNING")
+            with _quiet_store():
+                self._client.update_run(run_id, status="RUNNING")
         except Exception as err:
-            raise TrackingError(f"cannot resume MLflow run {run_id} in {_redact(self.uri)}: {_first_line(err)}; "
+            raise TrackingError(f"cannot resume MLflow run {run_id} in {_redact(self.uri)}: {_cause(err)}; "
                                 "check the store") from None
         self.run_id, self.experiment_id = run_id, state["mlflow_experiment_id"]
         self._history, self._columns, self._final, self._pending = history, columns, final, pending
         self._last_step, self._last_ts = state["last_step"], state["last_ts"]
         self._record = json.loads(json.dumps(record))
+        self._diff = None if record["git_diff_sha256"] is None else diff  # the same as the start's (checked)
 
     def state(self) -> dict:
         """What ``RunTracker(..., resume=state)`` needs to continue this run: plain JSON types only (a copy)."""
@@ -508,7 +644,7 @@ class RunTracker:
         pending = [[m.key, m.value, m.timestamp, m.step] for m in self._pending]
         return json.loads(json.dumps({
             "version": STATE_VERSION, "task": self.task, "run_name": self.run_name, "step_name": self.step_name,
-            "mlflow_run_id": self.run_id, "mlflow_experiment_id": self.experiment_id,
+            "variant": self.variant, "mlflow_run_id": self.run_id, "mlflow_experiment_id": self.experiment_id,
             "tracking_uri": _redact(self.uri), "config_sha256": self._config_sha,
             "columns": list(self._columns), "history": [[step, values] for step, values in self._history],
             "final": self._final, "last_step": self._last_step, "last_ts": self._last_ts, "pending": pending,
@@ -547,7 +683,7 @@ class RunTracker:
         exp = client.get_experiment_by_name(self.task)
         if exp is None:
             try:
-                return client.create_experiment(self.task)
+                return client.create_experiment(self.task, _artifact_location(self.uri, self.task))
             except Exception:  # another process created it meanwhile
                 exp = client.get_experiment_by_name(self.task)
                 if exp is None:
@@ -567,19 +703,21 @@ class RunTracker:
         pending, self._pending = self._pending, []
         self._last_flush = time.monotonic()
         try:
-            for i in range(0, len(pending), METRIC_BATCH):
-                self._client.log_batch(self.run_id, metrics=pending[i:i + METRIC_BATCH], synchronous=True)
+            with _quiet_store():
+                for i in range(0, len(pending), METRIC_BATCH):
+                    self._client.log_batch(self.run_id, metrics=pending[i:i + METRIC_BATCH], synchronous=True)
         except Exception as err:
             self._unreachable = True
             raise TrackingError(f"cannot log metrics of run {self.run_name} to MLflow at {_redact(self.uri)}: "
-                                f"{_first_line(err)}; check that the tracking server is up") from None
+                                f"{_cause(err)}; check that the tracking server is up") from None
 
     def _terminate(self, status: str) -> None:
         try:
-            self._client.set_terminated(self.run_id, status)
+            with _quiet_store():
+                self._client.set_terminated(self.run_id, status)
         except Exception as err:  # never hide the exception that ended the run
             logging.getLogger(__name__).warning("could not mark MLflow run %s %s: %s", self.run_id, status,
-                                                _first_line(err))
+                                                _cause(err))
 
     def _fail(self, status: str) -> None:
         if self._unreachable:
@@ -606,19 +744,10 @@ class RunTracker:
         (tmp / "history.csv").write_text(buf.getvalue())
         (tmp / "metrics.json").write_text(json.dumps(self._final, indent=2) + "\n")
         (tmp / "run.json").write_text(json.dumps(self._record, indent=2) + "\n")
+        if self._diff is not None:
+            self._write_git_changes(tmp)
 
-    def _publish(self, tmp: Path) -> None:
-        """Put the finished temp dir at run_dir, replacing an old record (kept if anything goes wrong)."""
-        old = None
-        if self.run_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.run_name}.old-", dir=self.run_dir.parent))
-            os.rename(self.run_dir, old / "record")
-        try:
-            os.rename(tmp, self.run_dir)
-        except BaseException:
-            if old is not None:
-                os.rename(old / "record", self.run_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    def _write_git_changes(self, directory: Path) -> None:
+        """A dirty tree's diff and untracked files (run record and MLflow artifacts)."""
+        (directory / DIFF_FILE).write_bytes(self._diff)
+        (directory / UNTRACKED_FILE).write_text("".join(f"{path}\n" for path in self._record["git_untracked"]))

@@ -6,8 +6,10 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,6 +24,8 @@ from omegaconf import OmegaConf
 from pipelines.tracking import RunTracker, TrackingError, check_tracking_server, data_checksum, logged_metrics, \
     tracking_uri
 from tests.network import free_port
+
+REPO = Path(__file__).resolve().parents[2]
 
 CONFIG = {"model": {"hidden": [64, 64], "lr": 0.01, "act": "relu"}, "data": {"name": "boston"},
           "seed": 0, "long": "x" * 600, "many": {f"k{i:03d}": i for i in range(150)}}  # > one param batch
@@ -58,7 +62,7 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{(tmp / 'srv.db').as_posix()}",
-         "--default-artifact-root", (tmp / "art").as_posix()],
+         "--artifacts-destination", (tmp / "art").as_posix()],  # artifacts go through the server (proxied)
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True)
     start = time.monotonic()
     try:
@@ -120,7 +124,8 @@ def check_mlflow_run(client: MlflowClient, tracker: RunTracker, data: bytes) -> 
         assert run.data.metrics[name] == value
     tags = run.data.tags
     assert tags["git_commit"] == "unknown" and tags["git_dirty"] == "unknown"  # tmp_path is outside git
-    assert tags["dvc_stage"] == "manual" and tags["profile"] == "smoke"
+    assert tags["dvc_stage"] == "manual" and tags["profile"] == "smoke" and tags["variant"] == ""
+    assert "git_diff_sha256" not in tags and not client.list_artifacts(tracker.run_id)  # no git: no diff
     assert tags["env_lock_sha256"] == hashlib.sha256(b"torch==2\n").hexdigest()
     assert tags["data.data/processed/boston.npz"] == md5(data)
 
@@ -148,17 +153,24 @@ def test_successful_run_writes_record_and_mlflow(env, sqlite_uri):
                     ["3", "0.25", "0.4", ""]]
     assert json.loads((run_dir / "metrics.json").read_text()) == FINAL
     record = json.loads((run_dir / "run.json").read_text())
-    assert set(record) == {"task", "run_name", "mlflow_run_id", "mlflow_experiment_id", "tracking_uri", "stage",
-                           "git_commit", "git_dirty", "profile", "data_checksums", "env_lock_sha256", "created"}
-    assert record["task"] == "regression" and record["run_name"] == "boston-gal-s0"
+    assert set(record) == {"task", "run_name", "variant", "mlflow_run_id", "mlflow_experiment_id", "tracking_uri",
+                           "stage", "git_commit", "git_dirty", "git_diff_sha256", "git_untracked", "profile",
+                           "data_checksums", "env_lock_sha256", "created"}
+    assert record["task"] == "regression" and record["run_name"] == "boston-gal-s0" and record["variant"] == ""
     assert record["mlflow_run_id"] == tracker.run_id and record["mlflow_experiment_id"] == tracker.experiment_id
     assert record["tracking_uri"] == sqlite_uri and record["stage"] == "manual" and record["profile"] == "smoke"
     assert record["git_commit"] == "unknown" and record["git_dirty"] is None
+    assert record["git_diff_sha256"] is None and record["git_untracked"] is None
     assert record["data_checksums"] == {"data/processed/boston.npz": md5(data)}
     assert record["env_lock_sha256"] == hashlib.sha256(b"torch==2\n").hexdigest()
     assert record["created"].endswith("+00:00") and record["created"][:4].isdigit()
 
     check_mlflow_run(MlflowClient(sqlite_uri), tracker, data)
+    # Artifacts beside the sqlite file whatever the cwd (MLflow's default: ./mlruns of the cwd).
+    store = Path(sqlite_uri[len("sqlite:///"):]).parent
+    experiment = MlflowClient(sqlite_uri).get_experiment(tracker.experiment_id)
+    assert experiment.artifact_location == (store / "mlartifacts" / "regression").as_uri()
+    assert not (env / "mlruns").exists()
 
 
 def test_exception_fails_run_and_keeps_previous_record(env, sqlite_uri):
@@ -214,7 +226,8 @@ def test_rerun_replaces_record_and_logged_metrics_are_final(env, sqlite_uri):
 def test_options_dictconfig_stage_and_step_name(env, sqlite_uri, monkeypatch):
     monkeypatch.setenv("DVC_STAGE", "toy3d")
     cfg = OmegaConf.create({"lr": 0.1, "run": {"lr": "${lr}", "kwargs": {}}})
-    with RunTracker("toy3d", "gd-gal", cfg, profile="smoke", step_name="step", runs_root=Path("out")) as tracker:
+    with RunTracker("toy3d", "gd-gal", cfg, profile="smoke", step_name="step", runs_root=Path("out"),
+                    variant="eps0.001") as tracker:
         tracker.log_epoch(0, {"z": -1.0})
         tracker.log_epoch(1, {"z": -1.5, "accepted": True})
     run_dir = env / "out" / "toy3d" / "gd-gal"
@@ -224,7 +237,9 @@ def test_options_dictconfig_stage_and_step_name(env, sqlite_uri, monkeypatch):
     run = MlflowClient(sqlite_uri).get_run(tracker.run_id)
     assert run.data.params == {"lr": "0.1", "run.lr": "0.1", "run.kwargs": "{}"}
     assert run.data.tags["dvc_stage"] == "toy3d" and run.data.tags["env_lock_sha256"] == "missing"
-    assert json.loads((run_dir / "run.json").read_text())["stage"] == "toy3d"
+    assert run.data.tags["variant"] == "eps0.001"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["stage"] == "toy3d" and record["variant"] == "eps0.001"
     with pytest.raises(TrackingError, match="outside its 'with' block"):
         tracker.log_epoch(2, {"z": -2.0})
 
@@ -240,34 +255,150 @@ def test_default_uri_is_root_sqlite_from_any_cwd(env, monkeypatch):
     assert (env / "new" / "dir").is_dir()
 
 
-def test_git_commit_and_dirty(env, sqlite_uri):
-    def git(*args):
-        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args], cwd=env,
-                              check=True, capture_output=True, text=True).stdout.strip()
+def make_repo(root: Path):
+    """A git checkout at root: train.py, dvc.lock and weights.bin committed, data/ ignored; its git()."""
+    def git(*args, **kwargs):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args], cwd=root,
+                              check=True, capture_output=True, **kwargs).stdout
 
     git("init", "-q")
-    (env / ".gitignore").write_text("/data/\n")
-    (env / "train.py").write_text("print(1)\n")
+    (root / ".gitignore").write_text("/data/\n")
+    (root / "train.py").write_text("print(1)\n")
+    (root / "dvc.lock").write_text("stages: {}\n")
+    (root / "weights.bin").write_bytes(bytes(range(256)))
     git("add", ".")
     git("commit", "-q", "-m", "init")
-    head = git("rev-parse", "HEAD")
+    return git
+
+
+def test_git_commit_and_dirty(env, sqlite_uri):
+    git = make_repo(env)
+    head = git("rev-parse", "HEAD", text=True).strip()
     (env / "data").mkdir()
     (env / "data" / "ignored.bin").write_bytes(b"x")
+    client = MlflowClient(sqlite_uri)
+    run_dir = env / "runs/regression/r"
 
-    def tags():
+    def run():
         with RunTracker("regression", "r", {"a": 1}, profile="smoke") as tracker:
             pass
-        return MlflowClient(sqlite_uri).get_run(tracker.run_id).data.tags
+        return client.get_run(tracker.run_id), json.loads((run_dir / "run.json").read_text())
 
-    first = tags()  # ignored data/ and the run records it writes itself do not count as changes
-    assert (first["git_commit"], first["git_dirty"]) == (head, "false")
-    assert (tags()["git_dirty"], json.loads((env / "runs/regression/r/run.json").read_text())["git_dirty"]) \
-        == ("false", False)
+    # ignored data/, dvc.lock and the run records it writes itself do not count as changes
+    (env / "dvc.lock").write_text("stages: {train: {}}\n")
+    run()
+    first, record = run()
+    assert (first.data.tags["git_commit"], first.data.tags["git_dirty"]) == (head, "false")
+    assert (record["git_dirty"], record["git_diff_sha256"], record["git_untracked"]) == (False, None, [])
+    assert "git_diff_sha256" not in first.data.tags and not client.list_artifacts(first.info.run_id)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "history.csv", "metrics.json", "run.json"]
+
     (env / "train.py").write_text("print(2)\n")
-    assert tags()["git_dirty"] == "true"
-    git("checkout", "-q", "train.py")
+    (env / "weights.bin").write_bytes(bytes(range(255, -1, -1)))  # a binary change
     (env / "new_module.py").write_text("")  # untracked, not ignored: not in the commit either
-    assert tags()["git_dirty"] == "true"
+    dirty, record = run()
+    assert dirty.data.tags["git_dirty"] == "true" and record["git_dirty"] is True
+    patch = (run_dir / "git_diff.patch").read_bytes()
+    assert patch == git("diff", "HEAD", "--binary", "--", ".", ":(exclude)dvc.lock")
+    assert b"+print(2)" in patch and b"GIT binary patch" in patch and b"dvc.lock" not in patch
+    assert record["git_diff_sha256"] == dirty.data.tags["git_diff_sha256"] == hashlib.sha256(patch).hexdigest()
+    assert record["git_untracked"] == ["new_module.py"]
+    assert (run_dir / "git_untracked.txt").read_text() == "new_module.py\n"
+    copy = env.parent / f"{env.name}-copy"  # the patch puts the tree back onto the commit, binary included
+    subprocess.run(["git", "clone", "-q", str(env), str(copy)], check=True)
+    subprocess.run(["git", "-C", str(copy), "apply", str(run_dir / "git_diff.patch")], check=True)
+    for name in ("train.py", "weights.bin"):
+        assert (copy / name).read_bytes() == (env / name).read_bytes()
+    artifacts = Path(client.download_artifacts(dirty.info.run_id, "provenance", str(env.parent / "dl")))
+    assert (artifacts / "git_diff.patch").read_bytes() == patch
+    assert (artifacts / "git_untracked.txt").read_text() == "new_module.py\n"
+
+    git("checkout", "-q", "train.py", "weights.bin")
+    only_untracked, record = run()  # dirty through an untracked file alone: an empty patch
+    assert only_untracked.data.tags["git_dirty"] == "true" and (run_dir / "git_diff.patch").read_bytes() == b""
+    assert record["git_diff_sha256"] == hashlib.sha256(b"").hexdigest()
+
+
+def test_default_store_keeps_artifacts_at_the_root(env, monkeypatch):
+    """The default sqlite store from another cwd: the artifacts lie in <root>/mlartifacts (not ./mlruns),
+    and neither they nor mlflow.db make the tree dirty."""
+    make_repo(env)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("DVC_ROOT", str(env))
+    (env / "sub").mkdir()
+    monkeypatch.chdir(env / "sub")
+    (env / "train.py").write_text("print(2)\n")
+    with RunTracker("regression", "r", {"a": 1}, profile="smoke", runs_root=env / "runs") as tracker:
+        pass
+    client = MlflowClient(f"sqlite:///{env.as_posix()}/mlflow.db")
+    location = env.resolve() / "mlartifacts" / "regression"
+    assert client.get_experiment(tracker.experiment_id).artifact_location == location.as_uri()
+    assert (location / tracker.run_id / "artifacts/provenance/git_diff.patch").read_bytes() == \
+        (env / "runs/regression/r/git_diff.patch").read_bytes()
+    assert not (env / "sub" / "mlruns").exists() and not (env / "mlruns").exists()
+    (env / "train.py").write_text("print(1)\n")
+    with RunTracker("regression", "r", {"a": 1}, profile="smoke", runs_root=env / "runs") as tracker:
+        pass
+    assert client.get_run(tracker.run_id).data.tags["git_dirty"] == "false"
+
+
+# A stage that tracks one run in each store named on its command line (MLFLOW_TRACKING_URI), as pipelines.train does.
+STAGE = """
+import os, sys
+from pipelines.errors import run_cli
+from pipelines.tracking import RunTracker
+
+def main():
+    with RunTracker("regression", "r", {"a": 1}, profile="smoke"):
+        pass
+
+codes = []
+for uri in sys.argv[1:]:
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    codes.append(run_cli("train", main))
+sys.exit(max(codes))
+"""
+
+
+def without_root_override() -> list[str]:
+    """A command prefix under which file modes bind: root ignores them unless it drops CAP_DAC_OVERRIDE."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    if shutil.which("setpriv") is None or subprocess.run([*prefix, "true"], capture_output=True).returncode:
+        pytest.skip("running as root without setpriv to drop CAP_DAC_OVERRIDE: chmod would not bind")
+    return prefix
+
+
+def test_unwritable_store_fails_at_once_in_one_line(env, sqlite_uri):
+    """A read-only mlflow.db, a read-only directory without one, and a store of a newer MLflow: one line
+    each on stderr naming the root cause (not MLflow's tracebacks), in seconds (not 100 s of retries)."""
+    run_three_epochs()
+    read_only = env / "read_only"
+    read_only.mkdir()
+    shutil.copy(sqlite_uri[len("sqlite:///"):], read_only / "mlflow.db")  # a real store, with runs
+    (read_only / "mlflow.db").chmod(0o444)
+    no_store = env / "no_store"
+    no_store.mkdir(mode=0o555)
+    newer = env / "newer.db"
+    with sqlite3.connect(newer) as db:  # migrated by an MLflow that knows a later schema
+        db.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        db.execute("INSERT INTO alembic_version VALUES ('ffffffffffff')")
+    uris = [f"sqlite:///{p.as_posix()}" for p in (read_only / "mlflow.db", no_store / "mlflow.db", newer)]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and "proxy" not in k.lower()}
+    start = time.monotonic()
+    result = subprocess.run([*without_root_override(), sys.executable, "-c", STAGE, *uris], cwd=env,
+                            capture_output=True, text=True, env={**clean, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert time.monotonic() - start < 30
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"train: cannot write to the MLflow store {uris[0]}: sqlite3.OperationalError: attempt to write a readonly "
+        "database; make it a writable sqlite file or set MLFLOW_TRACKING_URI",
+        f"train: cannot write to the MLflow store {uris[1]}: sqlite3.OperationalError: unable to open database "
+        "file; make it a writable sqlite file or set MLFLOW_TRACKING_URI",
+        f"train: cannot start an MLflow run in {uris[2]}: alembic.ResolutionError: No such revision or branch "
+        "'ffffffffffff'; check MLFLOW_TRACKING_URI and the store"]
+    assert not (no_store / "mlflow.db").exists() and not (env / "runs/regression/r").exists()
 
 
 def test_directory_checksum(tmp_path):
@@ -316,6 +447,17 @@ def test_run_on_real_server(env, server, monkeypatch, capfd):
     record = json.loads((env / "runs" / "regression" / "boston-gal-s0" / "run.json").read_text())
     assert record["tracking_uri"] == server and record["mlflow_run_id"] == tracker.run_id
     check_mlflow_run(MlflowClient(server), tracker, data)
+    make_repo(env)  # now from a dirty tree: the diff goes up as artifacts through the server
+    (env / "train.py").write_text("print(2)\n")
+    (env / "notes.md").write_text("")
+    dirty = run_three_epochs([data_file])
+    patch = (env / "runs/regression/boston-gal-s0/git_diff.patch").read_bytes()
+    assert b"+print(2)" in patch
+    artifacts = Path(MlflowClient(server).download_artifacts(dirty.run_id, "provenance", str(env.parent / "dl")))
+    assert sorted(p.name for p in artifacts.iterdir()) == ["git_diff.patch", "git_untracked.txt"]
+    assert (artifacts / "git_diff.patch").read_bytes() == patch
+    assert (artifacts / "git_untracked.txt").read_text() == "notes.md\n"
+    assert MlflowClient(server).get_run(dirty.run_id).info.artifact_uri.startswith("mlflow-artifacts:/")
     assert logged_metrics(tracker.run_id) == {"train_loss": 0.25, "val_mae": 0.4, "lr": 0.01, **FINAL}
     with pytest.raises(RuntimeError, match="boom"):
         with RunTracker("regression", "boston-gal-s1", CONFIG, profile="smoke") as failed:
@@ -409,9 +551,9 @@ def test_resume_sends_metrics_pending_in_the_state(env, sqlite_uri):
 
 def test_resume_twice_and_state_is_checkpointable(env, sqlite_uri):
     _, state = start_and_checkpoint(epochs=1)
-    assert set(state) == {"version", "task", "run_name", "step_name", "mlflow_run_id", "mlflow_experiment_id",
-                          "tracking_uri", "config_sha256", "columns", "history", "final", "last_step", "last_ts",
-                          "pending", "record"}
+    assert set(state) == {"version", "task", "run_name", "step_name", "variant", "mlflow_run_id",
+                          "mlflow_experiment_id", "tracking_uri", "config_sha256", "columns", "history", "final",
+                          "last_step", "last_ts", "pending", "record"}
     with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", resume=state) as tracker:
         tracker.log_epoch(2, EPOCHS[1])
         second = tracker.state()
@@ -456,6 +598,8 @@ def test_resume_refusals_leave_the_run_alone(env, sqlite_uri, monkeypatch):
     refused(f"MLflow run 0+ is not in .*; {delete}", state={**state, "mlflow_run_id": "0" * 32})
     refused("from the state of regression/boston-gal-s0", run_name="boston-gal-s1")
     refused("per step\\) from the state of .*\\(per epoch\\)", step_name="step")
+    refused(r"\(per epoch, variant 'eps0.001'\) from the state of regression/boston-gal-s0 \(per epoch\); pass the "
+            "right checkpoint or", variant="eps0.001")
     refused(f"not one from RunTracker.state\\(\\) .*; {delete}", state={"task": "regression"})
     refused("not one from RunTracker.state", state={**state, "version": 99})
     refused(f"the resume state is damaged; {delete}", state={**state, "history": [[1]]})
@@ -463,6 +607,8 @@ def test_resume_refusals_leave_the_run_alone(env, sqlite_uri, monkeypatch):
             state={**state, "record": {**state["record"], "git_commit": "0" * 40}})
     refused("the data checksums changed since", data_files=())
     refused("the profile changed since the checkpoint", profile="full")
+    refused(f"the git diff changed since the checkpoint, so a resume would mix two versions; .*{delete}",
+            state={**state, "record": {**state["record"], "git_diff_sha256": "0" * 64}})
     refused("its MLflow run is in sqlite:///elsewhere.db, not in sqlite:///.*; set MLFLOW_TRACKING_URI back or",
             state={**state, "tracking_uri": "sqlite:///elsewhere.db"})
     (env / "data/processed/boston.npz").write_bytes(b"new data")
@@ -474,6 +620,27 @@ def test_resume_refusals_leave_the_run_alone(env, sqlite_uri, monkeypatch):
         first.state()
     with pytest.raises(TrackingError, match="outside its 'with' block"):
         RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke").state()
+
+
+def test_resume_refuses_another_git_diff_and_records_the_start_s(env, sqlite_uri):
+    git = make_repo(env)
+    (env / "train.py").write_text("print(2)\n")
+    killed, state = start_and_checkpoint()
+    patch = git("diff", "HEAD", "--binary", "--", ".", ":(exclude)dvc.lock")
+    assert state["record"]["git_diff_sha256"] == hashlib.sha256(patch).hexdigest()
+    for change in ("print(3)\n", "print(1)\n"):  # another diff, and none (a clean tree)
+        (env / "train.py").write_text(change)
+        with pytest.raises(TrackingError, match="cannot resume run regression/boston-gal-s0: the git diff changed "
+                                                "since the checkpoint, so a resume would mix two versions"):
+            resume_and_finish(state)
+    (env / "train.py").write_text("print(2)\n")
+    (env / "scratch.txt").write_text("")  # an untracked file made meanwhile: not another version of the code
+    resumed = resume_and_finish(state)
+    run_dir = env / "runs/regression/boston-gal-s0"
+    assert resumed.run_id == killed.run_id and (run_dir / "git_diff.patch").read_bytes() == patch
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record == state["record"] and record["git_untracked"] == [] and record["git_dirty"] is True
+    assert (run_dir / "git_untracked.txt").read_text() == ""  # as at the start
 
 
 def test_resume_on_real_server(env, server, monkeypatch):
