@@ -9,7 +9,7 @@ the same model, batch and precision (that comparison is not automated here: run 
 
 Writes a synthetic prepared CIFAR-10 (random uint8 32x32 images, the prepare stage's on-disk format) into a
 temporary root, composes conf/train.yaml with experiment=cifar10_sgd_baseline and cifar10_sgd_gal
-(profile=paper, so no smoke sizes; model.pretrained=false, offline), builds one ``Trainer`` per method and
+(profile=paper, so no smoke sizes; model.pretrained=false, offline), builds one ``Classification`` task per method and
 calls ``train_epoch`` directly (no evaluation, no MLflow, no checkpoints). After one warm-up epoch each,
 plain and GAL epochs of ``--steps`` steps alternate (the order flips every pair), so drift in machine load
 hits both alike. Reported: per-method median images/s (the trainer's own ``images_per_s``: loader wait,
@@ -78,21 +78,21 @@ def compose_config(experiment: str, root: Path, args: argparse.Namespace) -> Dic
 
 def build_trainers(args: argparse.Namespace, root: Path) -> dict:
     from pipelines.tasks import launch
-    from pipelines.tasks.classification import Trainer
+    from pipelines.tasks.classification import Classification
 
     cfgs = {method: compose_config(experiment, root, args) for method, experiment in METHODS.items()}
     cfg = cfgs["plain"]
     if cfg.profile != "paper" or cfg.task.max_steps != args.steps or cfg.task.image_size != args.image_size:
         raise RuntimeError(f"the composed config is not the one asked for: profile={cfg.profile}, "
                            f"max_steps={cfg.task.max_steps}, image_size={cfg.task.image_size}")
-    if cfg.task.deterministic:  # as classification.run() does before building the trainer
+    if cfg.task.deterministic:  # as runner.run() does before building the task
         torch.use_deterministic_algorithms(True)
     else:
         torch.backends.cudnn.benchmark = True
     if cfgs["plain"].method.gal or not cfgs["gal"].method.gal:
         raise RuntimeError("the experiments do not compose to one plain and one GAL run")
     procs = launch.setup(cfg.trainer)  # one process: no torch.distributed
-    return {method: Trainer(c, procs) for method, c in cfgs.items()}
+    return {method: Classification(c, procs) for method, c in cfgs.items()}
 
 
 def main(argv=None) -> dict:
@@ -128,7 +128,7 @@ def main(argv=None) -> dict:
         "precision": "bf16" if trainer.autocast["enabled"] else "fp32",
         "channels_last": trainer.preprocess.memory_format == torch.channels_last,
         "gal": {"ratio": gal_cfg.method.ratio, "scale": gal_cfg.method.scale,
-                "arch": list(gal_cfg.data.adjuster.arch), "optim": gal_cfg.optim.name},
+                "arch": list(gal_cfg.method.arch), "optim": gal_cfg.optim.name},
         "plain_images_per_s": statistics.median(plain), "gal_images_per_s": statistics.median(gal),
         "median_pair_ratio": statistics.median(ratios),  # GAL time / plain time, per epoch pair
         "pair_ratios": [round(r, 4) for r in ratios],

@@ -19,9 +19,11 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gal_core import GradientAdjuster
 from gal_core.optim import build_optimizer
-from pipelines.tracking import RunTracker, TrackingError
+from pipelines.errors import ConfigError, run_cli
+from pipelines.surface import surface
+from pipelines.tasks.method import build_adjuster
+from pipelines.tracking import RunTracker
 
 CONFIG = Path(__file__).parent / "conf" / "task" / "toy3d.yaml"
 METHODS = ("baseline", "gal")
@@ -52,15 +54,10 @@ class Toy3dConf:
     runs: Dict[str, RunConf] = MISSING
 
 
-class ConfigError(ValueError):
-    """A bad setting; main reports it in one line and exits with code 2."""
-
-
-def surface(p: torch.Tensor) -> torch.Tensor:
-    """z(x, y) = -sin(x^2) cos(3 y^2) exp(-(x y)^2) - exp(-(x + y)^2); works on numpy arrays too."""
-    x, y = p[..., 0], p[..., 1]
-    lib = torch if isinstance(p, torch.Tensor) else np
-    return -lib.sin(x**2) * lib.cos(3 * y**2) * lib.exp(-((x * y) ** 2)) - lib.exp(-((x + y) ** 2))
+def adjuster(cfg: Toy3dConf, run: RunConf):
+    """GAL on the point (width 2), through the pipelines' one adjuster factory."""
+    method = {"gal": True, "arch": list(cfg.arch), "ratio": run.ratio, "scale": run.scale, "remainder": cfg.remainder}
+    return build_adjuster(method, dim=2)
 
 
 def _optimizer(run: RunConf, params: list) -> torch.optim.Optimizer:
@@ -74,8 +71,7 @@ def run_path(cfg: Toy3dConf, run: RunConf, gal: bool) -> list[dict]:
     params = [point]
     if gal:
         torch.manual_seed(cfg.seed)  # every GAL run starts from the same h
-        adj = GradientAdjuster(dim=2, arch=tuple(cfg.arch), ratio=run.ratio, scale=run.scale,
-                               remainder=cfg.remainder)
+        adj = adjuster(cfg, run)
         params += list(adj.parameters())  # h trains in the same optimiser, at the same lr
     opt = _optimizer(run, params)
     rows, stats = [], {}
@@ -119,12 +115,29 @@ def load_config(overrides: list[str]) -> Toy3dConf:
         try:  # build everything once so a bad value fails here, before any run
             if run.steps < 1 or not run.lr > 0:
                 raise ValueError(f"steps must be >= 1 and lr > 0, got steps={run.steps}, lr={run.lr}")
-            adj = GradientAdjuster(dim=2, arch=tuple(cfg.arch), ratio=run.ratio, scale=run.scale,
-                                   remainder=cfg.remainder)
+            adj = adjuster(cfg, run)
             _optimizer(run, [torch.nn.Parameter(torch.zeros(2)), *adj.parameters()])
-        except (ValueError, TypeError, ImportError) as err:
+        except (ValueError, TypeError, ImportError, ConfigError) as err:
             raise ConfigError(f"setting up run {name!r}: {str(err).splitlines()[0]}") from None
     return cfg
+
+
+def train_all(cfg: Toy3dConf) -> None:
+    shared = {k: v for k, v in asdict(cfg).items() if k not in ("runs", "optimizers")}
+    for name in cfg.optimizers:
+        run = cfg.runs[name]
+        finals = {}
+        for method in METHODS:
+            config = {"task": "toy3d", "optimizer": name, "method": method, "run": asdict(run), **shared}
+            with RunTracker("toy3d", f"{name}-{method}", config, profile=cfg.profile, step_name="step",
+                            runs_root=Path(cfg.runs_root)) as tracker:
+                rows = run_path(cfg, run, gal=method == "gal")
+                for row in rows:
+                    tracker.log_epoch(row.pop("step"), {k: v for k, v in row.items() if v != ""})
+                finals[method] = rows[-1]["z"]
+                tracker.log_final({"final_x": rows[-1]["x"], "final_y": rows[-1]["y"], "final_z": rows[-1]["z"]})
+        print(f"{run.label:>14}: final z baseline {finals['baseline']:+.5f} vs GAL {finals['gal']:+.5f} "
+              f"({run.steps} steps)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,31 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         return 0
-    try:
-        cfg = load_config(argv)
-    except ConfigError as err:
-        print(f"toy3d: bad config: {err}", file=sys.stderr)
-        return 2
-    shared = {k: v for k, v in asdict(cfg).items() if k not in ("runs", "optimizers")}
-    try:
-        for name in cfg.optimizers:
-            run = cfg.runs[name]
-            finals = {}
-            for method in METHODS:
-                config = {"task": "toy3d", "optimizer": name, "method": method, "run": asdict(run), **shared}
-                with RunTracker("toy3d", f"{name}-{method}", config, profile=cfg.profile, step_name="step",
-                                runs_root=Path(cfg.runs_root)) as tracker:
-                    rows = run_path(cfg, run, gal=method == "gal")
-                    for row in rows:
-                        tracker.log_epoch(row.pop("step"), {k: v for k, v in row.items() if v != ""})
-                    finals[method] = rows[-1]["z"]
-                    tracker.log_final({"final_x": rows[-1]["x"], "final_y": rows[-1]["y"], "final_z": rows[-1]["z"]})
-            print(f"{run.label:>14}: final z baseline {finals['baseline']:+.5f} vs GAL {finals['gal']:+.5f} "
-                  f"({run.steps} steps)")
-    except TrackingError as err:
-        print(f"toy3d: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("toy3d", lambda: train_all(load_config(argv)))
 
 
 if __name__ == "__main__":

@@ -11,18 +11,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.tasks import RunError
-from pipelines.tracking import TrackingError
+from pipelines.errors import run_cli
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     task = importlib.import_module(f"pipelines.tasks.{cfg.task.name}")
-    try:
-        task.run(cfg)
-    except (RunError, TrackingError) as err:
-        print(f"train {cfg.task.name}: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(f"train {cfg.task.name}", lambda: task.run(cfg)))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""One module per task (build -> train -> evaluate), each exposing run(cfg)."""
+"""One module per task (build -> train -> evaluate) on the shared runner (pipelines/tasks/runner.py)."""
+from pipelines.errors import UserError
 
 
-class RunError(RuntimeError):
-    """An expected failure of a run (missing input, bad setting): reported in one line, exit code 2."""
+class RunError(UserError):
+    """An expected failure of a run (missing input, bad setting): reported in one line."""

@@ -132,8 +132,6 @@ def loaders(train: Dataset, val: Dataset, cfg, rank: int, world: int, pin: bool)
     """Per-process loaders: each takes batch_size / world of every global training batch and a 1/world
     shard of the validation set (no padding, so every image is evaluated once)."""
     batch, workers = cfg.task.batch_size, cfg.task.workers
-    if batch % world:
-        raise RunError(f"task.batch_size={batch} (global) must be divisible by the {world} processes")
     if len(train) < batch:
         raise RunError(f"task.batch_size={batch} is larger than the {len(train)} training images")
     extra = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipelines.tasks import RunError
+from pipelines.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,7 @@ def torchrun_command(trainer, argv: list[str]) -> list[str]:
     """The torchrun command line that reruns ``python -m pipelines.train <argv>`` on trainer.gpus processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={trainer.gpus}"]
     if trainer.nodes > 1:
-        if not trainer.rdzv_endpoint:
-            raise RunError(f"trainer.nodes={trainer.nodes} needs trainer.rdzv_endpoint=<host:port of node 0>")
-        if str(trainer.node_rank) not in map(str, range(trainer.nodes)):
-            raise RunError(f"trainer.node_rank={trainer.node_rank!r}: use 0 to {trainer.nodes - 1} (0 on the node "
-                           "at rdzv_endpoint)")
+        check_nodes(trainer)
         # static rendezvous: ranks follow node_rank, so global rank 0 (logging, checkpoints) is on node 0,
         # where the DVC stage runs; c10d would hand out node ranks in arrival order
         cmd += [f"--nnodes={trainer.nodes}", f"--node_rank={trainer.node_rank}", "--rdzv_backend=static",
@@ -56,6 +52,14 @@ def torchrun_command(trainer, argv: list[str]) -> list[str]:
     else:
         cmd.append("--standalone")
     return [*cmd, "-m", "pipelines.train", *argv]
+
+
+def check_nodes(trainer) -> None:
+    if not trainer.rdzv_endpoint:
+        raise ConfigError(f"trainer.nodes={trainer.nodes} needs trainer.rdzv_endpoint=<host:port of node 0>")
+    if str(trainer.node_rank) not in map(str, range(trainer.nodes)):
+        raise ConfigError(f"trainer.node_rank={trainer.node_rank!r}: use 0 to {trainer.nodes - 1} (0 on the node "
+                          "at rdzv_endpoint)")
 
 
 def die_with_parent() -> None:
@@ -76,27 +80,27 @@ def relaunch(trainer) -> int:
     return subprocess.run(cmd, preexec_fn=die_with_parent).returncode
 
 
-def _device_type(trainer) -> str:
+def device_type(trainer) -> str:
     choice = str(trainer.device)
     if choice not in ("auto", "cuda", "cpu"):
-        raise RunError(f"trainer.device={choice!r}: use auto, cuda or cpu")
+        raise ConfigError(f"trainer.device={choice!r}: use auto, cuda or cpu")
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RunError("trainer.device=cuda but torch sees no CUDA device; use trainer.device=cpu or auto")
+        raise ConfigError("trainer.device=cuda but torch sees no CUDA device; use trainer.device=cpu or auto")
     return choice
 
 
 def setup(trainer) -> Processes:
     """Initialise torch.distributed when under torchrun; this process's rank, world size and device."""
-    kind = _device_type(trainer)
+    kind = device_type(trainer)
     if not under_torchrun():
         return Processes(0, 0, 1, torch.device(kind))
     die_with_parent()  # with the torchrun agent
     rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if kind == "cuda":
         if local >= torch.cuda.device_count():
-            raise RunError(f"trainer.gpus={trainer.gpus} but this node has {torch.cuda.device_count()} GPUs")
+            raise ConfigError(f"trainer.gpus={trainer.gpus} but this node has {torch.cuda.device_count()} GPUs")
         torch.cuda.set_device(local)
     device = torch.device(kind, local) if kind == "cuda" else torch.device("cpu")
     dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
@@ -115,10 +119,47 @@ def all_reduce_sum(tensor: torch.Tensor, procs: Processes) -> torch.Tensor:
     return tensor
 
 
-def from_main(obj, procs: Processes):
-    """Rank 0's ``obj`` on every process: what only node 0's disk holds (a checkpoint) reaches all nodes."""
+class _Slot:
+    """Where a tensor sat in a broadcast state: the skeleton carries these instead of the tensors."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
+
+
+def _skeleton(obj, tensors: list):
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return _Slot(obj)
+    if isinstance(obj, dict):
+        return {k: _skeleton(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_skeleton(v, tensors) for v in obj)
+    return obj
+
+
+def _fill(obj, tensors, procs: Processes):
+    if isinstance(obj, _Slot):
+        if procs.main:
+            kept = next(tensors)
+            dist.broadcast(kept.to(procs.device).contiguous(), src=0)
+            return kept
+        received = torch.empty(obj.shape, dtype=obj.dtype, device=procs.device)
+        dist.broadcast(received, src=0)
+        return received
+    if isinstance(obj, dict):
+        return {k: _fill(v, tensors, procs) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_fill(v, tensors, procs) for v in obj)
+    return obj
+
+
+def broadcast_state(state: dict | None, procs: Processes) -> dict | None:
+    """Rank 0's ``state`` (a checkpoint, or None) on every process. Only a skeleton with the plain values is
+    pickled; the tensors follow one by one through ``dist.broadcast`` (on the GPU under NCCL), so no rank
+    holds a pickled copy of the whole state. Other ranks get their tensors on their own device."""
     if procs.world == 1:
-        return obj
-    box = [obj]
+        return state
+    tensors: list = []
+    box = [_skeleton(state, tensors) if procs.main else None]
     dist.broadcast_object_list(box, src=0, device=procs.device if procs.device.type == "cuda" else None)
-    return box[0]
+    return None if box[0] is None else _fill(box[0], iter(tensors), procs)

@@ -1,19 +1,21 @@
-"""Regression (Table V): an MLP on a tabular set, trained with or without GAL, evaluated on a held-out split."""
+"""Regression (Table V): an MLP on a tabular set, trained with or without GAL, evaluated on a held-out split,
+on the shared runner (pipelines/tasks/runner.py): resumable per epoch like every task."""
 from __future__ import annotations
 
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-from gal_core import GradientAdjuster
-from gal_core.optim import build_optimizer, param_groups
-from pipelines.tracking import RunTracker
-from pipelines.tasks import RunError
+from gal_core import count_parameters
+from pipelines.errors import ConfigError
+from pipelines.tasks import RunError, runner
+from pipelines.tasks.method import build_adjuster, build_optimizer_for
 
 
 def split(rows: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,71 +48,112 @@ def regression_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, fl
 
 
 def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    stage = f"dvc repro prepare@{path.stem}"
     if not path.is_file():
-        raise RunError(f"{path} is missing: run `dvc repro` (its prepare stage makes it)")
-    with np.load(path) as arrays:
-        return arrays["X"].astype(np.float64), arrays["y"].astype(np.float64)
+        raise RunError(f"{path} is missing: run `dvc repro` (its prepare stage makes it: {stage})")
+    try:
+        with np.load(path) as arrays:
+            X, y = arrays["X"].astype(np.float64), arrays["y"].astype(np.float64)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise RunError(f"cannot read {path} ({type(err).__name__}: {str(err)[:120]}); rerun its prepare "
+                       f"stage: {stage}") from None
+    if X.ndim != 2 or y.shape != (len(X),) or not (np.isfinite(X).all() and np.isfinite(y).all()):
+        raise RunError(f"{path} holds X {X.shape} and y {y.shape}, or non-finite values; rerun its prepare "
+                       f"stage: {stage}")
+    return X, y
+
+
+class Regression(runner.Task):
+    """One MLP on one table: built in __init__, trained and evaluated by the runner epoch by epoch."""
+
+    name = "regression"
+
+    @classmethod
+    def check(cls, cfg: DictConfig, world: int) -> None:
+        if world > 1:
+            raise ConfigError("task=regression runs on one process: use trainer.gpus=1 trainer.nodes=1")
+        if str(cfg.trainer.precision) not in ("auto", "fp32"):
+            raise ConfigError(f"trainer.precision={cfg.trainer.precision}: task=regression trains in fp32 (auto)")
+        runner.require_int(cfg, "data.train.batch_size", 1)
+        if not 0 < cfg.task.test_fraction < 1:
+            raise ConfigError(f"task.test_fraction={cfg.task.test_fraction}: use a fraction between 0 and 1")
+
+    def __init__(self, cfg: DictConfig, procs):
+        self.cfg, self.device = cfg, procs.device
+        data_file = Path(cfg.root) / "data" / "processed" / f"{cfg.data.name}.npz"
+        self.data_files = [data_file]
+        X, y = load(data_file)
+        train_idx, test_idx = split(len(y), cfg.task.test_fraction, cfg.seed)
+        x_mean, x_std = standardiser(X[train_idx], cfg.task.scale_features)
+        y_mean, y_std = standardiser(y[train_idx, None], cfg.task.scale_target)
+        as_tensor = lambda a: torch.tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
+        self.x_train, self.x_test = (as_tensor((X[idx] - x_mean) / x_std) for idx in (train_idx, test_idx))
+        self.y_train = as_tensor((y[train_idx, None] - y_mean) / y_std)
+        self.y_test = as_tensor(y[test_idx, None])
+        self.y_mean, self.y_std = float(y_mean[0]), float(y_std[0])
+
+        torch.manual_seed(cfg.seed)
+        self.model = mlp(X.shape[1], list(cfg.data.model.hidden)).to(self.device)
+        self.adjuster = build_adjuster(cfg.method, 1)
+        if self.adjuster is not None:
+            self.adjuster.to(self.device)
+        self.optimizer = build_optimizer_for(cfg.optim, [{"params": list(self.model.parameters())}],
+                                             self.adjuster, cfg.method)
+        self.shuffle = torch.Generator().manual_seed(cfg.seed)
+
+    def describe(self) -> str:
+        return (f"{len(self.x_train)} training and {len(self.x_test)} test rows, "
+                f"{count_parameters(self.model):,} model parameters")
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        sums: dict[str, torch.Tensor] = {}
+        batches = 0
+        self.model.train()
+        for idx in torch.randperm(len(self.x_train), generator=self.shuffle).split(self.cfg.data.train.batch_size):
+            xb, yb = self.x_train[idx], self.y_train[idx]
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self.model(xb)
+            loss_fn = lambda z: F.mse_loss(z, yb)  # noqa: E731
+            if self.adjuster is None:
+                loss = loss_fn(out)
+                loss.backward()
+                step_stats = {"loss": loss.detach()}
+            else:
+                stats = self.adjuster.backward(out, loss_fn, self.optimizer.param_groups[0]["lr"],
+                                               per_sample_loss_fn=lambda z: (z - yb).pow(2).mean(-1))
+                step_stats = {name: getattr(stats, name) for name in
+                              ("loss", "remainder", "accepted", "cosine", "adjusted_better")}
+            self.optimizer.step()
+            for name, value in step_stats.items():  # summed on the device; one host copy per epoch
+                sums[name] = sums.get(name, 0) + value
+            batches += 1
+        means = {name: total.item() / batches for name, total in sums.items()}
+        return {"train_loss": means.pop("loss"), "lr": self.optimizer.param_groups[0]["lr"], **means}
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        self.model.eval()
+        pred = self.model(self.x_test) * self.y_std + self.y_mean
+        return {f"test_{k}": v for k, v in regression_metrics(pred, self.y_test).items()}
+
+    def final_metrics(self, last_row: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in last_row.items() if k.startswith("test_")}
+
+    def progress(self, row: dict[str, float]) -> str:
+        return f"train_loss {row['train_loss']:.4f} test_mae {row['test_mae']:.4f}"
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(),
+                "adjuster": self.adjuster.state_dict() if self.adjuster is not None else {},
+                "optimizer": self.optimizer.state_dict(), "shuffle": self.shuffle.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.adjuster is not None:
+            self.adjuster.load_state_dict(state["adjuster"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.shuffle.set_state(state["shuffle"].cpu())
 
 
 def run(cfg: DictConfig) -> None:
-    torch.set_num_threads(cfg.task.threads)
-    torch.use_deterministic_algorithms(True)
-    root = Path(cfg.root)
-    data_file = root / "data" / "processed" / f"{cfg.data.name}.npz"
-    X, y = load(data_file)
-    train_idx, test_idx = split(len(y), cfg.task.test_fraction, cfg.seed)
-    x_mean, x_std = standardiser(X[train_idx], cfg.task.scale_features)
-    y_mean, y_std = standardiser(y[train_idx, None], cfg.task.scale_target)
-    as_tensor = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    x_train, x_test = as_tensor((X[train_idx] - x_mean) / x_std), as_tensor((X[test_idx] - x_mean) / x_std)
-    y_train = as_tensor((y[train_idx, None] - y_mean) / y_std)
-    y_test = as_tensor(y[test_idx, None])
-
-    torch.manual_seed(cfg.seed)
-    model = mlp(X.shape[1], list(cfg.data.model.hidden))
-    method = cfg.method
-    adjuster = GradientAdjuster(1, tuple(cfg.data.adjuster.arch), ratio=method.ratio, scale=method.scale,
-                                policy=method.policy, remainder=method.remainder) if method.gal else None
-    groups = param_groups(model, adjuster) if adjuster is not None else model.parameters()
-    optimizer = build_optimizer(cfg.optim.name, groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
-    batch_size = cfg.data.train.batch_size
-
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        with torch.no_grad():
-            pred = model(x_test) * float(y_std[0]) + float(y_mean[0])
-        model.train()
-        return regression_metrics(pred, y_test)
-
-    config = OmegaConf.to_container(cfg, resolve=True)
-    run_name = f"{cfg.data.name}-{method.name}-s{cfg.seed}"
-    with RunTracker("regression", run_name, config, profile=cfg.profile, data_files=[data_file],
-                    runs_root=root / "runs") as tracker:
-        for epoch in range(1, cfg.task.epochs + 1):
-            sums: dict[str, torch.Tensor] = {}
-            batches = 0
-            for idx in torch.randperm(len(x_train), generator=shuffle).split(batch_size):
-                xb, yb = x_train[idx], y_train[idx]
-                optimizer.zero_grad(set_to_none=True)
-                out = model(xb)
-                loss_fn = lambda z: F.mse_loss(z, yb)  # noqa: E731
-                if adjuster is None:
-                    loss = loss_fn(out)
-                    loss.backward()
-                    step_stats = {"loss": loss.detach()}
-                else:
-                    stats = adjuster.backward(out, loss_fn, optimizer.param_groups[0]["lr"],
-                                              per_sample_loss_fn=lambda z: (z - yb).pow(2).mean(-1))
-                    step_stats = {name: getattr(stats, name) for name in
-                                  ("loss", "remainder", "accepted", "cosine", "adjusted_better")}
-                optimizer.step()
-                for name, value in step_stats.items():  # summed on the device; one host copy per epoch
-                    sums[name] = sums.get(name, 0) + value
-                batches += 1
-            epoch_means = {name: total.item() / batches for name, total in sums.items()}
-            test = evaluate()
-            row = {"train_loss": epoch_means.pop("loss"), **{f"test_{k}": v for k, v in test.items()},
-                   "lr": optimizer.param_groups[0]["lr"], **epoch_means}
-            tracker.log_epoch(epoch, row)  # refuses NaN/inf: a diverged run fails loudly
-        tracker.log_final({f"test_{k}": v for k, v in evaluate().items()})
+    runner.run(cfg, Regression)

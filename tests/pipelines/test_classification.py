@@ -18,14 +18,15 @@ import torch
 from hydra import compose, initialize
 from mlflow.tracking import MlflowClient
 
+from pipelines.errors import UserError
 from pipelines.prepare import cifar
-from pipelines.tasks import RunError, classification, launch
+from pipelines.tasks import classification, identity, launch
 from pipelines.tracking import TrackingError
 from tests.network import free_port
 from tests.pipelines.prepare_helpers import ROOT, prepare_config
 
 TIMINGS = {"time_per_image", "images_per_s"}  # wall-clock: the only values allowed to differ between runs
-RUN = "cifar10_sgd-gal-s0"
+RUN = "cifar10_sgd-gal-s0"  # the smoke preset's own run (its data profile has 3 epochs)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,12 @@ def train_cmd(root: Path, *overrides: str) -> list[str]:
 
 def train(root: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(train_cmd(root, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def name_of(*overrides: str) -> str:
+    """The run name identity gives ``experiment=cifar10_sgd_gal`` with ``overrides``."""
+    cfg = config(Path("."), *overrides)
+    return identity.run_name(cfg, identity.variant(cfg))
 
 
 def checkpoint_path(root: Path, run: str = RUN) -> Path:
@@ -112,7 +119,7 @@ def test_ddp_on_one_or_two_nodes_matches_one_process_on_the_same_global_batch(tm
     nodes = ("trainer.nodes=2", "trainer.gpus=1", f"trainer.rdzv_endpoint=127.0.0.1:{free_port()}")
     layouts = {"1 process": [("trainer.gpus=1",)], "2 processes": [("trainer.gpus=2",)],
                "2 nodes": [(*nodes, "trainer.node_rank=0"), (*nodes, "trainer.node_rank=1")]}
-    results = {}
+    results, run = {}, name_of(*overrides, "task.epochs=2")
     for layout, commands in layouts.items():
         roots = [tmp_path / layout / f"node{i}" for i in range(len(commands))]  # one disk per node
         for root in roots:
@@ -125,21 +132,21 @@ def test_ddp_on_one_or_two_nodes_matches_one_process_on_the_same_global_batch(tm
         if layout == "2 nodes":  # kill both nodes after the first checkpoint, which only node 0 has: resume
             procs = start()
             deadline = time.monotonic() + 300
-            while not checkpoint_path(roots[0]).exists():
+            while not checkpoint_path(roots[0], run).exists():
                 assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "no checkpoint"
                 time.sleep(0.02)
             for proc in procs:  # the stage processes only: their torchrun agents and workers must follow
                 proc.kill()
                 proc.communicate()
-            assert torch.load(checkpoint_path(roots[0]), weights_only=True)["epoch"] == 1
+            assert torch.load(checkpoint_path(roots[0], run), weights_only=True)["epoch"] == 1
         procs = start()
         outs = [proc.communicate(timeout=600)[0] for proc in procs]
         for proc, out in zip(procs, outs):
             assert proc.returncode == 0, out[-4000:]
         assert ("launching 2 processes" in outs[-1]) == (layout != "1 process")
         if layout == "2 nodes":
-            assert f"resuming {RUN} after epoch 1" in outs[0]
-        results[layout] = outcome(roots[0])
+            assert f"resuming {run} after epoch 1" in outs[0]
+        results[layout] = outcome(roots[0], run)
         client = MlflowClient(env["MLFLOW_TRACKING_URI"])
         assert len(client.search_runs([client.get_experiment_by_name("classification").experiment_id])) == 1
         for other in roots[1:]:  # global rank 0 is on node 0: node 1 writes no record and no checkpoint
@@ -168,7 +175,7 @@ def test_bf16_autocast_and_channels_last_also_run_on_cpu(tmp_path, prepared):
     for precision, layout in (("fp32", False), ("bf16", True)):
         cfg = config(tmp_path, f"trainer.precision={precision}", f"trainer.channels_last={layout}",
                      "task.max_steps=3")
-        trainer = classification.Trainer(cfg, launch.setup(cfg.trainer))
+        trainer = classification.Classification(cfg, launch.setup(cfg.trainer))
         stem = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))  # 3x3: layouts differ
         assert stem.weight.is_contiguous(memory_format=torch.channels_last) == layout
         x = trainer.preprocess(next(iter(trainer.val_loader))[0], train=False)
@@ -193,9 +200,11 @@ def test_gal_and_baseline_record_their_metrics(root, capsys):
     for method in ("gal", "baseline"):
         classification.run(config(root, f"experiment=cifar10_sgd_{method}", "task.max_steps=2"))
     classification.run(config(root, "task.max_steps=2"))
-    assert f"starting {RUN} over: {checkpoint_path(root)} holds a finished run" in capsys.readouterr().out
-    gal = root / "runs" / "classification" / RUN
-    base = root / "runs" / "classification" / "cifar10_sgd-baseline-s0"
+    run = "cifar10_sgd-gal-epochs1-max_steps2-s0"
+    assert name_of("task.epochs=1", "task.max_steps=2") == run
+    assert f"starting {run} over: {checkpoint_path(root, run)} holds a finished run" in capsys.readouterr().out
+    gal = root / "runs" / "classification" / run
+    base = root / "runs" / "classification" / "cifar10_sgd-baseline-epochs1-max_steps2-s0"
     header = (gal / "history.csv").read_text().splitlines()[0].split(",")
     assert {"train_loss", "val_loss", "val_top1_err", "val_top5_err", "lr", "time_per_image", "remainder", "cosine",
             "accepted", "adjusted_better"} <= set(header)
@@ -210,14 +219,19 @@ def test_gal_and_baseline_record_their_metrics(root, capsys):
     (("task.batch_size=1000",), "task.batch_size=1000 is larger than the 200 training images"),
     (("model.name=no_such_net",), "model.name='no_such_net' is not a timm model"),
     (("trainer.precision=fp16",), "trainer.precision='fp16': use auto, bf16 or fp32"),
-    (("task.epochs=0",), "task.epochs=0: train for at least one epoch"),
+    (("task.epochs=0",), "task.epochs=0: use an integer of at least 1"),
+    (("task.batch_size=30", "trainer.gpus=4", "trainer.device=cpu"),
+     "task.batch_size=30 (global) must be divisible by the 4 processes"),
+    (("trainer.gpus=2",), "trainer.gpus=2 but torch sees no CUDA device; set trainer.device=cpu"),
+    (("method.arch=null",), "method.arch (the adjuster's hidden widths) is not set"),
+    (("+optim.betas=[0.9,0.99]",), "optim=sgd: .*betas"),
     (("trainer.nodes=2",), "trainer.nodes=2 needs trainer.rdzv_endpoint=<host:port of node 0>"),
     (("trainer.nodes=2", "trainer.rdzv_endpoint=node0:29500", "trainer.node_rank=2"),
      "trainer.node_rank=2: use 0 to 1"),
     (("data=cifar100",), "cifar100.json is missing: run the prepare stage of cifar100 first"),
 ])
 def test_bad_settings_fail_in_one_line_without_a_record(root, overrides, message):
-    with pytest.raises(RunError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         classification.run(config(root, *overrides))
     assert not (root / "runs").exists()
 
@@ -226,20 +240,20 @@ def test_pretrained_weights_without_hub_access_say_what_to_do(root, monkeypatch)
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set it directly
-    with pytest.raises(RunError, match="set model.pretrained=false"):
+    with pytest.raises(UserError, match="set model.pretrained=false"):
         classification.run(config(root, "model.pretrained=true"))
 
 
 def test_corrupt_inputs_fail_clearly(root):
-    path = checkpoint_path(root)
+    path = checkpoint_path(root, name_of("task.epochs=1"))
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(RunError, match="is unreadable .*; delete it to start the run over"):
+    with pytest.raises(UserError, match="is unreadable .*; delete it to start the run over"):
         classification.run(config(root))
     path.unlink()
     images = root / "data" / "processed" / "cifar10" / "train_images.npy"
     images.write_bytes(images.read_bytes()[:1000])  # truncated
-    with pytest.raises(RunError, match="cannot read the prepared CIFAR files"):
+    with pytest.raises(UserError, match="cannot read the prepared CIFAR files"):
         classification.run(config(root))
     assert not (root / "runs").exists()
 
@@ -247,12 +261,12 @@ def test_corrupt_inputs_fail_clearly(root):
 def test_diverging_run_fails_and_keeps_no_record(root):
     with pytest.raises(TrackingError, match="the run diverged"):
         classification.run(config(root, "optim.lr=1e12", "method.ratio=0", "task.max_steps=3"))
-    assert not (root / "runs" / "classification" / RUN).exists()
+    assert not (root / "runs").exists()
 
 
 def test_resume_on_other_trainer_settings_is_refused_in_one_line(root):
     classification.run(config(root, "task.epochs=2", "task.max_steps=2"))
-    path = checkpoint_path(root)
+    path = checkpoint_path(root, name_of("task.epochs=2", "task.max_steps=2"))
     saved = torch.load(path, weights_only=True)
     torch.save({**saved, "epoch": 1}, path)  # as if killed after epoch 1
     # same model state on another precision: resumable weights, but the MLflow params would misstate the run

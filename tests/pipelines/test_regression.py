@@ -1,31 +1,41 @@
-"""The regression trainer: deterministic runs, a split shared by baseline and GAL, loud failures."""
+"""The regression task on the shared runner: deterministic runs, a split shared by baseline and GAL, one run
+directory per variant, kill-and-resume into the same MLflow run, and bad inputs refused in one line."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from hydra import compose, initialize
+from mlflow.tracking import MlflowClient
 
-from pipelines.tasks import regression
-from pipelines.tasks import RunError
+from pipelines.errors import ConfigError, UserError
+from pipelines.tasks import RunError, regression
+from tests.pipelines.prepare_helpers import ROOT
+
+
+def write_boston(root, rows=80):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(rows, 13))
+    y = X @ rng.normal(size=13) + 0.1 * rng.normal(size=rows) + 20
+    (root / "data" / "processed").mkdir(parents=True, exist_ok=True)
+    np.savez(root / "data" / "processed" / "boston.npz", X=X, y=y, feature_names=np.array(["f"] * 13))
 
 
 @pytest.fixture
 def root(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("DVC_STAGE", raising=False)
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(80, 13))
-    y = X @ rng.normal(size=13) + 0.1 * rng.normal(size=80) + 20
-    (tmp_path / "data" / "processed").mkdir(parents=True)
-    np.savez(tmp_path / "data" / "processed" / "boston.npz", X=X, y=y, feature_names=np.array(["f"] * 13))
+    write_boston(tmp_path)
     return tmp_path
 
 
-def config(root, *overrides):
+def config(root, *overrides, experiment="boston_gal"):
     with initialize(config_path="../../pipelines/conf", version_base="1.3"):
-        return compose("train", overrides=[f"root={root}", "task.epochs=3", "data=boston", *overrides])
+        return compose("train", overrides=[f"root={root}", f"experiment={experiment}", "task.epochs=3", *overrides])
 
 
 def record(root, name):
@@ -34,23 +44,37 @@ def record(root, name):
 
 
 def test_same_seed_gives_identical_metrics_twice(root):
-    regression.run(config(root, "method=gal", "seed=1"))
-    first = record(root, "boston-gal-s1")
-    regression.run(config(root, "method=gal", "seed=1"))
-    assert record(root, "boston-gal-s1") == first
-    regression.run(config(root, "method=gal", "seed=2"))
-    assert record(root, "boston-gal-s2")[0] != first[0]
+    regression.run(config(root, "seed=1"))
+    first = record(root, "boston-gal-epochs3-s1")
+    regression.run(config(root, "seed=1"))
+    assert record(root, "boston-gal-epochs3-s1") == first
+    regression.run(config(root, "seed=2"))
+    assert record(root, "boston-gal-epochs3-s2")[0] != first[0]
 
 
 def test_gal_and_baseline_runs_log_their_columns(root):
-    regression.run(config(root, "method=baseline", "seed=0"))
-    regression.run(config(root, "method=gal", "seed=0"))
-    baseline_metrics, baseline_history = record(root, "boston-baseline-s0")
-    gal_metrics, gal_history = record(root, "boston-gal-s0")
+    regression.run(config(root, experiment="boston_baseline"))
+    regression.run(config(root))
+    baseline_metrics, baseline_history = record(root, "boston-baseline-epochs3-s0")
+    gal_metrics, gal_history = record(root, "boston-gal-epochs3-s0")
     assert set(baseline_metrics) == set(gal_metrics) == {"test_mae", "test_mse", "test_r2"}
-    assert baseline_history.splitlines()[0] == "epoch,train_loss,test_mae,test_mse,test_r2,lr"
+    assert set(baseline_history.splitlines()[0].split(",")) == {"epoch", "train_loss", "test_mae", "test_mse",
+                                                                  "test_r2", "lr"}
     assert {"remainder", "accepted", "cosine", "adjusted_better"} <= set(gal_history.splitlines()[0].split(","))
     assert len(gal_history.splitlines()) == 1 + 3
+
+
+def test_a_variant_gets_its_own_record_and_checkpoint_and_leaves_the_preset_run_alone(root):
+    regression.run(config(root))
+    preset = root / "runs" / "regression" / "boston-gal-epochs3-s0"
+    before = {p.name: p.read_bytes() for p in preset.iterdir()}
+    regression.run(config(root, "method.ratio=0.001"))
+    variant = root / "runs" / "regression" / "boston-gal-eps0.001-epochs3-s0"
+    assert {p.name: p.read_bytes() for p in preset.iterdir()} == before
+    assert json.loads((variant / "run.json").read_text())["variant"] == "eps0.001-epochs3"
+    assert (variant / "metrics.json").read_text() != before["metrics.json"].decode()
+    checkpoints = sorted(p.name for p in (root / "checkpoints" / "regression").iterdir())
+    assert checkpoints == ["boston-gal-epochs3-s0", "boston-gal-eps0.001-epochs3-s0"]
 
 
 def test_split_depends_on_the_seed_alone():
@@ -60,11 +84,87 @@ def test_split_depends_on_the_seed_alone():
     assert not np.array_equal(regression.split(100, 0.2, seed=5)[1], test)
 
 
-def test_missing_data_is_one_clear_line_and_no_run_record(tmp_path, monkeypatch):
+def train_cmd(root, *overrides):
+    return [sys.executable, "-m", "pipelines.train", f"root={root}", "experiment=boston_gal", *overrides]
+
+
+def test_killed_and_rerun_ends_as_one_finished_mlflow_run_with_uninterrupted_metrics(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("DVC_STAGE", None)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for root in (straight, killed):
+        write_boston(root, rows=3000)  # long enough epochs to kill one mid-run
+    epochs = "task.epochs=6"
+    done = subprocess.run(train_cmd(straight, epochs), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    name = "boston-gal-epochs6-s0"
+    ckpt = killed / "checkpoints" / "regression" / name / "last.pt"
+    proc = subprocess.Popen(train_cmd(killed, epochs), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not ckpt.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(train_cmd(killed, epochs), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {name} after epoch" in resumed.stdout
+    assert record(killed, name) == record(straight, name)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("regression").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]  # one per root: no orphan
+
+
+# ------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("overrides, message", [
+    (("task.epochs=0",), "task.epochs=0: use an integer of at least 1"),
+    (("seed=-1",), "seed=-1: use an integer of at least 0"),
+    (("seed=1.5",), "seed=1.5: use an integer of at least 0"),
+    (("data.train.batch_size=0",), "data.train.batch_size=0: use an integer of at least 1"),
+    (("task.test_fraction=1.5",), "task.test_fraction=1.5: use a fraction between 0 and 1"),
+    (("method.ratio=-1",), "method: ratio must be >= 0"),
+    (("method.policy=sometimes",), "method: policy must be one of"),
+    (("method.kind=rnn",), "method: unknown adjuster kind 'rnn'"),
+    (("method.source=uniform",), "method.source=uniform draws noise, so method.arch, method.kind, method.bias"),
+    (("method.adjuster_lr=-0.1",), "method.adjuster_lr=-0.1: use a positive number"),
+    (("+method.momentum=0.9",), "method.momentum is not a GAL setting"),
+    (("+optim.momentum=0.9",), "optim=adam: .*momentum"),
+    (("trainer.gpus=2", "trainer.device=auto"), "trainer.gpus=2 but torch sees no CUDA device; set trainer.device=cpu"),
+    (("trainer.gpus=2", "trainer.device=cpu"), "task=regression runs on one process"),
+    (("trainer.precision=bf16",), "task=regression trains in fp32"),
+])
+def test_bad_settings_are_refused_before_any_compute(root, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        regression.run(config(root, *overrides))
+    assert not (root / "runs").exists() and not (root / "checkpoints").exists()
+
+
+def test_baseline_refuses_gal_settings(root):
+    with pytest.raises(ConfigError, match=r"method.ratio has no effect without GAL"):
+        regression.run(config(root, "+method.ratio=0.1", experiment="boston_baseline"))
+
+
+def test_missing_or_corrupt_data_names_the_stage_to_rerun(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    with pytest.raises(RunError, match="boston.npz is missing: run `dvc repro`"):
+    with pytest.raises(RunError, match=r"boston.npz is missing: run `dvc repro` .*dvc repro prepare@boston"):
         regression.run(config(tmp_path))
-    result = subprocess.run([sys.executable, "-m", "pipelines.train", f"root={tmp_path}", "data=diabetes"],
-                            capture_output=True, text=True)
+    result = subprocess.run(train_cmd(tmp_path, "experiment=diabetes_gal"), cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "diabetes.npz is missing" in result.stderr and not (tmp_path / "runs").exists()
+    (tmp_path / "data" / "processed").mkdir(parents=True)
+    (tmp_path / "data" / "processed" / "boston.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(RunError, match=r"cannot read .*boston.npz .*rerun its prepare stage: dvc repro prepare@boston"):
+        regression.run(config(tmp_path))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_without_a_preset_is_refused_in_one_line(root):
+    result = subprocess.run([sys.executable, "-m", "pipelines.train", f"root={root}", "task=regression",
+                             "data=boston", "method=gal"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "every run starts from a preset" in result.stderr
+
+
+def test_every_user_error_is_one_kind():
+    assert issubclass(RunError, UserError) and issubclass(ConfigError, UserError)

@@ -1,0 +1,115 @@
+"""Run identity: ``<setting>-<method>[-<variant>]-s<seed>``, the one name of a run's record directory,
+checkpoint directory and MLflow run.
+
+The setting is ``cfg.experiment`` (the paper's recipe, e.g. ``cifar100_sgd``, or the regression set,
+e.g. ``boston``). The variant names every way the config differs from the preset's own config
+(``experiment=<setting>_<method>`` at the same profile and seed): the preset is composed again and the
+two resolved configs are compared key by key, so an override is named however it was spelled
+(``method.ratio=0.001``, ``method=...``, a group choice). ``trainer.*`` (where and on how many processes a
+run goes) and ``root`` never make a variant; anything else does, so two configs that differ in anything
+but those never share a name. Tokens are short and stable (sorted by key): ``eps0.001``, ``s5``,
+``policy-always``, ``src-uniform``, ``cnn-256-64``, ``epochs1``; a long variant keeps a readable head
+and a hash of the whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines.errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+NOT_IDENTITY = ("trainer", "root", "seed")  # top-level keys that never make a variant (seed is in the name)
+VARIANT_MAX = 60
+# Short names of GAL's hyper-parameters (the paper's symbols where it has them).
+TOKENS = {"method.ratio": "eps", "method.scale": "s", "method.policy": "policy-", "method.source": "src-",
+          "method.remainder": "rem-", "method.adjuster_lr": "hlr", "method.activation": "act-",
+          "method.bias": "bias-"}
+
+
+def preset_overrides(cfg: DictConfig) -> list[str]:
+    """The overrides that compose the preset this run is a variant of."""
+    if not cfg.get("experiment"):
+        raise ConfigError("no experiment: every run starts from a preset, experiment=<setting>_<method> "
+                          "(conf/experiment/, e.g. experiment=boston_gal or cifar100_sgd_gal)")
+    return [f"experiment={cfg.experiment}_{cfg.method.name}", f"profile={cfg.profile}", f"seed={cfg.seed}"]
+
+
+def compose_preset(cfg: DictConfig) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    overrides = preset_overrides(cfg)
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside @hydra.main or a test's initialize()
+            return compose("train", overrides=overrides)
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose("train", overrides=overrides)
+    except HydraException as err:
+        raise ConfigError(f"no preset {overrides[0]} to name this run after ({str(err).splitlines()[0]}); "
+                          f"runs are named after conf/experiment/<setting>_<method>.yaml") from None
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return format(value, ".12g")
+    if isinstance(value, (list, tuple)):
+        return "-".join(_text(v) for v in value) or "none"
+    return re.sub(r"[^A-Za-z0-9.+_]", "_", str(value))
+
+
+def _short_key(key: str, keys: set[str]) -> str:
+    """The shortest dotted suffix of ``key`` that no other key ends with."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        suffix = ".".join(parts[i:])
+        if not any(k != key and (k == suffix or k.endswith("." + suffix)) for k in keys):
+            return suffix.replace(".", "_")
+    return key.replace(".", "_")
+
+
+def variant(cfg: DictConfig, preset: DictConfig | None = None) -> str:
+    """"" for the preset's own config, else the short name of every difference from it."""
+    preset = compose_preset(cfg) if preset is None else preset
+    ours, theirs = (_leaves({k: v for k, v in OmegaConf.to_container(c, resolve=True).items()
+                             if k not in NOT_IDENTITY}) for c in (cfg, preset))
+    keys = set(ours) | set(theirs)
+    changed = sorted(k for k in keys if ours.get(k, KeyError) != theirs.get(k, KeyError))
+    tokens = []
+    if any(k in ("method.kind", "method.arch") for k in changed):  # the adjuster's architecture, as one token
+        tokens.append(f"{ours.get('method.kind', 'mlp')}-{_text(ours.get('method.arch', []))}")
+    for key in changed:
+        if key in ("method.kind", "method.arch"):
+            continue
+        if key not in ours:
+            tokens.append(f"no-{_short_key(key, keys)}")
+            continue
+        value = _text(ours[key])
+        name = TOKENS.get(key) or _short_key(key, keys)
+        sep = "" if name.endswith("-") or isinstance(ours[key], (int, float)) and not isinstance(ours[key], bool) else "-"
+        tokens.append(f"{name}{sep}{value}")
+    name = "-".join(tokens)
+    if len(name) > VARIANT_MAX:  # keep it a path component: a readable head and a hash of the whole
+        name = name[:VARIANT_MAX - 9].rstrip("-") + "~" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return name
+
+
+def run_name(cfg: DictConfig, variant_name: str) -> str:
+    parts = [str(cfg.experiment), str(cfg.method.name), *([variant_name] if variant_name else []), f"s{cfg.seed}"]
+    return "-".join(parts)

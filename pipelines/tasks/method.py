@@ -1,0 +1,69 @@
+"""GAL from config, one way: the ``method`` config group -> a GradientAdjuster (or None for plain
+training), and the optimiser over the model's and the adjuster's parameters. The only constructor call
+of GradientAdjuster in pipelines/: every key of ``method`` acts or is refused here."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from gal_core import GradientAdjuster
+from gal_core.optim import build_optimizer
+from pipelines.errors import ConfigError
+
+# method.<key> -> GradientAdjuster argument; name and gal are the method's identity, adjuster_lr goes to
+# the optimiser's adjuster group.
+ADJUSTER_ARGS = {"arch": "arch", "ratio": "ratio", "scale": "scale", "policy": "policy", "remainder": "remainder",
+                 "source": "source", "kind": "kind", "activation": "activation", "bias": "bias"}
+GAL_KEYS = {"name", "gal", "adjuster_lr", *ADJUSTER_ARGS}
+NETWORK_KEYS = ("arch", "kind", "activation", "bias", "adjuster_lr")  # settings of h, the learned adjuster
+
+
+def _plain(config: Any) -> dict:
+    return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+
+
+def build_adjuster(method: Mapping | DictConfig, dim: int, process_group=None) -> GradientAdjuster | None:
+    """The adjuster ``method`` describes for outputs of width ``dim``; None when method.gal is false."""
+    method = _plain(method)
+    if not method.get("gal"):
+        extra = sorted(set(method) - {"name", "gal"})
+        if extra:
+            raise ConfigError(f"method.{extra[0]} has no effect without GAL (method.gal=false): remove it")
+        return None
+    unknown = sorted(set(method) - GAL_KEYS)
+    if unknown:
+        raise ConfigError(f"method.{unknown[0]} is not a GAL setting; known: {', '.join(sorted(GAL_KEYS))}")
+    if method.get("source", "learned") != "learned":  # noise in place of h: no network to configure
+        idle = [k for k in NETWORK_KEYS if method.get(k) is not None]
+        if idle:
+            raise ConfigError(f"method.source={method['source']} draws noise, so {', '.join(f'method.{k}' for k in idle)} "
+                              f"would not act: set {' '.join(f'method.{k}=null' for k in idle)}")
+    elif method.get("arch") is None:
+        raise ConfigError("method.arch (the adjuster's hidden widths) is not set: the presets set it per dataset")
+    kwargs = {ADJUSTER_ARGS[k]: v for k, v in method.items() if k in ADJUSTER_ARGS and v is not None}
+    kwargs["arch"] = tuple(kwargs.get("arch", ()))
+    lr = method.get("adjuster_lr")
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+        raise ConfigError(f"method.adjuster_lr={lr!r}: use a positive number, or null for the model's lr")
+    try:
+        return GradientAdjuster(dim, **kwargs, process_group=process_group)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"method: {str(err).splitlines()[0]}") from None
+
+
+def build_optimizer_for(optim: DictConfig, model_groups: Iterable[dict], adjuster: nn.Module | None,
+                        method: DictConfig) -> torch.optim.Optimizer:
+    """``optim.name`` with every other ``optim`` key as its argument, over the model's parameter groups
+    and, with GAL, the adjuster's in a group of its own (at method.adjuster_lr when set)."""
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in _plain(optim).items() if k != "name"}
+    groups = list(model_groups)
+    if adjuster is not None:
+        lr = method.get("adjuster_lr")
+        groups.append({"params": list(adjuster.parameters()), **({"lr": lr} if lr is not None else {})})
+    try:
+        return build_optimizer(optim.name, groups, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"optim={optim.name}: {str(err).splitlines()[0]}") from None

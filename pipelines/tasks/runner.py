@@ -1,0 +1,176 @@
+"""The one training runtime of every task: check the config, relaunch under torchrun, set up processes and
+determinism, decide and send a resume, run the epoch loop with per-epoch atomic checkpoints, and track the
+run (MLflow + run record) on rank 0 with one progress line per epoch.
+
+A task supplies only what is its own, as a ``Task`` subclass (pipelines/tasks/classification.py and
+regression.py are the models): building the model, adjuster, optimiser and data in ``__init__``, one
+training epoch, evaluation, the final metrics and its state. ``python -m pipelines.train`` calls
+``runner.run(cfg, <the task module's TASK>)``.
+
+Resume: a rerun of the same config after a crash or kill continues from the last checkpoint in the same
+MLflow run and ends with the metrics of an uninterrupted run (bitwise on CPU with deterministic
+algorithms). Only rank 0 reads the checkpoint (only node 0 has it); it sends the tensors one by one with
+``dist.broadcast`` (on the GPU under NCCL) after a small skeleton of everything else, so no rank ever
+holds a pickled copy of the whole state.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines.errors import ConfigError
+from pipelines.tasks import checkpoint, identity, launch
+from pipelines.tracking import RunTracker
+
+PROGRESS_SECONDS = 10.0  # at most one progress line this often (and always after the first and last epoch)
+
+
+class Task(ABC):
+    """What a task supplies to the runner. ``__init__(cfg, procs)`` builds everything the run holds."""
+
+    name: str  # the MLflow experiment and runs/<name>/, checkpoints/<name>/
+    data_files: list[Path]  # inputs whose checksums the run records
+
+    @classmethod
+    def check(cls, cfg: DictConfig, world: int) -> None:
+        """Refuse a bad task setting before any process starts or any data is read (ConfigError)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line for the start of the run: sizes, parameter counts."""
+
+    @abstractmethod
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch (1-based); the history row's training columns."""
+
+    @abstractmethod
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """The history row's evaluation columns."""
+
+    @abstractmethod
+    def final_metrics(self, last_row: dict[str, float]) -> dict[str, float]:
+        """The run's final metrics (metrics.json), given the last history row."""
+
+    @abstractmethod
+    def progress(self, row: dict[str, float]) -> str:
+        """The few numbers of the epoch's progress line."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs: tensors and plain values only (loaded with weights_only=True)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# ------------------------------------------------------------------------------------------ checks
+def require_int(cfg: DictConfig, key: str, minimum: int) -> int:
+    """cfg's integer at ``key``, refused in one line unless it is an integer of at least ``minimum``."""
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r}: use an integer of at least {minimum}")
+    return value
+
+
+def check(cfg: DictConfig, task: type[Task]) -> int:
+    """The settings every run shares, then the task's; the world size. All before any compute."""
+    require_int(cfg, "seed", 0)
+    require_int(cfg, "task.epochs", 1)
+    require_int(cfg, "task.threads", 0)
+    trainer = cfg.trainer
+    gpus, nodes = require_int(cfg, "trainer.gpus", 1), require_int(cfg, "trainer.nodes", 1)
+    device = launch.device_type(trainer)
+    if device == "cpu" and str(trainer.device) == "auto" and gpus * nodes > 1:
+        raise ConfigError(f"trainer.gpus={gpus} but torch sees no CUDA device; set trainer.device=cpu to run "
+                          f"{gpus} CPU processes, or trainer.gpus=1")
+    if device == "cuda" and gpus > torch.cuda.device_count():
+        raise ConfigError(f"trainer.gpus={gpus} but this node has {torch.cuda.device_count()} GPUs")
+    if str(trainer.precision) not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"trainer.precision={trainer.precision!r}: use auto, bf16 or fp32")
+    if str(trainer.channels_last) not in ("auto", "True", "False"):
+        raise ConfigError(f"trainer.channels_last={trainer.channels_last!r}: use auto, true or false")
+    if nodes > 1:
+        launch.check_nodes(trainer)
+    task.check(cfg, gpus * nodes)
+    return gpus * nodes
+
+
+def config_digest(config: dict) -> str:
+    """What a checkpoint must match to be resumed: the config without ``trainer`` (where and on how many
+    processes the run goes, which differs between nodes and does not change the results)."""
+    rest = {k: v for k, v in config.items() if k != "trainer"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ the run
+def run(cfg: DictConfig, task: type[Task]) -> None:
+    world = check(cfg, task)
+    variant = identity.variant(cfg)  # composes the preset: a config error shows before any process starts
+    if world > 1 and not launch.under_torchrun():
+        sys.exit(launch.relaunch(cfg.trainer))
+    if cfg.task.threads:
+        torch.set_num_threads(cfg.task.threads)
+    if cfg.task.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True
+    procs = launch.setup(cfg.trainer)
+    try:
+        fit(cfg, task, procs, variant)
+    finally:
+        launch.teardown()
+
+
+def fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant: str) -> None:
+    root = Path(cfg.root)
+    name = identity.run_name(cfg, variant)
+    task = task_cls(cfg, procs)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    # what actually ran, beside what was asked for (trainer.device=auto, gpus x nodes)
+    config["trainer"].update(resolved_device=procs.device.type, world_size=procs.world)
+    config_sha = config_digest(config)
+    ckpt_path = root / "checkpoints" / task.name / name / "last.pt"
+    # rank 0 decides and sends the checkpoint: only node 0 has it, and other nodes' configs may differ (root)
+    saved = checkpoint.load(ckpt_path) if procs.main else None
+    resumable = saved is not None and saved["config_sha"] == config_sha and saved["epoch"] < cfg.task.epochs
+    if saved is not None and not resumable:
+        why = "a finished run" if saved["config_sha"] == config_sha else "another config"
+        print(f"starting {name} over: {ckpt_path} holds {why}", flush=True)
+    saved = launch.broadcast_state(saved if resumable else None, procs)
+    start, resume = 1, None
+    if saved is not None:
+        task.load_state_dict(saved["task"])
+        start, resume = saved["epoch"] + 1, saved["tracker"]
+        if procs.main:
+            print(f"resuming {name} after epoch {saved['epoch']} from {ckpt_path}", flush=True)
+    if procs.main:
+        print(f"{name}: {task.describe()}; {procs.world} process(es) on {procs.device}", flush=True)
+    tracker = (RunTracker(task.name, name, config, profile=cfg.profile, data_files=task.data_files,
+                          runs_root=root / "runs", resume=resume, variant=variant)
+               if procs.main else contextlib.nullcontext())
+    last_print = 0.0
+    with tracker:
+        for epoch in range(start, cfg.task.epochs + 1):
+            row = task.train_epoch(epoch)
+            row.update(task.evaluate(epoch))
+            if not procs.main:
+                continue
+            tracker.log_epoch(epoch, row)  # refuses NaN/inf: a diverged run fails loudly
+            checkpoint.save({"epoch": epoch, "config_sha": config_sha, "task": task.state_dict(),
+                             "tracker": tracker.state()}, ckpt_path)
+            if epoch in (start, cfg.task.epochs) or time.monotonic() - last_print >= PROGRESS_SECONDS:
+                print(f"epoch {epoch}/{cfg.task.epochs} {task.progress(row)}", flush=True)
+                last_print = time.monotonic()
+        if procs.main:
+            tracker.log_final(task.final_metrics(row))
