@@ -3,5 +3,7 @@
     python -m pipelines.report [--runs runs] [--out reports] [--profile P | profile=P]
 
 What gets rendered is the list pipelines.report.specs.SPECS; each spec turns its runs into numbers with
-provenance (pipelines/report/model.py describes the seam). The paper's numbers live in paper.yaml.
+provenance (pipelines/report/model.py describes the seam), taking its runs through the one selection
+function, pipelines/report/selection.py. The paper's numbers live in paper.yaml. The report imports no
+training module (Fig. 4's surface comes from pipelines/surface.py).
 """

@@ -3,8 +3,10 @@
 Renders every table and figure of pipelines.report.specs.SPECS from the run records under --runs into
 --out: tables/<name>.{md,csv,tex}, tables/claims.{md,csv,tex}, figures/<name>.{png,pdf,csv}, index.md and
 provenance.json. All outputs are rendered first and only then moved into place, so an error leaves the
-previous reports untouched. Missing runs, mixed profiles among one table's runs, or runs of another profile
-than the one asked for: one line on stderr, exit code 2.
+previous reports untouched. A table or figure whose runs are missing is skipped: index.md and the output say
+which runs it needs and the command that makes them. Inconsistent runs (mixed profiles, runs of another
+profile than the one asked for, two runs for one seed, differing configs within one aggregate, a metric that
+is not a finite number) or no runs for any table or figure: one line on stderr, exit code 2.
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from pipelines.errors import run_cli
 from pipelines.report.build import build
-from pipelines.report.records import ReportError, display_path
+from pipelines.report.model import Rendered, Skipped
+from pipelines.report.records import display_path
 from pipelines.report.specs import SPECS
 
 
@@ -37,19 +41,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def report(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    items = build(Path(args.runs), Path(args.out), SPECS, profile=args.profile)
+    rendered = [item for item in items if isinstance(item, Rendered)]
+    verdicts = Counter(c.verdict for r in rendered for c in r.claims)
+    names = ", ".join(f"{r.name} ({r.profile})" for r in rendered)
+    print(f"report: wrote {names} to {display_path(Path(args.out))}/ in {time.perf_counter() - start:.1f} s; "
+          f"claims: " + (", ".join(f"{n} {v}" for v, n in sorted(verdicts.items())) or "none"))
+    for item in items:
+        if isinstance(item, Skipped):
+            print(f"report: skipped {item.name}: {item.missing}; make them with `{item.make}`")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    start = time.perf_counter()
-    try:
-        rendered = build(Path(args.runs), Path(args.out), SPECS, profile=args.profile)
-    except ReportError as err:
-        print(f"report: error: {err}", file=sys.stderr)
-        return 2
-    verdicts = Counter(c.verdict for r in rendered for c in r.claims)
-    items = ", ".join(f"{r.name} ({r.profile})" for r in rendered)
-    print(f"report: wrote {items} to {display_path(Path(args.out))}/ in {time.perf_counter() - start:.1f} s; "
-          f"claims: " + (", ".join(f"{n} {v}" for v, n in sorted(verdicts.items())) or "none"))
-    return 0
+    return run_cli("report", lambda: report(args))
 
 
 if __name__ == "__main__":

@@ -1,51 +1,42 @@
-"""Render every spec into a temporary directory inside ``out``, then move the files into place: a failure
-(missing runs, mixed profiles, a plotting error) leaves the previous reports untouched."""
+"""Render every spec into a temporary directory beside ``out``, then put the outputs in place: an error
+(inconsistent runs, a plotting error) leaves the previous reports untouched. A spec whose runs are missing is
+skipped (a note in index.md) and the others are rendered."""
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from pipelines.atomic import replace_dir, temp_dir_beside, write_atomic
 from pipelines.report import claims as claims_mod
 from pipelines.report import index, provenance
-from pipelines.report.model import Context, Rendered, Spec
-from pipelines.report.records import display_path
+from pipelines.report.model import Context, Rendered, Skipped, Spec
+from pipelines.report.records import MissingRuns, ReportError, display_path
 from pipelines.report.render import latex, markdown, numbers_csv
 
+DIRS = ("tables", "figures")   # replaced whole, so no file of a skipped or removed spec stays behind
 CLAIMS_FILES = ["tables/claims.md", "tables/claims.csv", "tables/claims.tex"]
 
 
-def _write(root: Path, rel: str, text: str) -> None:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
-def _render_files(rendered: list[Rendered], tmp: Path, runs_root: str) -> list[str]:
-    """Write every output under ``tmp``; returns their paths relative to it."""
-    written: list[str] = []
+def _render_files(items: list[Rendered | Skipped], tmp: Path, runs_root: str) -> dict[str, str]:
+    """Write the tables and figures' numbers under ``tmp``; returns index.md and provenance.json's text."""
+    rendered = [item for item in items if isinstance(item, Rendered)]
     files: dict[str, list[str]] = {}
     for item in rendered:
         if item.layout is not None:
             stem = f"tables/{item.slug}"
-            _write(tmp, f"{stem}.md", markdown(item.layout, heading=item.name))
-            _write(tmp, f"{stem}.tex", latex(item.layout, item.slug))
-            _write(tmp, f"{stem}.csv", numbers_csv(item.numbers))
+            (tmp / f"{stem}.md").write_text(markdown(item.layout, heading=item.name))
+            (tmp / f"{stem}.tex").write_text(latex(item.layout, item.slug))
+            (tmp / f"{stem}.csv").write_text(numbers_csv(item.numbers))
             files[item.name] = [f"{stem}.md", f"{stem}.csv", f"{stem}.tex"]
         else:
-            _write(tmp, f"figures/{item.slug}.csv", numbers_csv(item.numbers))
+            (tmp / f"figures/{item.slug}.csv").write_text(numbers_csv(item.numbers))
             files[item.name] = [*item.files, f"figures/{item.slug}.csv"]
-        written += files[item.name]
 
     claims = [c for item in rendered for c in item.claims]
     claims_layout = claims_mod.layout(claims)
-    _write(tmp, "tables/claims.md", markdown(claims_layout, heading="Claims"))
-    _write(tmp, "tables/claims.csv", claims_mod.to_csv(claims))
-    _write(tmp, "tables/claims.tex", latex(claims_layout, "claims"))
-    written += CLAIMS_FILES
-    _write(tmp, "index.md", index.render(rendered, markdown(claims_layout), files, runs_root))
-    written.append("index.md")
+    (tmp / "tables/claims.md").write_text(markdown(claims_layout, heading="Claims"))
+    (tmp / "tables/claims.csv").write_text(claims_mod.to_csv(claims))
+    (tmp / "tables/claims.tex").write_text(latex(claims_layout, "claims"))
 
     claimed = {key for c in claims for key in c.keys}
     shown_in = {item.name: files[item.name] + ["index.md"] for item in rendered}
@@ -53,24 +44,34 @@ def _render_files(rendered: list[Rendered], tmp: Path, runs_root: str) -> list[s
     for key, entry in prov["numbers"].items():
         if key in claimed:
             entry["files"] = entry["files"] + CLAIMS_FILES
-    _write(tmp, "provenance.json", provenance.dumps(prov))
-    written.append("provenance.json")
-    return written
+    return {"index.md": index.render(items, markdown(claims_layout), files, runs_root),
+            "provenance.json": provenance.dumps(prov)}
 
 
-def build(runs_root: Path, out: Path, specs: list[Spec], profile: str | None = None) -> list[Rendered]:
-    """Render ``specs`` from the runs under ``runs_root`` into ``out``; ReportError leaves ``out`` as it was."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+def build(runs_root: Path, out: Path, specs: list[Spec], profile: str | None = None) -> list[Rendered | Skipped]:
+    """Render ``specs`` from the runs under ``runs_root`` into ``out``: each one's Rendered, or Skipped when
+    its runs are missing. ReportError (inconsistent runs, or every spec skipped) leaves ``out`` as it was."""
+    tmp = temp_dir_beside(out)
     try:
         ctx = Context(runs_root=runs_root, out=tmp, profile=profile)
-        for sub in ("tables", "figures"):
+        for sub in DIRS:
             (tmp / sub).mkdir()
-        rendered = [spec.render(ctx) for spec in specs]
-        written = _render_files(rendered, tmp, display_path(runs_root))
-        for rel in written:  # each move is atomic; all rendering is done before the first
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp / rel, out / rel)
+        items: list[Rendered | Skipped] = []
+        for spec in specs:
+            try:
+                items.append(spec.render(ctx))
+            except MissingRuns as err:
+                items.append(Skipped(spec.name, spec.slug, spec.kind, err.needs, err.missing, err.make))
+        if all(isinstance(item, Skipped) for item in items):
+            raise ReportError(f"no table or figure has its runs under {display_path(runs_root)}/ (first: "
+                              f"{items[0].name}: {items[0].missing}); make them first (dvc repro)"
+                              if items else "no table or figure to render")
+        tops = _render_files(items, tmp, display_path(runs_root))
+        out.mkdir(parents=True, exist_ok=True)
+        for sub in DIRS:  # all rendering is done before the first output is replaced
+            replace_dir(tmp / sub, out / sub)
+        for name, text in tops.items():
+            write_atomic(out / name, text)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return rendered
+    return items

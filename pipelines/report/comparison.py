@@ -4,7 +4,7 @@ each metric over seeds, Student's t-test baseline vs GAL, the paper's numbers be
 Optionally a parameter-count column (Table III) and the rows the paper quotes from other work (paper.yaml's
 "reference": shown as quoted, not rerun).
 
-Which runs belong where comes from each run's config.yaml (dotted keys), never from directory names.
+Which runs belong where comes from each run's config.yaml (dotted keys) and variant (selection.select).
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from typing import Any, Callable
 from pipelines.report import stats
 from pipelines.report.model import Claim, Context, Layout, Number, Rendered
 from pipelines.report.paper import lookup
-from pipelines.report.records import ReportError, RunRecord, check_one_profile
+from pipelines.report.records import RunRecord
 from pipelines.report.render import fmt, fmt_p, markdown, pm
+from pipelines.report.selection import Setting, select
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class ComparisonTable:
     methods: dict[str, str] = field(default_factory=lambda: {"baseline": "Baseline", "gal": "GAL"})
     seed_key: str = "seed"
     where: dict[str, Any] = field(default_factory=dict)  # further config filters, e.g. {"data.name": "cifar10"}
+    stage: str = ""                       # the dvc stage that makes the runs, e.g. "train_regression"
+    variant: str = ""                     # run.json's variant of the runs taken ("": the presets' own runs)
     show_ttest: bool = True               # a "t, p" row per group (the claims always use the t-test)
     params: Params | None = None          # a parameter-count column before the metrics (Table III)
     references: bool = False              # append paper.yaml's <name>/reference rows, marked as quoted
@@ -74,40 +77,11 @@ class ComparisonTable:
 
     # ---- selecting and checking the runs --------------------------------------------------------------
     def _select(self, ctx: Context) -> tuple[dict[tuple[str, str], list[RunRecord]], str]:
-        """(group, method) -> runs sorted by seed, and the runs' profile; ReportError for mixed profiles,
-        missing or duplicate runs."""
-        runs = [r for r in ctx.runs(self.task)
-                if all(str(r.get(k)) == str(v) for k, v in self.where.items())
-                and str(r.get(self.group_key)) in self.groups and str(r.get(self.method_key)) in self.methods]
-        where = ctx.task_dir(self.task)
-        if not runs:
-            filters = "".join(f"{k}={v}, " for k, v in self.where.items())
-            raise ReportError(
-                f"{self.name}: no runs under {where} for {filters}{self.group_key} in {{{', '.join(self.groups)}}} x "
-                f"{self.method_key} in {{{', '.join(self.methods)}}}; make them first (dvc repro)")
-        profile = check_one_profile(self.name, runs, ctx.profile)
-        cells: dict[tuple[str, str], dict[Any, RunRecord]] = {(g, m): {} for g in self.groups for m in self.methods}
-        for run in runs:
-            cell = cells[(str(run.get(self.group_key)), str(run.get(self.method_key)))]
-            seed = run.get(self.seed_key)
-            if seed in cell:
-                raise ReportError(f"{self.name}: two runs for {run.get(self.group_key)}/{run.get(self.method_key)} "
-                                  f"{self.seed_key}={seed}: {cell[seed].dir} and {run.dir}; remove one")
-            cell[seed] = run
-        seeds = sorted({seed for cell in cells.values() for seed in cell})
-        missing = []
-        for (group, method), cell in cells.items():
-            lacking = [s for s in seeds if s not in cell]
-            if lacking:
-                missing.append(f"{group}/{method} {self.seed_key}={','.join(map(str, lacking))}")
-        if missing:
-            raise ReportError(f"{self.name}: missing runs under {where}: {'; '.join(missing)} "
-                              f"(every {self.group_key} x {self.method_key} needs {self.seed_key}s "
-                              f"{','.join(map(str, seeds))}); make them first (dvc repro)")
-        if len(seeds) < self.min_seeds:
-            raise ReportError(f"{self.name}: {len(seeds)} {self.seed_key}(s) per method under {where}; "
-                              f"mean ± std and the t-test need at least {self.min_seeds}")
-        return {key: [cell[s] for s in seeds] for key, cell in cells.items()}, profile
+        """(group, method) -> runs sorted by seed, and the runs' profile (selection.select)."""
+        settings = [Setting(group, {**self.where, self.group_key: group}, stage=self.stage, variant=self.variant)
+                    for group in self.groups]
+        return select(self.name, ctx, self.task, settings, tuple(self.methods), method_key=self.method_key,
+                      seed_key=self.seed_key, min_seeds=self.min_seeds)
 
     # ---- rendering -----------------------------------------------------------------------------------
     def render(self, ctx: Context) -> Rendered:

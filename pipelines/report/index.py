@@ -1,8 +1,8 @@
-"""reports/index.md: every table inline, every figure embedded, the profile in the title, and a loud
-warning when the runs come from the smoke profile."""
+"""reports/index.md: every table inline, every figure embedded, the profile in the title, a loud warning
+when the runs come from the smoke profile, and a note for every spec skipped because its runs are missing."""
 from __future__ import annotations
 
-from pipelines.report.model import Rendered
+from pipelines.report.model import Rendered, Skipped
 
 SMOKE = "smoke"
 
@@ -37,14 +37,35 @@ def runs_line(item: Rendered) -> str:
     return text + (f" ({dirty} with uncommitted changes)" if dirty else "")
 
 
-def render(rendered: list[Rendered], claims_md: str, files: dict[str, list[str]], runs_root: str) -> str:
+def skipped_banner(skipped: list[Skipped]) -> str:
+    if not skipped:
+        return ""
+    return ("> [!WARNING]\n"
+            f"> **Not rendered, their runs are missing: {', '.join(s.name for s in skipped)}.** Their sections below "
+            "say which runs and the command that makes them; the claims table and provenance.json lack them.\n\n")
+
+
+def skipped_note(item: Skipped) -> str:
+    return (f"## {item.name}\n\n> [!NOTE]\n> **Skipped: its runs are missing.** It needs {item.needs}.\n>\n"
+            f"> {item.missing[0].upper()}{item.missing[1:]}.\n>\n"
+            f"> Make them with `{item.make}`, then rerun `python -m pipelines.report`.\n\n")
+
+
+def render(items: list[Rendered | Skipped], claims_md: str, files: dict[str, list[str]], runs_root: str) -> str:
+    """index.md for the specs' results in order: Rendered ones shown, Skipped ones as a note."""
+    rendered = [item for item in items if isinstance(item, Rendered)]
+    skipped = [item for item in items if isinstance(item, Skipped)]
     parts = [f"# GAL reproduction: results ({profile_title(rendered)})\n\n", smoke_banner(rendered),
+             skipped_banner(skipped),
              f"Rendered by `python -m pipelines.report` from the run records under `{runs_root}/`; the paper's "
              "numbers come from `pipelines/report/paper.yaml`. Every number is traced in "
              "[provenance.json](provenance.json) (value, aggregation, runs, MLflow run ids, git commits, "
              "`dvc repro` targets); to walk one back and cross-check it against MLflow, run e.g. "
              "`python -m pipelines.audit \"Table V\" Boston GAL MAE`.\n\n"]
-    for item in rendered:
+    for item in items:
+        if isinstance(item, Skipped):
+            parts.append(skipped_note(item))
+            continue
         links = " · ".join(f"[{f.rsplit('.', 1)[-1]}]({f})" for f in files[item.name])
         parts.append(f"## {item.name}\n\nProfile `{item.profile}`; {runs_line(item)}. Files: {links}\n\n")
         parts.append(item.markdown + "\n")

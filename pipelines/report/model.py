@@ -9,8 +9,9 @@ md/csv/tex, index.md, claims, provenance.json, the audit):
         kind = "table"          # or "figure"
         def render(self, ctx: Context) -> Rendered: ...
 
-``render`` loads its runs through ``ctx.runs(task)``, checks them (raising ReportError for missing or
-mixed-profile runs), and returns a Rendered. A figure spec also saves its image files under ``ctx.out``.
+``render`` takes its runs with ``pipelines.report.selection.select`` (which raises MissingRuns when they are
+absent: the report then skips the spec and shows a Skipped note; ReportError when they are inconsistent: the
+report refuses), and returns a Rendered. A figure spec also saves its image files under ``ctx.out``.
 """
 from __future__ import annotations
 
@@ -97,6 +98,18 @@ class Rendered:
     files: list[str] = field(default_factory=list)   # extra files the spec wrote under ctx.out (figures)
     claims: list[Claim] = field(default_factory=list)
     baselines: dict[str, str] = field(default_factory=dict)  # run dir -> its matching baseline run dir
+
+
+@dataclass
+class Skipped:
+    """A spec not rendered because its runs are absent (records.MissingRuns): index.md says why."""
+
+    name: str
+    slug: str
+    kind: str
+    needs: str                        # the runs it needs, in words
+    missing: str                      # which of them are missing
+    make: str                         # the command that makes them, e.g. "dvc repro train_regression"
 
 
 @dataclass

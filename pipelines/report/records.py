@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -14,11 +15,22 @@ from typing import Any, Iterable
 
 import yaml
 
+from pipelines.errors import UserError
+
 FILES = ("config.yaml", "metrics.json", "run.json", "history.csv")
 
 
-class ReportError(Exception):
-    """A problem the user must fix (missing or inconsistent runs); reported in one line, exit code 2."""
+class ReportError(UserError):
+    """A problem the user must fix (inconsistent or unreadable runs); reported in one line."""
+
+
+class MissingRuns(ReportError):
+    """A spec's runs are absent (all of them, a cell or some seeds): the report skips that spec and says in
+    index.md what it ``needs``, what is ``missing`` and the command that ``make``s the runs."""
+
+    def __init__(self, spec: str, needs: str, missing: str, make: str):
+        self.spec, self.needs, self.missing, self.make = spec, needs, missing, make
+        super().__init__(f"{spec}: {missing}; make them with `{make}`")
 
 
 def display_path(path: Path) -> str:
@@ -69,30 +81,58 @@ class RunRecord:
     def profile(self) -> str:
         return str(self.flat.get("profile", self.meta.get("profile", "?")))
 
+    @property
+    def variant(self) -> str:
+        """run.json's variant: "" for a preset's own run, e.g. "eps0.001" for a run off the preset."""
+        return str(self.meta.get("variant") or "")
+
     def metric(self, name: str) -> float:
+        """metrics.json's ``name``; ReportError naming the file if it is absent or not a finite number."""
         if name not in self.metrics:
             raise ReportError(f"{self.dir}/metrics.json has no metric {name!r} (has {sorted(self.metrics)})")
-        return float(self.metrics[name])
+        value = self.metrics[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ReportError(f"{self.dir}/metrics.json: {name} is {json.dumps(value)}, not a finite number; "
+                              f"rerun that run or remove it")
+        return float(value)
 
     def latest(self, name: str) -> float:
         """The run's latest value of ``name``, as MLflow reports it: metrics.json's (final metrics win), else
         the last history.csv row's (a per-epoch metric such as GAL's remainder); ReportError if neither has it."""
         if name in self.metrics:
-            return float(self.metrics[name])
-        rows = self._rows
+            return self.metric(name)
+        columns, rows = self._table
         if rows and rows[-1].get(name) not in (None, ""):
-            return float(rows[-1][name])
+            return self._number(rows[-1], name)
         raise ReportError(f"{self.dir} has no metric {name!r} in metrics.json nor a value in the last row of "
-                          f"history.csv (columns: {', '.join(rows[0]) if rows else 'none'})")
+                          f"history.csv (columns: {', '.join(columns) or 'none'})")
 
-    def history(self) -> list[dict[str, str]]:
-        """history.csv's rows (cells as strings); read once."""
-        return [dict(row) for row in self._rows]
+    def series(self, column: str, x: str = "epoch") -> dict[float, float]:
+        """history.csv's ``column`` against its ``x`` column, rows with an empty cell left out; ReportError
+        naming the file if a column is absent or a value is not a finite number."""
+        columns, rows = self._table
+        for name in (x, column):
+            if name not in columns:
+                raise ReportError(f"{self.dir}/history.csv has no column {name!r} (has {', '.join(columns) or 'none'})")
+        return {self._number(row, x): self._number(row, column) for row in rows if row[column] not in (None, "")}
+
+    def _number(self, row: dict[str, str], column: str) -> float:
+        try:
+            value = float(row[column])
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise ReportError(f"{self.dir}/history.csv: {column} is {row[column]!r} in the row of "
+                              f"{next(iter(row))} {next(iter(row.values()))}, not a finite number; rerun that run "
+                              f"or remove it")
+        return value
 
     @cached_property
-    def _rows(self) -> list[dict[str, str]]:
+    def _table(self) -> tuple[list[str], list[dict[str, str]]]:
+        """history.csv's columns and rows (cells as strings); read once."""
         with open(self.path / "history.csv", newline="") as f:
-            return list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
 
     def summary(self) -> dict[str, Any]:
         """The run.json fields provenance keeps for this run."""

@@ -1,7 +1,8 @@
 """The report stage (python -m pipelines.report) and the audit (python -m pipelines.audit) on synthetic run
 records: Tables I-III, V and VII's numbers against numpy/scipy, the claims' verdicts, provenance coverage,
-Figs. 4, 5, 6 and 8b, the error paths (missing runs, mixed profiles) and the audit's MLflow cross-check
-against a tmp sqlite store."""
+Figs. 4, 5, 6 and 8b, specs skipped for missing runs, run selection (by config and variant), the refusals
+(mixed profiles, non-finite metrics, differing configs within one aggregate), the report importing no
+training module, and the audit's MLflow cross-check against a tmp sqlite store."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +10,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -21,8 +24,9 @@ from pipelines import audit
 from pipelines.report import __main__ as report_cli
 from pipelines.report import classification, index
 from pipelines.report.model import Context, Rendered
-from pipelines.report.records import ReportError
-from pipelines.report.specs import fig6, fig8b
+from pipelines.report.records import MissingRuns, ReportError
+from pipelines.report.selection import Setting, select
+from pipelines.report.specs import fig6, fig8b, table5
 
 DATASETS = {"boston": "Boston", "diabetes": "Diabetes", "california": "California"}
 METHODS = {"baseline": "Baseline", "gal": "GAL"}
@@ -244,7 +248,8 @@ def site(tmp_path_factory):
 def test_every_output_exists(site):
     for rel in OUTPUTS:
         assert (site["out"] / rel).is_file(), rel
-    assert not [p for p in site["out"].iterdir() if p.name.startswith(".report-")]  # temp dir cleaned up
+    assert not [p for p in site["out"].iterdir() if p.name.startswith(".")]  # temp dirs cleaned up
+    assert not list(site["root"].glob(".reports.tmp-*"))
 
 
 def test_table5_means_and_stds_equal_numpy(site):
@@ -354,50 +359,64 @@ def test_rerun_gives_the_same_bytes(site, tmp_path, monkeypatch):
     assert (again / "index.md").read_text() == (site["out"] / "index.md").read_text()
 
 
-def _snapshot(out: Path) -> dict[str, bytes]:
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-
-
-def test_missing_runs_fail_in_one_line_and_keep_old_reports(tmp_path, monkeypatch, capsys):
+def test_missing_runs_skip_only_their_spec(tmp_path, monkeypatch, capsys):
+    """Table V and Fig. 4 lack runs: both are skipped with a note (and their old outputs removed), the rest is
+    rendered, and the claims and provenance simply lack them."""
     monkeypatch.chdir(tmp_path)
-    make_runs(Path("runs"), skip=("boston-gal-s3", "california-baseline-s0"))
-    out = Path("reports")
-    (out / "tables").mkdir(parents=True)
-    (out / "tables/table5.md").write_text("previous\n")
-    before = _snapshot(out)
-    assert report_cli.main(["--runs", "runs", "--out", "reports"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert "Table V: missing runs" in err and "boston/gal seed=3" in err and "california/baseline seed=0" in err
-    assert _snapshot(out) == before
-
-
-def test_missing_toy3d_run_is_named(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    make_runs(Path("runs"), skip=("adam-gal",))
-    assert report_cli.main([]) == 2
-    err = capsys.readouterr().err
-    assert "Fig. 4: missing runs" in err and "adam/gal" in err
-    assert not Path("reports/index.md").exists() and not Path("reports/tables/table5.md").exists()
-    assert not list(Path("reports").glob(".report-*"))  # Table V rendered fine, but nothing was moved in
+    make_runs(Path("runs"), skip=("boston-gal-s3", "california-baseline-s0", "adam-gal"))
+    for stale in ("tables/table5.md", "figures/fig4_toy3d.png"):
+        Path("reports", stale).parent.mkdir(parents=True, exist_ok=True)
+        Path("reports", stale).write_text("previous\n")
+    assert report_cli.main(["--runs", "runs", "--out", "reports"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:] == [
+        "report: skipped Table V: missing runs under runs/regression: boston/gal seed=3 (data.name=boston); "
+        "california/baseline seed=0 (data.name=california); make them with `dvc repro train_regression`",
+        "report: skipped Fig. 4: missing runs under runs/toy3d: adam/gal seed=0 (optimizer=adam); make them with "
+        "`dvc repro toy3d`"]
+    index_md = Path("reports/index.md").read_text()
+    assert "**Not rendered, their runs are missing: Table V, Fig. 4.**" in index_md
+    note = index_md.split("## Table V\n")[1].split("\n## ")[0]
+    assert "Skipped: its runs are missing" in note and "data.name in {boston, diabetes, california} x " \
+        "method.name in {baseline, gal}" in note and "boston/gal seed=3" in note
+    assert "Make them with `dvc repro train_regression`, then rerun `python -m pipelines.report`" in note
+    assert "adam/gal seed=0" in index_md.split("## Fig. 4\n")[1] and "## Table VII" in index_md
+    assert not list(Path("reports").glob("*/table5.*")) and not list(Path("reports").glob("*/fig4_toy3d.*"))
+    assert Path("reports/tables/table7.md").is_file() and Path("reports/figures/fig5_val_loss.png").is_file()
+    tables = {r["table"] for r in read_csv(Path("reports/tables/claims.csv"))}
+    assert "Table V" not in tables and "Table I" in tables
+    prov = json.loads(Path("reports/provenance.json").read_text())
+    assert not [k for k in prov["numbers"] if k.startswith(("Table V/", "Fig. 4/"))]
+    assert "Table V" not in prov["profiles"] and "Table VII" in prov["profiles"]
 
 
 def test_no_runs_at_all(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert report_cli.main(["--runs", "runs", "--out", "reports"]) == 2
     err = capsys.readouterr().err
-    assert "Table I: no runs under runs/classification for experiment in {cifar10_sgd, cifar10_lookahead, " \
-           "cifar10_adabound} x method.name in {baseline, gal}; make them first (dvc repro)" in err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("report: no table or figure has its runs under runs/ (first: Table I: no runs under "
+                          "runs/classification with experiment in {cifar10_sgd, cifar10_lookahead, cifar10_adabound} "
+                          "x method.name in {baseline, gal}); make them first (dvc repro)")
+    assert not Path("reports").exists()
 
 
-def test_mixed_profiles_fail(tmp_path, monkeypatch, capsys):
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_mixed_profiles_fail_in_one_line_and_keep_old_reports(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     make_runs(Path("runs"), profiles={"diabetes-gal-s1": "regression"})
+    (Path("reports") / "tables").mkdir(parents=True)
+    Path("reports/tables/table5.md").write_text("previous\n")
+    before = _snapshot(Path("reports"))
     assert report_cli.main([]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "Table V: runs come from mixed profiles" in err and "runs/regression/diabetes-gal-s1" in err
-    assert not Path("reports/index.md").exists()
+    assert err.startswith("report: Table V: runs come from mixed profiles") and "runs/regression/diabetes-gal-s1" in err
+    assert _snapshot(Path("reports")) == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
 
 
 def test_asked_profile_must_match(tmp_path, monkeypatch, capsys):
@@ -498,6 +517,8 @@ def test_classification_figures(site):
         pytest.approx(np.mean(cls_last("cifar100_sgd", "adjusted_better")), rel=1e-12)
     text = (out / "index.md").read_text()
     assert all(f"(figures/{fig}.png)" in text for fig in FIGURES)
+    # Fig. 6 names what it plots: gal_core's remainder and cosine statistics
+    assert "final remainder \\|L(z-δ) - L + ⟨δ, g⟩\\| (mean ± std) | final cos(g, â) (mean ± std) |" in text
     numbers = json.loads((out / "provenance.json").read_text())["numbers"]
     for fig in FIGURES[1:]:
         for row in read_csv(out / f"figures/{fig}.csv"):
@@ -509,11 +530,15 @@ def test_classification_figures(site):
 def test_missing_classification_runs_are_named(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     make_runs(Path("runs"), skip=("cifar100_adabound-gal-s1", "imagenet_resnet50-gal-s2"))
-    assert report_cli.main([]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert "Table II: missing runs under runs/classification: cifar100_adabound/gal seed=1" in err
-    assert not Path("reports/index.md").exists()
+    assert report_cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert "report: skipped Table II: missing runs under runs/classification: cifar100_adabound/gal seed=1 " \
+           "(experiment=cifar100_adabound); make them with `dvc repro train_cifar`" in out
+    assert "report: skipped Table VII: missing runs under runs/classification: ImageNet/gal seed=2 " \
+           "(experiment=imagenet_resnet50); make them with `dvc repro train_imagenet`" in out
+    skipped = [line.removeprefix("report: skipped ").split(":")[0] for line in out.splitlines()[1:]]
+    assert skipped == ["Table II", "Table III", "Table VII", "Fig. 5"]  # Figs. 6, 8b: GAL runs only, 2 seeds
+    assert Path("reports/tables/table1.md").is_file() and Path("reports/figures/fig4_toy3d.png").is_file()
 
 
 def test_classification_selection(tmp_path):
@@ -522,23 +547,119 @@ def test_classification_selection(tmp_path):
     made = make_runs(tmp_path / "runs", profiles={"cifar10_sgd-baseline-s2": "paper"})
     with pytest.raises(ReportError, match=r"Fig\. 5: runs come from mixed profiles: paper \(1 runs, e\.g\. "
                                           r".*runs/classification/cifar10_sgd-baseline-s2\); smoke"):
-        classification.select("Fig. 5", Context(runs_root=tmp_path / "runs", out=tmp_path / "out"),
-                              classification.PER_DATASET, ("baseline", "gal"))
+        select("Fig. 5", Context(runs_root=tmp_path / "runs", out=tmp_path / "out"), classification.TASK,
+               classification.PER_DATASET, ("baseline", "gal"))
     shutil.rmtree(made["cifar10_sgd-baseline-s2"])
     for name, path in made.items():
         if name.startswith("imagenet_efficientnet_b2-gal"):
             shutil.rmtree(path)
     ctx = Context(runs_root=tmp_path / "runs", out=tmp_path / "out")
     spec = fig6.SPEC
-    cells, profile = classification.select(spec.name, ctx, spec.settings, (spec.method,), optional=spec.optional)
+    cells, profile = select(spec.name, ctx, classification.TASK, spec.settings, (spec.method,), optional=spec.optional)
     assert sorted(cells) == [("ResNet-50", "gal")] and profile == "smoke"
     assert [r.get("seed") for r in cells[("ResNet-50", "gal")]] == list(CLS_SEEDS)
     for name, path in made.items():
         if name.startswith("imagenet_resnet50-gal"):
             shutil.rmtree(path)
-    with pytest.raises(ReportError, match=r"Fig\. 8b: missing runs under .*ImageNet/gal: no runs "
-                                          r"\(experiment=imagenet_resnet50\).*make them first"):
+    with pytest.raises(MissingRuns, match=r"Fig\. 8b: missing runs under .*ImageNet/gal: no runs \(experiment="
+                                          r"imagenet_resnet50\).*make them with `dvc repro train_imagenet`"):
         fig8b.SPEC.render(Context(runs_root=tmp_path / "runs", out=tmp_path / "out"))
+
+
+# ------------------------------------------------------------------------------ selection and refusals
+def edit_run(path: Path, config=None, metrics=None, meta=None) -> None:
+    """Apply ``fn(dict)`` edits to a run record's config.yaml, metrics.json or run.json."""
+    for fn, name, load, dump in ((config, "config.yaml", yaml.safe_load, yaml.safe_dump),
+                                 (metrics, "metrics.json", json.loads, json.dumps),
+                                 (meta, "run.json", json.loads, json.dumps)):
+        if fn is not None:
+            data = load((path / name).read_text())
+            fn(data)
+            (path / name).write_text(dump(data))
+
+
+def test_runs_are_selected_by_config_and_variant(tmp_path):
+    """Variant runs (run.json's variant) beside the presets' own: Table V takes only variant "" runs, by their
+    config (not their directory names); a setting that asks for a variant gets exactly its runs."""
+    runs = tmp_path / "runs"
+    made = make_runs(runs)
+    made["boston-gal-s0"].rename(runs / "regression" / "zz-renamed")  # the name does not matter
+    variant = []
+    for seed in SEEDS:
+        path = runs / "regression" / f"boston-gal-eps0.001-s{seed}"
+        shutil.copytree(made[f"boston-gal-s{seed}"] if seed else runs / "regression" / "zz-renamed", path)
+        edit_run(path, config=lambda c: c["method"].update(ratio=0.001), metrics=lambda m: m.update(test_mae=99.0),
+                 meta=lambda m: m.update(variant="eps0.001"))
+        variant.append(path)
+    edit_run(made["boston-gal-s1"], meta=lambda m: m.update(variant=""))  # "" and absent are the same
+    ctx = Context(runs_root=runs, out=tmp_path / "out")
+    numbers = {n.key: n for n in table5.SPEC.render(ctx).numbers}
+    gal = numbers["Table V/Boston/GAL/MAE/mean"]
+    assert gal.value == pytest.approx(np.mean(values_of("boston", "gal", "MAE")), rel=1e-12)
+    assert [r.dir.rsplit("/", 1)[-1] for r in gal.runs] == ["zz-renamed"] + [f"boston-gal-s{s}" for s in SEEDS][1:]
+
+    ablation = [Setting("eps 0.001", {"data.name": "boston"}, stage="ablation", variant="eps0.001")]
+    cells, _ = select("Ablation", ctx, "regression", ablation, ("gal",))
+    assert [r.path for r in cells[("eps 0.001", "gal")]] == variant
+    assert [r.metric("test_mae") for r in cells[("eps 0.001", "gal")]] == [99.0] * len(SEEDS)
+    with pytest.raises(MissingRuns, match=r"Ablation: no runs under .*runs/regression with data\.name=boston "
+                                          r"\(variant eps0\.01\) x method\.name in \{gal\}; make them with `dvc "
+                                          r"repro ablation`"):
+        select("Ablation", ctx, "regression", [Setting("eps 0.01", {"data.name": "boston"}, stage="ablation",
+                                                       variant="eps0.01")], ("gal",))
+
+
+def test_runs_of_one_number_must_share_their_config(tmp_path, monkeypatch):
+    """seed, trainer.* and root may differ within a cell; anything else is refused, naming the odd run."""
+    monkeypatch.chdir(tmp_path)
+    made = make_runs(Path("runs"))
+    edit_run(made["boston-gal-s1"], config=lambda c: c.update(trainer={"gpus": 4}, root="elsewhere"))
+    table5.SPEC.render(Context(runs_root=Path("runs"), out=Path("out")))
+    edit_run(made["boston-gal-s3"], config=lambda c: (c["task"].update(epochs=16), c["method"].pop("scale")))
+    with pytest.raises(ReportError) as err:
+        table5.SPEC.render(Context(runs_root=Path("runs"), out=Path("out")))
+    assert str(err.value).startswith(
+        "Table V: runs/regression/boston-gal-s3 differs from runs/regression/boston-gal-s0 in config "
+        "method.scale (1.0 vs <absent>), task.epochs (15 vs 16); runs aggregated together may differ only in "
+        "seed, root, trainer.*")
+
+
+@pytest.mark.parametrize("value, shown", [(math.nan, "NaN"), (math.inf, "Infinity"), ("3.1", '"3.1"'),
+                                          (None, "null"), (True, "true")])
+def test_non_finite_metric_is_refused(tmp_path, monkeypatch, capsys, value, shown):
+    monkeypatch.chdir(tmp_path)
+    made = make_runs(Path("runs"))
+    edit_run(made["boston-gal-s2"], metrics=lambda m: m.update(test_mae=value))
+    assert report_cli.main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"report: runs/regression/boston-gal-s2/metrics.json: test_mae is {shown}, not a finite number; "
+                   "rerun that run or remove it")
+    assert not Path("reports").exists()
+
+
+def test_non_finite_history_value_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    made = make_runs(Path("runs"))
+    path = made["imagenet_resnet50-gal-s1"] / "history.csv"
+    rows = read_csv(path)
+    rows[1]["cosine"] = "nan"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ReportError, match=r"^runs/classification/imagenet_resnet50-gal-s1/history\.csv: cosine is "
+                                          r"'nan' in the row of epoch 2, not a finite number"):
+        fig6.SPEC.render(Context(runs_root=Path("runs"), out=Path("out")))
+
+
+def test_report_imports_no_training_module():
+    code = ("import sys, pipelines.report.__main__, pipelines.report.specs; "
+            "print([m for m in sys.modules if m.split('.')[0] == 'torch' or m == 'pipelines.toy3d' "
+            "or m.startswith('pipelines.tasks')])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------------------------------------ audit

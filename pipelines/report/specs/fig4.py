@@ -2,12 +2,13 @@
 paths (start marked), bottom: z against step. Numbers: each run's final z (shown in the legends)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from pipelines.report.model import Context, Layout, Number, Rendered
-from pipelines.report.records import ReportError, RunRecord, check_one_profile
+from pipelines.report.records import ReportError, RunRecord
 from pipelines.report.render import fmt, markdown
+from pipelines.report.selection import Setting, select
+from pipelines.surface import surface
 
 COLORS = {"baseline": "#e8302a", "gal": "#33c7ff"}  # red, sky blue: both outlined in black on the map
 STYLE = {"baseline": "-", "gal": "--"}
@@ -18,6 +19,7 @@ class Toy3dFigure:
     name: str = "Fig. 4"
     slug: str = "fig4_toy3d"
     task: str = "toy3d"
+    stage: str = "toy3d"       # the dvc stage that makes the runs
     kind: str = "figure"
     optimizers: tuple[str, ...] = ("gd", "lookahead", "rmsprop", "adam", "adabound")  # columns, in order
     methods: dict[str, str] = field(default_factory=lambda: {"baseline": "Baseline", "gal": "GAL"})
@@ -25,25 +27,14 @@ class Toy3dFigure:
     span: tuple[float, float] = (-3.5, 3.5)  # the plotted square never exceeds this (paths may leave it)
 
     def _select(self, ctx: Context) -> tuple[dict[tuple[str, str], RunRecord], str]:
-        runs = [r for r in ctx.runs(self.task)
-                if str(r.get("optimizer")) in self.optimizers and str(r.get("method")).lower() in self.methods]
-        where = ctx.task_dir(self.task)
-        if not runs:
-            raise ReportError(f"{self.name}: no runs under {where} for optimizer in {{{', '.join(self.optimizers)}}}"
-                              f" x method in {{{', '.join(self.methods)}}}; make them first (dvc repro)")
-        profile = check_one_profile(self.name, runs, ctx.profile)
-        cells: dict[tuple[str, str], RunRecord] = {}
-        for run in runs:
-            key = (str(run.get("optimizer")), str(run.get("method")).lower())
-            if key in cells:
-                raise ReportError(f"{self.name}: two runs for {'/'.join(key)}: {cells[key].dir} and {run.dir}; "
-                                  f"remove one")
-            cells[key] = run
-        missing = [f"{o}/{m}" for o in self.optimizers for m in self.methods if (o, m) not in cells]
-        if missing:
-            raise ReportError(f"{self.name}: missing runs under {where}: {', '.join(missing)}; "
-                              f"make them first (dvc repro)")
-        return cells, profile
+        """(optimizer, method) -> its one run (selection.select), and the runs' profile."""
+        settings = [Setting(opt, {"optimizer": opt}, stage=self.stage) for opt in self.optimizers]
+        cells, profile = select(self.name, ctx, self.task, settings, tuple(self.methods), method_key="method")
+        for (opt, method), runs in cells.items():
+            if len(runs) > 1:
+                raise ReportError(f"{self.name}: {len(runs)} runs for {opt}/{method} ({', '.join(r.dir for r in runs)})"
+                                  f"; it shows one path each: remove all but one")
+        return {key: runs[0] for key, runs in cells.items()}, profile
 
     @staticmethod
     def _settings(run: RunRecord) -> str:
@@ -68,8 +59,8 @@ class Toy3dFigure:
             row = [label, self._settings(cells[(opt, "gal")]).replace("\n", "; ")]
             for method, method_name in self.methods.items():
                 run = cells[(opt, method)]
-                hist = run.history()
-                paths[(opt, method)] = {c: [float(h[c]) for h in hist] for c in ("step", "x", "y", "z")}
+                xyz = {c: run.series(c, x="step") for c in ("x", "y", "z")}
+                paths[(opt, method)] = {"step": list(xyz["x"]), **{c: list(v.values()) for c, v in xyz.items()}}
                 value = run.metric(self.metric)
                 numbers.append(Number(
                     key=f"{self.name}/{label}/{method_name}/{self.metric}", value=value, text=fmt(value, 3),
@@ -95,9 +86,7 @@ class Toy3dFigure:
         import numpy as np
         from matplotlib import patheffects
 
-        from pipelines.toy3d import surface
-
-        coords = [v for p in paths.values() for c in ("x", "y") for v in p[c] if math.isfinite(v)]
+        coords = [v for p in paths.values() for c in ("x", "y") for v in p[c]]
         coords += [v for o in self.optimizers for v in cells[(o, "gal")].get("start")]
         lo = max(min(*coords, -1.5) - 0.25, self.span[0])
         hi = min(max(*coords, 1.5) + 0.25, self.span[1])

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pipelines.report import classification as cls
 from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.render import markdown, pm
+from pipelines.report.selection import select
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class CurvesFigure:
     ylabel: str = "validation loss"
 
     def render(self, ctx: Context) -> Rendered:
-        cells, profile = cls.select(self.name, ctx, self.settings, tuple(self.methods))
+        cells, profile = select(self.name, ctx, cls.TASK, self.settings, tuple(self.methods))
         numbers: list[Number] = []
         rows: list[list[str]] = []
         finals: dict[tuple[str, str], dict[str, Number]] = {}

@@ -1,6 +1,9 @@
-"""Fig. 6: GAL's remainder (norm of the adjustment) and the cosine between the adjusted and the plain
-gradient, per epoch, for the ImageNet GAL runs (ResNet-50; EfficientNet-B2 too when its runs exist), mean
-over seeds (±std shaded). Numbers: each curve's final value (mean and std over seeds)."""
+"""Fig. 6: GAL's statistics per epoch (history.csv, epoch means of gal_core's GALStats) for the ImageNet GAL
+runs (ResNet-50; EfficientNet-B2 too when its runs exist), mean over seeds (±std shaded):
+- remainder: |L(z-δ) - L + <δ, g>|, the first-order Taylor remainder of the trial step δ = lr s (g + â) at the
+  output z, with g = dL/dz and â the adjustment (the first-order term averaged as method.remainder says);
+- cosine: cos(g, â), between the plain gradient and the adjustment, averaged over the output rows.
+Numbers: each curve's final value (mean and std over seeds)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,9 +11,11 @@ from dataclasses import dataclass
 from pipelines.report import classification as cls
 from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.render import markdown, pm
+from pipelines.report.selection import select
 
-MODELS = (cls.Setting("ResNet-50", {"experiment": "imagenet_resnet50"}, "ImageNet, RMSProp"),
-          cls.Setting("EfficientNet-B2", {"experiment": "imagenet_efficientnet_b2"}, "ImageNet"))
+MODELS = (cls.Setting("ResNet-50", {"experiment": "imagenet_resnet50"}, "ImageNet, RMSProp", stage="train_imagenet"),
+          cls.Setting("EfficientNet-B2", {"experiment": "imagenet_efficientnet_b2"}, "ImageNet",
+                      stage="train_imagenet"))
 
 
 @dataclass(frozen=True)
@@ -20,12 +25,16 @@ class GalStatsFigure:
     kind: str = "figure"
     settings: tuple[cls.Setting, ...] = MODELS
     optional: tuple[str, ...] = ("EfficientNet-B2",)   # shown when its GAL runs exist
-    columns: tuple[tuple[str, str], ...] = (("remainder", "remainder"), ("cosine", "cosine similarity"))
+    # history.csv column, its name in text, its name on the plot (matplotlib mathtext)
+    columns: tuple[tuple[str, str, str], ...] = (
+        ("remainder", "remainder |L(z-δ) - L + ⟨δ, g⟩|",
+         r"remainder $|L(z-\delta) - L + \langle\delta, g\rangle|$"),
+        ("cosine", "cos(g, â)", r"$\cos(g, \hat{a})$"))
     method: str = "gal"
     method_name: str = "GAL"
 
     def render(self, ctx: Context) -> Rendered:
-        cells, profile = cls.select(self.name, ctx, self.settings, (self.method,), optional=self.optional)
+        cells, profile = select(self.name, ctx, cls.TASK, self.settings, (self.method,), optional=self.optional)
         shown = [s for s in self.settings if (s.label, self.method) in cells]
         numbers: list[Number] = []
         rows: list[list[str]] = []
@@ -33,7 +42,7 @@ class GalStatsFigure:
         for s in shown:
             runs = cells[(s.label, self.method)]
             row = [s.label, s.detail, str(len(runs))]
-            for column, _ in self.columns:
+            for column, _, _ in self.columns:
                 nums = cls.final_numbers(self.name, [s.label, self.method_name], column, runs)
                 finals[(s.label, column)] = nums["mean"]
                 numbers += nums.values()
@@ -42,8 +51,8 @@ class GalStatsFigure:
         files = [f"figures/{self.slug}.png", f"figures/{self.slug}.pdf"]
         self._plot(cells, shown, finals, profile, [ctx.out / f for f in files])
         layout = Layout(columns=["Model", "Runs", "n (seeds)",
-                                 *(f"final {c} (mean ± std)" for c, _ in self.columns)], rows=rows)
-        md = (f"![{self.name}: GAL's remainder and cosine per epoch]({files[0]})\n\n"
+                                 *(f"final {text} (mean ± std)" for _, text, _ in self.columns)], rows=rows)
+        md = (f"![{self.name}: GAL's remainder and cos(g, â) per epoch]({files[0]})\n\n"
               f"[{self.name} as PDF]({files[1]}). Final value of each curve (GAL runs, over seeds):\n\n"
               + markdown(layout))
         return Rendered(name=self.name, slug=self.slug, kind=self.kind, profile=profile, numbers=numbers,
@@ -55,7 +64,7 @@ class GalStatsFigure:
         fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.8), squeeze=False,
                                  gridspec_kw={"left": 0.09, "right": 0.98, "bottom": 0.13, "top": 0.84,
                                               "wspace": 0.3})
-        for ax, (column, ylabel) in zip(axes[0], self.columns):
+        for ax, (column, _, ylabel) in zip(axes[0], self.columns):
             for s in shown:
                 runs = cells[(s.label, self.method)]
                 epochs, mean, std = cls.curve(runs, column)

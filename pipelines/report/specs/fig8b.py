@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pipelines.report import classification as cls
 from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.render import markdown, pm
+from pipelines.report.selection import select
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class FractionFigure:
     method_name: str = "GAL"
 
     def render(self, ctx: Context) -> Rendered:
-        cells, profile = cls.select(self.name, ctx, self.settings, (self.method,))
+        cells, profile = select(self.name, ctx, cls.TASK, self.settings, (self.method,))
         numbers: list[Number] = []
         rows: list[list[str]] = []
         finals: dict[str, Number] = {}

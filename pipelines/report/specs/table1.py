@@ -8,6 +8,7 @@ def cifar_table(name: str, slug: str, dataset: str, title: str) -> ComparisonTab
         name=name,
         slug=slug,
         task="classification",
+        stage="train_cifar",
         caption=f"{name}: {title} top-1 test error (%), EfficientNet-B1, baseline (the paper's \"Reproduced\") "
                 "vs GAL per optimiser (mean ± std over seeds; t-test baseline vs GAL)",
         group_key="experiment",

@@ -5,6 +5,7 @@ SPEC = ComparisonTable(
     name="Table III",
     slug="table3",
     task="classification",
+    stage="train_imagenet",
     caption="Table III: ImageNet top-1 / top-5 validation accuracy (%), baseline (the paper's \"Reproduced\") vs "
             "GAL per model (mean ± std over seeds; t-test baseline vs GAL) and parameter counts (model + GAL's "
             "adjuster, as the trainer counts them; the paper's 23.5M for ResNet-50 matches the network without "

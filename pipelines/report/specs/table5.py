@@ -5,6 +5,7 @@ SPEC = ComparisonTable(
     name="Table V",
     slug="table5",
     task="regression",
+    stage="train_regression",
     caption="Table V: regression test error, baseline MLP vs GAL (mean ± std over seeds; t-test baseline vs GAL)",
     group_key="data.name",
     groups={"boston": "Boston", "diabetes": "Diabetes", "california": "California"},

@@ -10,6 +10,7 @@ from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.paper import lookup
 from pipelines.report.records import RunRecord
 from pipelines.report.render import fmt, markdown
+from pipelines.report.selection import select
 
 
 def seconds(value: float) -> str:
@@ -28,7 +29,7 @@ class TimeTable:
     key: str = "time"                # key segment and paper.yaml name
 
     def render(self, ctx: Context) -> Rendered:
-        cells, profile = cls.select(self.name, ctx, self.settings, tuple(self.methods))
+        cells, profile = select(self.name, ctx, cls.TASK, self.settings, tuple(self.methods))
         numbers: list[Number] = []
         rows: list[list[str]] = []
         baselines: dict[str, str] = {}

@@ -1,0 +1,134 @@
+"""Which runs a table or figure takes: ``select``, the report's one way of choosing runs.
+
+A run belongs to a setting (a row, panel or line) by its config.yaml (dotted keys) and run.json's variant,
+never by its directory's name or position. By default only a preset's own runs (variant "") are taken; a
+setting with ``variant="eps0.001"`` takes the runs made off the preset under that name instead.
+
+Absent runs (none at all, a setting or method without runs, a seed one method lacks, too few seeds) raise
+MissingRuns: the report skips the spec with a note. Present but inconsistent runs (mixed profiles, two runs
+for one seed, runs of one cell whose configs differ) raise ReportError: the report refuses.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from pipelines.report.model import Context
+from pipelines.report.records import MissingRuns, ReportError, RunRecord, check_one_profile
+
+# Config keys the runs of one cell may differ in: the seed, where files live, and where and on how many
+# processes a run went (trainer.*). The same keys that never make a run's variant (pipelines/tasks/
+# identity.py, not imported: the report imports no training module), so any other difference is refused.
+FREE_KEYS = ("seed", "root")
+FREE_PREFIXES = ("trainer.",)
+
+Cells = dict[tuple[str, str], list[RunRecord]]
+
+
+@dataclass(frozen=True)
+class Setting:
+    label: str                                 # key segment and paper.yaml name, e.g. "CIFAR-10"
+    where: dict[str, Any] = field(default_factory=dict)  # config filters, e.g. {"data.name": "cifar10"}
+    detail: str = ""                           # which runs, in words, e.g. "EfficientNet-B1, SGD"
+    stage: str = ""                            # the dvc stage that makes its runs, e.g. "train_cifar"
+    variant: str = ""                          # run.json's variant: "" takes the preset's own runs
+
+    def matches(self, run: RunRecord) -> bool:
+        return run.variant == self.variant and all(
+            k in run.flat and str(run.flat[k]) == str(v) for k, v in self.where.items())
+
+    @property
+    def filters(self) -> str:
+        return ", ".join([f"{k}={v}" for k, v in self.where.items()] + [f"variant={self.variant}"] * bool(self.variant))
+
+
+def select(name: str, ctx: Context, task: str, settings: Sequence[Setting], methods: Sequence[str], *,
+           method_key: str = "method.name", seed_key: str = "seed", optional: Sequence[str] = (),
+           min_seeds: int = 1) -> tuple[Cells, str]:
+    """(setting label, method) -> the runs under runs/<task> of that setting and method, sorted by seed, and
+    the runs' profile. Within a setting every method needs the same seeds, at least ``min_seeds`` of them;
+    settings named in ``optional`` may lack runs altogether (then they are left out)."""
+    where = ctx.task_dir(task)
+    cells: dict[tuple[str, str], dict[Any, RunRecord]] = {(s.label, m): {} for s in settings for m in methods}
+    chosen: list[RunRecord] = []
+    for run in ctx.runs(task):
+        setting = next((s for s in settings if s.matches(run)), None)
+        method = str(run.flat.get(method_key))
+        if setting is None or method not in methods:
+            continue
+        cell = cells[(setting.label, method)]
+        seed = run.get(seed_key)
+        if seed in cell:
+            raise ReportError(f"{name}: two runs for {setting.label}/{method} {seed_key}={seed}: {cell[seed].dir} "
+                              f"and {run.dir}; remove one")
+        cell[seed] = run
+        chosen.append(run)
+    profile = check_one_profile(name, chosen, ctx.profile) if chosen else "?"
+    for cell in cells.values():
+        check_same_config(name, [cell[seed] for seed in sorted(cell)])
+
+    missing, stages = [], []
+    for s in settings:
+        seeds = sorted({seed for m in methods for seed in cells[(s.label, m)]})
+        if not seeds and s.label in optional:
+            for m in methods:
+                del cells[(s.label, m)]
+            continue
+        if not seeds:
+            lacking = [f"{s.label}/{','.join(methods)}: no runs"]
+        else:
+            lacking = [f"{s.label}/{m} {seed_key}={','.join(map(str, absent))}" for m in methods
+                       if (absent := [x for x in seeds if x not in cells[(s.label, m)]])]
+            if not lacking and len(seeds) < min_seeds:
+                lacking = [f"{s.label}: {len(seeds)} {seed_key}(s), at least {min_seeds} needed"]
+        missing += [f"{item} ({s.filters})" if s.filters else item for item in lacking]
+        if lacking and s.stage not in stages:
+            stages.append(s.stage)
+    if missing:
+        needs = (f"runs under {where} with {_wanted(settings)} x {method_key} in {{{', '.join(methods)}}}, the "
+                 f"same {seed_key}s for each {method_key}" + (f" (at least {min_seeds})" if min_seeds > 1 else ""))
+        what = f"missing runs under {where}: {'; '.join(missing)}" if chosen else \
+            f"no runs under {where} with {_wanted(settings)} x {method_key} in {{{', '.join(methods)}}}"
+        raise MissingRuns(name, needs, what, " ".join(["dvc repro", *filter(None, stages)]))
+    return {key: [cell[seed] for seed in sorted(cell)] for key, cell in cells.items()}, profile
+
+
+def _wanted(settings: Sequence[Setting]) -> str:
+    """The settings' filters in words: 'experiment in {cifar10_sgd, cifar100_sgd}' when they filter on the same
+    keys (and variant), else each one's."""
+    keys = list(settings[0].where) if settings else []
+    if any(list(s.where) != keys or s.variant != settings[0].variant for s in settings):
+        return "; ".join(f"{s.label} ({s.filters})" for s in settings)
+    parts = []
+    for key in keys:
+        values = list(dict.fromkeys(str(s.where[key]) for s in settings))
+        parts.append(f"{key}={values[0]}" if len(values) == 1 else f"{key} in {{{', '.join(values)}}}")
+    return " x ".join(parts) + (f" (variant {settings[0].variant})" if settings[0].variant else "")
+
+
+def may_differ(key: str) -> bool:
+    """Whether the runs of one cell may differ in config ``key`` (FREE_KEYS, FREE_PREFIXES)."""
+    return key in FREE_KEYS or key.startswith(FREE_PREFIXES)
+
+
+def check_same_config(name: str, runs: list[RunRecord]) -> None:
+    """ReportError naming the odd run and its first differing keys unless ``runs`` (aggregated into one
+    number) share their config apart from the free keys. The config most of them share is the reference."""
+    configs = [{k: v for k, v in run.flat.items() if not may_differ(k)} for run in runs]
+    texts = [json.dumps(config, sort_keys=True, default=str) for config in configs]
+    counts = Counter(texts)
+    ref = max(range(len(runs)), key=lambda i: counts[texts[i]], default=0)  # ties: the lowest seed
+    for run, config in zip(runs, configs):
+        keys = sorted(k for k in {*config, *configs[ref]} if config.get(k, ...) != configs[ref].get(k, ...))
+        if keys:
+            shown = ", ".join(f"{k} ({_show(configs[ref], k)} vs {_show(config, k)})" for k in keys[:3])
+            raise ReportError(f"{name}: {run.dir} differs from {runs[ref].dir} in config {shown}"
+                              f"{' and more' if len(keys) > 3 else ''}; runs aggregated together may differ only in "
+                              f"{', '.join([*FREE_KEYS, *(p + '*' for p in FREE_PREFIXES)])}: rerun the odd run or "
+                              f"remove it")
+
+
+def _show(config: dict[str, Any], key: str) -> str:
+    return json.dumps(config[key], default=str) if key in config else "<absent>"
