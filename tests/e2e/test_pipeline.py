@@ -113,7 +113,7 @@ def test_mlflow_server_lists_every_run_with_params_metrics_and_tags(project, mlf
     run = client.get_run(record["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "boston-gal-s3"
     assert run.data.params["method.name"] == "gal" and run.data.params["seed"] == "3"
-    assert run.data.params["data.adjuster.arch"] in ("[16, 4]", "[16,4]")
+    assert run.data.params["method.arch"] in ("[16, 4]", "[16,4]") and run.data.tags["variant"] == ""
     assert {"test_mae", "test_mse", "test_r2", "train_loss", "remainder"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "test_mae")) > 1  # per-epoch history
     tags = run.data.tags
@@ -140,7 +140,7 @@ def test_image_runs_are_tracked_with_metrics_and_checkpoints(project, mlflow_ser
     assert sorted({m.step for m in history}) == [1, 2, 3]  # per epoch (the final value is logged at step 3 too)
     assert run.data.tags["dvc_stage"] == "train_imagenet@resnet50-gal-1"
     state = torch.load(repo / "checkpoints/classification/imagenet_resnet50-gal-s1/last.pt", weights_only=True)
-    assert state["epoch"] == 3 and state["adjuster"] and state["ema"]
+    assert state["epoch"] == 3 and state["task"]["adjuster"] and state["task"]["ema"]
 
 
 def test_dvc_metrics_and_plots_see_the_run_records(project):
@@ -175,13 +175,12 @@ def test_audit_traces_a_table5_cell_to_its_runs(project):
 
 def test_changing_one_parameter_reruns_only_what_depends_on_it(project):
     repo, env, _ = project
-    config = repo / "pipelines/conf/data/boston.yaml"
+    config = repo / "pipelines/conf/experiment/boston_gal.yaml"
     config.write_text(config.read_text().replace("arch: [16, 4]", "arch: [16, 8]"))
     preset = repo / "pipelines/conf/experiment/cifar10_adabound_gal.yaml"
     preset.write_text(preset.read_text().replace("ratio: 0.01", "ratio: 0.02"))
     result = dvc(repo, env, "repro")
-    assert stages_run(result) == ({"prepare@boston", "report"}
-                                  | {f"train_regression@boston-{m}-{s}" for m in METHODS for s in SEEDS}
+    assert stages_run(result) == ({"report"} | {f"train_regression@boston-gal-{s}" for s in SEEDS}
                                   | {f"train_cifar@cifar10-adabound-gal-{s}" for s in IMAGE_SEEDS})
     # the persisted checkpoint of the old config is not resumed: the run starts over
     assert "starting cifar10_adabound-gal-s0 over" in result.stdout
