@@ -77,7 +77,9 @@ def run_ranks(tmp_path, global_decisions):
 
 
 def close(a, b):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # float32 sums in another order (two shards and an all-reduce): an element small beside the tensor's
+    # largest moves by a rounding step of that largest (seen on a 16-core CPU: 8e-7 next to values of 4.7)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * max(1.0, b.abs().max().item()))
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def outcome(root: Path, run: str = RUN) -> tuple[list[dict], dict, dict]:
     with open(record / "history.csv") as f:
         history = [{k: v for k, v in row.items() if k not in TIMINGS} for row in csv.DictReader(f)]
     metrics = {k: v for k, v in json.loads((record / "metrics.json").read_text()).items() if k not in TIMINGS}
-    weights = torch.load(checkpoint_path(root, run), map_location="cpu", weights_only=True)["model"]
+    weights = torch.load(checkpoint_path(root, run), map_location="cpu", weights_only=True)["task"]["model"]
     return history, metrics, weights
 
 
