@@ -78,7 +78,8 @@ class Classification(runner.Task):
         if task.max_steps is not None:
             runner.require_int(cfg, "task.max_steps", 1)
         if task.batch_size % world:
-            raise ConfigError(f"task.batch_size={task.batch_size} (global) must be divisible by the {world} processes")
+            raise ConfigError(f"task.batch_size={task.batch_size} (global) must be divisible by the {world} "
+                              "processes")
 
     def __init__(self, cfg: DictConfig, procs: launch.Processes):
         self.cfg, self.procs, self.device = cfg, procs, procs.device
@@ -108,7 +109,8 @@ class Classification(runner.Task):
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
             if self.adjuster is not None:
                 self.adjuster.wrap_ddp(device_ids=ids)
-        self.optimizer = build_optimizer_for(cfg.optim, model_param_groups(cfg, self.model), self.adjuster, cfg.method)
+        self.optimizer = build_optimizer_for(cfg.optim, model_param_groups(cfg, self.model), self.adjuster,
+                                             cfg.method)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.ema = None
         if cfg.task.ema_decay:

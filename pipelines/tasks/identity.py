@@ -102,8 +102,8 @@ def variant(cfg: DictConfig, preset: DictConfig | None = None) -> str:
             continue
         value = _text(ours[key])
         name = TOKENS.get(key) or _short_key(key, keys)
-        sep = "" if name.endswith("-") or isinstance(ours[key], (int, float)) and not isinstance(ours[key], bool) else "-"
-        tokens.append(f"{name}{sep}{value}")
+        number = isinstance(ours[key], (int, float)) and not isinstance(ours[key], bool)
+        tokens.append(f"{name}{'' if number or name.endswith('-') else '-'}{value}")
     name = "-".join(tokens)
     if len(name) > VARIANT_MAX:  # keep it a path component: a readable head and a hash of the whole
         name = name[:VARIANT_MAX - 9].rstrip("-") + "~" + hashlib.sha256(name.encode()).hexdigest()[:8]

@@ -39,8 +39,9 @@ def build_adjuster(method: Mapping | DictConfig, dim: int, process_group=None) -
     if method.get("source", "learned") != "learned":  # noise in place of h: no network to configure
         idle = [k for k in NETWORK_KEYS if method.get(k) is not None]
         if idle:
-            raise ConfigError(f"method.source={method['source']} draws noise, so {', '.join(f'method.{k}' for k in idle)} "
-                              f"would not act: set {' '.join(f'method.{k}=null' for k in idle)}")
+            names = ", ".join(f"method.{k}" for k in idle)
+            raise ConfigError(f"method.source={method['source']} draws noise, so {names} would not act: set "
+                              + " ".join(f"method.{k}=null" for k in idle))
     elif method.get("arch") is None:
         raise ConfigError("method.arch (the adjuster's hidden widths) is not set: the presets set it per dataset")
     kwargs = {ADJUSTER_ARGS[k]: v for k, v in method.items() if k in ADJUSTER_ARGS and v is not None}

@@ -53,8 +53,9 @@ def walk(task_cls, root, experiment: str, *extra: str):
         for group in ("method", "optim"):
             for key, value in flat[group].items():
                 new = changed(key, value)
+                text = "[" + ",".join(map(str, new)) + "]" if isinstance(new, list) else new
                 cfg = compose("train", overrides=[f"root={root}", f"experiment={experiment}", *extra,
-                                                   f"{group}.{key}={'[' + ','.join(map(str, new)) + ']' if isinstance(new, list) else new}"])
+                                                   f"{group}.{key}={text}"])
                 try:
                     outcomes[f"{group}.{key}"] = "changes" if build(task_cls, cfg) != reference else "IGNORED"
                 except UserError:
