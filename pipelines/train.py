@@ -1,17 +1,38 @@
-"""One training run: `python -m pipelines.train task=regression data=boston method=gal seed=0 profile=smoke`.
+"""One training run: `python -m pipelines.train experiment=boston_gal seed=0 profile=smoke [key=value ...]`.
 
 Hydra composes pipelines/conf/train.yaml with the overrides; the task module named by `task.name` in
-pipelines/tasks/ does the work and records the run through pipelines.tracking.
+pipelines/tasks/ runs it on the shared runner (pipelines/tasks/runner.py) and records it through
+pipelines.tracking.
 """
 from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from pipelines.errors import run_cli
+from pipelines.errors import ConfigError, report, run_cli
+
+CONF = Path(__file__).resolve().parent / "conf"
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose once through the compose API, so an unknown preset or a bad override is one line (exit 2)
+    rather than Hydra's multi-line report. Hydra's own flags (--cfg, --help, -m, ...) skip this."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if any(arg.startswith("-") for arg in argv):
+        return
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            compose("train", overrides=argv)
+    except (HydraException, OmegaConfBaseException) as err:
+        text = str(err).split("Config search path")[0].replace("\t", " ")
+        sys.exit(report("train", ConfigError(text)))
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -21,4 +42,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    preflight(sys.argv[1:])
     main()

@@ -44,6 +44,9 @@ def build_adjuster(method: Mapping | DictConfig, dim: int, process_group=None) -
                               + " ".join(f"method.{k}=null" for k in idle))
     elif method.get("arch") is None:
         raise ConfigError("method.arch (the adjuster's hidden widths) is not set: the presets set it per dataset")
+    for key in ("ratio", "scale"):
+        if isinstance(method.get(key), bool) or not isinstance(method.get(key), (int, float)):
+            raise ConfigError(f"method.{key}={method.get(key)!r}: use a number")
     kwargs = {ADJUSTER_ARGS[k]: v for k, v in method.items() if k in ADJUSTER_ARGS and v is not None}
     kwargs["arch"] = tuple(kwargs.get("arch", ()))
     lr = method.get("adjuster_lr")
@@ -53,6 +56,14 @@ def build_adjuster(method: Mapping | DictConfig, dim: int, process_group=None) -
         return GradientAdjuster(dim, **kwargs, process_group=process_group)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"method: {str(err).splitlines()[0]}") from None
+
+
+def check(cfg: DictConfig) -> None:
+    """Build GAL and the optimiser once on a one-parameter stand-in, so a bad method or optim key is
+    refused before any data is read."""
+    stand_in = nn.Linear(1, 1)
+    build_optimizer_for(cfg.optim, [{"params": list(stand_in.parameters())}], build_adjuster(cfg.method, 1),
+                        cfg.method)
 
 
 def build_optimizer_for(optim: DictConfig, model_groups: Iterable[dict], adjuster: nn.Module | None,

@@ -75,7 +75,8 @@ class Regression(runner.Task):
         if str(cfg.trainer.precision) not in ("auto", "fp32"):
             raise ConfigError(f"trainer.precision={cfg.trainer.precision}: task=regression trains in fp32 (auto)")
         runner.require_int(cfg, "data.train.batch_size", 1)
-        if not 0 < cfg.task.test_fraction < 1:
+        fraction = cfg.task.test_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise ConfigError(f"task.test_fraction={cfg.task.test_fraction}: use a fraction between 0 and 1")
 
     def __init__(self, cfg: DictConfig, procs):

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.errors import ConfigError
-from pipelines.tasks import checkpoint, identity, launch
+from pipelines.tasks import checkpoint, identity, launch, method
 from pipelines.tracking import RunTracker
 
 PROGRESS_SECONDS = 10.0  # at most one progress line this often (and always after the first and last epoch)
@@ -87,6 +87,7 @@ def check(cfg: DictConfig, task: type[Task]) -> int:
     require_int(cfg, "seed", 0)
     require_int(cfg, "task.epochs", 1)
     require_int(cfg, "task.threads", 0)
+    identity.preset_overrides(cfg)  # every run starts from a preset
     trainer = cfg.trainer
     gpus, nodes = require_int(cfg, "trainer.gpus", 1), require_int(cfg, "trainer.nodes", 1)
     device = launch.device_type(trainer)
@@ -101,6 +102,7 @@ def check(cfg: DictConfig, task: type[Task]) -> int:
         raise ConfigError(f"trainer.channels_last={trainer.channels_last!r}: use auto, true or false")
     if nodes > 1:
         launch.check_nodes(trainer)
+    method.check(cfg)
     task.check(cfg, gpus * nodes)
     return gpus * nodes
 

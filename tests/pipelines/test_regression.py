@@ -123,6 +123,11 @@ def test_killed_and_rerun_ends_as_one_finished_mlflow_run_with_uninterrupted_met
     (("seed=1.5",), "seed=1.5: use an integer of at least 0"),
     (("data.train.batch_size=0",), "data.train.batch_size=0: use an integer of at least 1"),
     (("task.test_fraction=1.5",), "task.test_fraction=1.5: use a fraction between 0 and 1"),
+    (("task.test_fraction=half",), "task.test_fraction=half: use a fraction between 0 and 1"),
+    (("task.epochs=many",), "task.epochs='many': use an integer of at least 1"),
+    (("method.arch=[0]",), "method: dim and hidden widths must be positive"),
+    (("optim.lr=-1",), "optim=adam: Invalid learning rate"),
+    (("trainer.device=tpu",), "trainer.device='tpu': use auto, cuda or cpu"),
     (("method.ratio=-1",), "method: ratio must be >= 0"),
     (("method.policy=sometimes",), "method: policy must be one of"),
     (("method.kind=rnn",), "method: unknown adjuster kind 'rnn'"),
@@ -159,11 +164,18 @@ def test_missing_or_corrupt_data_names_the_stage_to_rerun(tmp_path, monkeypatch)
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_run_without_a_preset_is_refused_in_one_line(root):
-    result = subprocess.run([sys.executable, "-m", "pipelines.train", f"root={root}", "task=regression",
-                             "data=boston", "method=gal"], cwd=ROOT, capture_output=True, text=True)
+@pytest.mark.parametrize("overrides, message", [
+    (("task=regression", "data=boston", "method=gal"), "every run starts from a preset"),
+    (("experiment=boston_gal", "profile=nosuch"), "Could not find 'profile/nosuch' Available options"),
+    (("experiment=nosuch_gal",), "Could not find 'experiment/nosuch_gal'"),
+    (("experiment=boston_gal", "nosuchkey=1"), "Could not override 'nosuchkey'"),
+    (("experiment=boston_gal", "method.ratio=abc"), "method.ratio='abc': use a number"),
+])
+def test_bad_command_lines_are_one_line_and_exit_code_2(root, overrides, message):
+    result = subprocess.run([sys.executable, "-m", "pipelines.train", f"root={root}", *overrides], cwd=ROOT,
+                            capture_output=True, text=True)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "every run starts from a preset" in result.stderr
+    assert message in result.stderr and not (root / "runs").exists()
 
 
 def test_every_user_error_is_one_kind():
