@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import pickle
 import tarfile
+import zipfile
 
 import numpy as np
 
@@ -199,3 +201,179 @@ def make(fmt: str, rows: int, seed: int) -> bytes:
     if fmt not in MAKERS:
         raise ValueError(f"no smoke fixture for format {fmt!r}; known: {', '.join(MAKERS)}")
     return MAKERS[fmt](rows=rows, seed=seed)
+
+
+# ---------------------------------------------------------------- COCO 2017
+
+# (id, name, supercategory) of real COCO 2017 categories: the ids are COCO's own, non-contiguous, up to the
+# largest (90), so id handling (92 logits, no remapping) is exercised. Each is drawn as one shape in one colour.
+COCO_CATEGORIES = ((1, "person", "person"), (3, "car", "vehicle"), (18, "dog", "animal"), (44, "bottle", "kitchen"),
+                   (90, "toothbrush", "indoor"))
+COCO_SHAPES = {  # category id -> (shape, RGB fill, range of height / width)
+    1: ("ellipse", (220, 40, 40), (1.5, 2.5)), 3: ("rectangle", (40, 80, 220), (0.4, 0.7)),
+    18: ("ellipse", (240, 200, 20), (0.7, 1.0)), 44: ("rectangle", (30, 200, 60), (2.0, 3.0)),
+    90: ("rectangle", (200, 40, 220), (0.15, 0.3))}
+COCO_IMAGE_SIZES = (64, 160)  # width and height are drawn from this range (pixels)
+COCO_GAP = 4                  # pixels between any two objects, so each drawn shape is exactly its box
+COCO_NOTE = ("SYNTHETIC SMOKE FIXTURE written by pipelines/prepare/fixtures.py in the layout of COCO 2017: "
+             "shapes drawn on noise, NOT COCO data. Use it to test code, never to report results.")
+
+
+def _coco_mask(size: tuple[int, int], shape: str, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The boolean H x W mask of one drawn shape; ``box`` is (x, y, w, h) in whole pixels."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("L", size, 0)
+    x, y, w, h = box
+    getattr(ImageDraw.Draw(canvas), shape)([x, y, x + w - 1, y + h - 1], fill=255)
+    return np.asarray(canvas) > 0
+
+
+def _tight_box(mask: np.ndarray) -> list[float]:
+    """COCO's [x, y, width, height] of a mask: the pixels it covers, edges on pixel boundaries."""
+    ys, xs = np.nonzero(mask)
+    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+
+
+def _uncompressed_rle(mask: np.ndarray) -> list[int]:
+    """COCO's uncompressed RLE counts of a mask: run lengths in column-major order, starting with zeros."""
+    flat = np.asfortranarray(mask).ravel(order="F").astype(np.int8)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return runs if flat[0] == 0 else [0, *runs]
+
+
+def _coco_place(rng: np.random.Generator, width: int, height: int, w: int, h: int,
+                taken: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int] | None:
+    """A free spot (x, y, w, h) for a w x h box at least COCO_GAP pixels from every box in ``taken``."""
+    for _ in range(50):
+        x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        if all(x + w + COCO_GAP <= tx or tx + tw + COCO_GAP <= x or y + h + COCO_GAP <= ty or ty + th + COCO_GAP <= y
+               for tx, ty, tw, th in taken):
+            return x, y, w, h
+    return None
+
+
+def _coco_image(rng: np.random.Generator, index: int, gray: bool, empty: bool,
+                crowd: bool) -> tuple[bytes, int, int, list[dict]]:
+    """One fixture picture: (JPEG bytes, width, height, its annotations without ids)."""
+    from PIL import Image, ImageDraw
+
+    width, height = (int(v) for v in rng.integers(COCO_IMAGE_SIZES[0], COCO_IMAGE_SIZES[1] + 1, 2))
+    background = rng.integers(20, 61, 3)  # dark, so every category colour (and its grey level) stands out
+    pixels = np.clip(background + rng.integers(-6, 7, (height, width, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    draw = ImageDraw.Draw(image)
+    taken: list[tuple[int, int, int, int]] = []
+    found: list[dict] = []
+    if crowd:  # a group of small people, annotated as one crowd region (RLE mask, iscrowd=1) as COCO does
+        region = _coco_place(rng, width, height, 34, 24, taken)
+        if region is not None:
+            taken.append(region)
+            mask = np.zeros((height, width), bool)
+            for k in range(4):
+                x, y = region[0] + 8 * k + int(rng.integers(0, 2)), region[1] + int(rng.integers(0, 10))
+                part = (x, y, 6, int(rng.integers(11, 15)))
+                getattr(draw, COCO_SHAPES[1][0])([x, y, x + 5, y + part[3] - 1], fill=COCO_SHAPES[1][1])
+                mask |= _coco_mask((width, height), COCO_SHAPES[1][0], part)
+            found.append({"segmentation": {"counts": _uncompressed_rle(mask), "size": [height, width]},
+                          "area": float(mask.sum()), "iscrowd": 1, "bbox": _tight_box(mask), "category_id": 1})
+    for k in range(0 if empty else int(rng.integers(1, 4))):
+        pick = index % len(COCO_CATEGORIES) if k == 0 else int(rng.integers(0, len(COCO_CATEGORIES)))
+        category = COCO_CATEGORIES[pick][0]
+        shape, colour, (low, high) = COCO_SHAPES[category]
+        side, aspect = rng.uniform(14, 0.55 * min(width, height)), rng.uniform(low, high)
+        w = int(np.clip(round(side / np.sqrt(aspect)), 6, width - 2))
+        h = int(np.clip(round(side * np.sqrt(aspect)), 6, height - 2))
+        box = _coco_place(rng, width, height, w, h, taken)
+        if box is None:
+            continue
+        taken.append(box)
+        x, y, w, h = box
+        getattr(draw, shape)([x, y, x + w - 1, y + h - 1], fill=colour)
+        mask = _coco_mask((width, height), shape, box)
+        if shape == "rectangle":
+            polygon = [x, y, x + w, y, x + w, y + h, x, y + h]
+        else:
+            t = np.linspace(0.0, 2.0 * np.pi, 16, endpoint=False)
+            polygon = np.column_stack([x + w / 2 + w / 2 * np.cos(t), y + h / 2 + h / 2 * np.sin(t)]).ravel()
+        found.append({"segmentation": [[round(float(v), 2) for v in polygon]], "area": float(mask.sum()),
+                      "iscrowd": 0, "bbox": _tight_box(mask), "category_id": category})
+    if gray:
+        image = image.convert("L")
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=92, subsampling=0)  # 4:4:4: no colour bleeding past the edges
+    return buf.getvalue(), width, height, found
+
+
+def coco_members(train: int = 16, val: int = 8, seed: int = 0) -> dict[str, list[tuple[str, bytes | None]]]:
+    """The members (name, content; None for a directory) of the three COCO 2017 zips, by role ``train``,
+    ``val`` and ``annotations``, in the real layout: train2017/<id:012d>.jpg, val2017/<id:012d>.jpg and
+    annotations/{instances,captions}_{train,val}2017.json.
+
+    The instances files are COCO's format (info, licenses, images, annotations, categories): boxes are
+    [x, y, w, h] in pixels, each exactly the drawn shape (objects are COCO_GAP pixels apart), ``area`` its pixel
+    count, polygons for single objects and an uncompressed RLE for the crowd region (iscrowd=1); category ids
+    are COCO's own (COCO_CATEGORIES, each one shape and colour, so a tiny detector has something to learn).
+    Image ids are distinct across the splits, as in COCO. In each split, image 1 is grayscale (mode L), image 2
+    has no objects and image 3 holds a crowd region (when the split has that many images). The first object of
+    image k is of category k mod 5, so every category occurs in a split of eight images or more.
+    """
+    if train < 1 or val < 1:
+        raise ValueError(f"a COCO fixture needs at least one image per split, got train={train} val={val}")
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(np.arange(1, 581930), size=train + val, replace=False)
+    split_ids = {"train": sorted(int(i) for i in ids[:train]), "val": sorted(int(i) for i in ids[train:])}
+    info = {"description": COCO_NOTE, "url": "", "version": "1.0", "year": 2017, "contributor": "fixture",
+            "date_created": "2017/09/01"}
+    licenses = [{"url": "", "id": 1, "name": "synthetic fixture"}]
+    categories = [{"supercategory": s, "id": i, "name": n} for i, n, s in COCO_CATEGORIES]
+    annotation_id = 1
+    out: dict[str, list[tuple[str, bytes | None]]] = {"annotations": [("annotations/", None)]}
+    for split in ("train", "val"):
+        folder = f"{split}2017"
+        members: list[tuple[str, bytes | None]] = [(f"{folder}/", None)]
+        images, annotations, captions = [], [], []
+        for k, image_id in enumerate(split_ids[split]):
+            jpeg, width, height, found = _coco_image(rng, k, gray=k == 1, empty=k == 2, crowd=k == 3)
+            name = f"{image_id:012d}.jpg"
+            members.append((f"{folder}/{name}", jpeg))
+            images.append({"license": 1, "file_name": name, "coco_url": "", "height": height, "width": width,
+                           "date_captured": "2017-01-01 00:00:00", "flickr_url": "", "id": image_id})
+            for ann in found:
+                annotations.append({**ann, "image_id": image_id, "id": annotation_id})
+                annotation_id += 1
+            captions.append({"image_id": image_id, "id": image_id, "caption": f"A synthetic picture with "
+                             f"{len(found)} drawn object{'s' if len(found) != 1 else ''}."})
+        out[split] = members
+        for kind, content in (("captions", {"info": info, "licenses": licenses, "images": images,
+                                            "annotations": captions}),
+                              ("instances", {"info": info, "licenses": licenses, "images": images,
+                                             "annotations": annotations, "categories": categories})):
+            out["annotations"].append((f"annotations/{kind}_{folder}.json", json.dumps(content).encode()))
+    return out
+
+
+def deterministic_zip(members: list[tuple[str, bytes | None]]) -> bytes:
+    """A zip of (name, content) members, content None making a directory (name ending in /): fixed times,
+    Unix modes and system; JPEGs stored, everything else deflated (as the COCO zips). Same members, same bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, content in members:
+            info = zipfile.ZipInfo(name if content is not None or name.endswith("/") else name + "/",
+                                   date_time=(1980, 1, 1, 0, 0, 0))
+            info.create_system = 3  # Unix, whatever the platform: the modes below are Unix modes
+            if content is None:
+                info.external_attr = (0o40755 << 16) | 0x10  # directory, and the MS-DOS directory flag
+                zf.writestr(info, b"")
+            else:
+                info.external_attr = 0o100644 << 16
+                info.compress_type = zipfile.ZIP_STORED if name.endswith(".jpg") else zipfile.ZIP_DEFLATED
+                zf.writestr(info, content)
+    return buf.getvalue()
+
+
+def coco_zips(train: int = 16, val: int = 8, seed: int = 0) -> dict[str, bytes]:
+    """train2017.zip, val2017.zip and annotations_trainval2017.zip (by role: train, val, annotations) laid out
+    like the real archives (coco_members)."""
+    return {role: deterministic_zip(members) for role, members in coco_members(train, val, seed).items()}

@@ -44,7 +44,7 @@ class Params:
     key: str = "params"
     label: str = "Params"
     digits: int = 1
-    extra_digits: int = 2
+    extra_digits: int | None = 2  # None: the adjuster's count as it is ("41.3M+1344", as Table IV prints it)
 
     @staticmethod
     def millions(count: float, digits: int) -> str:
@@ -165,7 +165,8 @@ class ComparisonTable:
         text = model.text
         if any(r.metric(spec.extra) for r in runs):
             extra = number(group_name, method_name, Metric(spec.extra, spec.extra, better="lower"), "mean", [runs],
-                           show=lambda v: "+" + Params.millions(v, spec.extra_digits), paper=paper)
+                           show=lambda v: "+" + (Params.millions(v, spec.extra_digits) if spec.extra_digits is not None
+                                                 else str(int(round(v)))), paper=paper)
             text += extra.text
         return [text, "-" if paper is None else str(paper)]
 

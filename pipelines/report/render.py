@@ -27,7 +27,10 @@ def fmt_p(value: Any) -> str:
 
 
 def pm(mean: Any, std: Any, digits: int = 4) -> str:
-    return "-" if mean is None else f"{fmt(mean, digits)} ± {fmt(std, digits)}"
+    """"mean ± std"; the mean alone where there is no std (the paper's single runs)."""
+    if mean is None:
+        return "-"
+    return fmt(mean, digits) if std is None else f"{fmt(mean, digits)} ± {fmt(std, digits)}"
 
 
 def markdown(layout: Layout, heading: str | None = None) -> str:

@@ -28,8 +28,9 @@ CIFAR_RUNS = [f"{d}_{o}-{m}-s{s}" for d in ("cifar10", "cifar100") for o in ("sg
               for m in METHODS for s in IMAGE_SEEDS]
 IMAGENET_RUNS = [f"imagenet_{n}-{m}-s{s}" for n in ("resnet50", "efficientnet_b2") for m in METHODS
                  for s in IMAGE_SEEDS]
+DETECTION_RUNS = [f"coco_detr_{b}-{m}-s{s}" for b in ("r50", "r101") for m in METHODS for s in IMAGE_SEEDS]
 REPORT_FILES = ["index.md", "provenance.json", "tables/claims.md", "tables/claims.csv", "tables/claims.tex",
-                *(f"tables/table{n}.{ext}" for n in (1, 2, 3, 5, 7) for ext in ("md", "csv", "tex")),
+                *(f"tables/table{n}.{ext}" for n in (1, 2, 3, 4, 5, 7) for ext in ("md", "csv", "tex")),
                 *(f"figures/{name}.{ext}" for name in ("fig4_toy3d", "fig5_val_loss", "fig6_remainder_cosine",
                                                        "fig8b_adjusted_better") for ext in ("png", "pdf"))]
 
@@ -94,14 +95,15 @@ def test_first_repro_runs_every_stage_and_writes_every_report_file(project):
     ran = stages_run(first)
     assert {f"prepare@{d}" for d in DATASETS} <= ran and {"toy3d", "report"} <= ran
     assert sum(stage.startswith("train_regression@") for stage in ran) == 30
-    assert {"prepare_cifar@cifar10", "prepare_cifar@cifar100", "prepare_imagenet"} <= ran
+    assert {"prepare_cifar@cifar10", "prepare_cifar@cifar100", "prepare_imagenet", "prepare_coco"} <= ran
+    assert sum(stage.startswith("train_detection@") for stage in ran) == len(DETECTION_RUNS)
     assert sum(stage.startswith("train_cifar@") for stage in ran) == len(CIFAR_RUNS)
     assert sum(stage.startswith("train_imagenet@") for stage in ran) == len(IMAGENET_RUNS)
     for name in REPORT_FILES:
         assert (repo / "reports" / name).stat().st_size > 0, name
     index = (repo / "reports" / "index.md").read_text()
     assert "smoke" in index and all(f"## {name}" in index for name in (
-        "Table I", "Table II", "Table III", "Table V", "Table VII", "Fig. 4", "Fig. 5", "Fig. 6", "Fig. 8b"))
+        "Table I", "Table II", "Table III", "Table IV", "Table V", "Table VII", "Fig. 4", "Fig. 5", "Fig. 6", "Fig. 8b"))
 
 
 def test_mlflow_server_lists_every_run_with_params_metrics_and_tags(project, mlflow_server):
@@ -121,6 +123,9 @@ def test_mlflow_server_lists_every_run_with_params_metrics_and_tags(project, mlf
     assert tags["dvc_stage"] == "train_regression@boston-gal-3"
     assert any(key.startswith("data.") and value.startswith("md5:") for key, value in tags.items())
     assert re.fullmatch(r"[0-9a-f]{64}", tags["env_lock_sha256"])
+    detection = client.search_runs([client.get_experiment_by_name("detection").experiment_id], max_results=100)
+    assert sorted(r.info.run_name for r in detection) == sorted(DETECTION_RUNS)
+    assert all(r.info.status == "FINISHED" and "val_AP" in r.data.metrics for r in detection)
     toy = client.search_runs([client.get_experiment_by_name("toy3d").experiment_id], max_results=100)
     assert sorted(r.info.run_name for r in toy) == sorted(TOY_RUNS)
 

@@ -6,12 +6,13 @@ for what the classification specs share) + one line below + its paper numbers in
 pipelines/report/paper.yaml. A spec whose runs are missing is skipped with a note in index.md; runs that are
 present but inconsistent make the report fail.
 """
-from pipelines.report.specs import fig4, fig5, fig6, fig8b, table1, table2, table3, table5, table7
+from pipelines.report.specs import fig4, fig5, fig6, fig8b, table1, table2, table3, table4, table5, table7
 
 SPECS = [
     table1.SPEC,
     table2.SPEC,
     table3.SPEC,
+    table4.SPEC,
     table5.SPEC,
     table7.SPEC,
     fig4.SPEC,

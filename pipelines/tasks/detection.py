@@ -1,0 +1,200 @@
+"""Object detection (Table IV): DETR on COCO 2017, trained with plain backward or with GAL on the boxes, on the
+shared runner (processes, resume, checkpoints and tracking are pipelines/tasks/runner.py's).
+
+    python -m pipelines.train experiment=coco_detr_r50_gal seed=0 profile=paper trainer.gpus=4
+
+Where GAL acts (the paper: "the predicted bounding box features, i.e. four floats indicating a box"): the
+criterion matches predictions to targets once per decoder layer in the forward pass. GAL's output is the final
+layer's *matched* boxes (N x 4, normalised cxcywh after the sigmoid) and its loss DETR's box loss on them with
+that matching held fixed, so a trial step never re-matches. Everything GAL does not adjust (the final layer's
+class loss over all queries, the auxiliary decoder losses) is ``extra_loss``, back-propagated in the same
+single backward call. Unmatched queries have no box loss, hence a zero box gradient: adjusting all B x Q x 4
+rows would send the model the same gradient, but GAL's statistics (remainder, cosine) would then average over
+rows that carry nothing; on the matched rows they describe the boxes that are learned. Then DETR's gradient
+clipping on the model and the optimiser step.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from gal_core import count_parameters
+from pipelines.errors import ConfigError
+from pipelines.tasks import coco_data, launch, runner
+from pipelines.tasks.detr import PostProcess, SetCriterion, build_detr
+from pipelines.tasks.image_data import sample_seed, seed_everything
+from pipelines.tasks.method import build_adjuster, build_optimizer_for
+
+GAL_STATS = ("remainder", "cosine", "accepted")
+LOSS_TERMS = ("loss_ce", "loss_bbox", "loss_giou")
+
+
+class Detection(runner.Task):
+    """Everything one DETR run holds (the runner drives it)."""
+
+    name = "detection"
+
+    @classmethod
+    def check(cls, cfg: DictConfig, world: int) -> None:
+        for key in ("batch_size", "eval_batch_size", "lr_drop"):
+            runner.require_int(cfg, f"task.{key}", 1)
+        runner.require_int(cfg, "task.workers", 0)
+        if cfg.task.max_steps is not None:
+            runner.require_int(cfg, "task.max_steps", 1)
+        if cfg.task.batch_size % world:
+            raise ConfigError(f"task.batch_size={cfg.task.batch_size} (global) must be divisible by the {world} "
+                              "processes")
+        if str(cfg.trainer.precision) != "fp32" or cfg.trainer.channels_last is not False:
+            raise ConfigError("task=detection trains in fp32 with the default memory layout (as DETR's own code): "
+                              "use trainer.precision=fp32 trainer.channels_last=false")
+
+    def __init__(self, cfg: DictConfig, procs: launch.Processes):
+        self.cfg, self.procs, self.device = cfg, procs, procs.device
+        root = Path(cfg.root)
+        train_set, val_set, self.val_annotations, self.data_files = coco_data.datasets(cfg, root)
+        self.train_loader, self.val_loader = coco_data.loaders(train_set, val_set, cfg, procs.rank, procs.world,
+                                                               pin=self.device.type == "cuda")
+        norm = cfg.data.normalize
+        self.mean = torch.tensor(norm.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(norm.std, device=self.device).view(1, 3, 1, 1) * 255
+
+        seed_everything(cfg.seed)  # the same initial weights on every rank
+        model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
+                     if k not in ("name", "smoke_backbone")}
+        self.model = build_detr(num_classes=cfg.data.num_classes, **model_cfg).to(self.device)
+        self.adjuster = build_adjuster(cfg.method, 4, process_group=procs.group)
+        if self.adjuster is not None:
+            self.adjuster.to(self.device)
+        self.net = self.model
+        if procs.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            if self.adjuster is not None:
+                self.adjuster.wrap_ddp(device_ids=ids)
+        backbone = [p for n, p in self.model.named_parameters() if "backbone" in n and p.requires_grad]
+        rest = [p for n, p in self.model.named_parameters() if "backbone" not in n and p.requires_grad]
+        groups = [{"params": rest}, {"params": backbone, "lr": cfg.task.lr_backbone}]
+        self.optimizer = build_optimizer_for(cfg.optim, groups, self.adjuster, cfg.method)
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        t = cfg.task
+        self.criterion = SetCriterion(cfg.data.num_classes, cost_class=t.matcher.cost_class,
+                                      cost_bbox=t.matcher.cost_bbox, cost_giou=t.matcher.cost_giou,
+                                      weight_bbox=t.loss.bbox, weight_giou=t.loss.giou,
+                                      eos_coef=t.loss.eos_coef).to(self.device)
+        self.postprocess = PostProcess()
+        self.epoch_times: list[float] = []
+
+    # -------------------------------------------------------------------------------- the runner's hooks
+    def describe(self) -> str:
+        counts = self.parameter_counts()
+        return (f"{counts['params_model']:,} trainable model parameters, {counts['params_adjuster']:,} adjuster "
+                f"weights; {len(self.train_loader)} steps per epoch")
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        adjuster = count_parameters(self.adjuster, weights_only=True) if self.adjuster is not None else 0
+        return {"params_model": trainable, "params_adjuster": adjuster}
+
+    def progress(self, row: dict[str, float]) -> str:
+        return (f"train_loss {row['train_loss']:.4f} AP {row['val_AP']:.2f} AP50 {row['val_AP50']:.2f} "
+                f"({row['images_per_s']:.1f} images/s)")
+
+    def final_metrics(self, last_row: dict[str, float]) -> dict[str, float]:
+        final = {k: v for k, v in last_row.items() if k.startswith("val_")}
+        final.update(time_per_image=sum(self.epoch_times) / len(self.epoch_times), **self.parameter_counts())
+        return final
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(),
+                "adjuster": self.adjuster.state_dict() if self.adjuster is not None else {},
+                "optimizer": self.optimizer.state_dict(), "epoch_times": list(self.epoch_times)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.adjuster is not None:
+            self.adjuster.load_state_dict(state["adjuster"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch_times = list(state["epoch_times"])
+
+    # -------------------------------------------------------------------------------- one epoch
+    def _batch(self, images, masks, targets):
+        images = (images.to(self.device, non_blocking=True).float() - self.mean) / self.std
+        targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        return images, masks.to(self.device, non_blocking=True), targets
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, procs = self.cfg, self.procs
+        for group in self.optimizer.param_groups:  # DETR's StepLR: x0.1 for every group after lr_drop epochs
+            group["lr"] = group["initial_lr"] * (0.1 if epoch > cfg.task.lr_drop else 1.0)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.net.train()
+        self.criterion.train()
+        self.train_loader.sampler.set_epoch(epoch)
+        steps = len(self.train_loader) if cfg.task.max_steps is None else min(cfg.task.max_steps,
+                                                                             len(self.train_loader))
+        names = ("loss", *LOSS_TERMS, *(GAL_STATS if self.adjuster is not None else ()))
+        sums = torch.zeros(len(names), device=self.device, dtype=torch.float64)
+        images_seen, start = 0, time.perf_counter()
+        for step, batch in enumerate(self.train_loader):
+            if step >= steps:
+                break
+            seed_everything(sample_seed(cfg.seed, epoch, step, procs.rank))  # dropout: resume-proof
+            images, masks, targets = self._batch(*batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            parts = self.criterion(self.net(images, masks), targets)
+            if self.adjuster is None:
+                (parts.box_loss_fn(parts.boxes) + parts.extra_loss).backward()
+                gal = []
+            else:
+                stats = self.adjuster.backward(parts.boxes, parts.box_loss_fn, lr, extra_loss=parts.extra_loss)
+                gal = [getattr(stats, name) for name in GAL_STATS]
+            if cfg.task.clip_max_norm:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.task.clip_max_norm)
+            self.optimizer.step()
+            values = [parts.terms["loss"], *(parts.terms[k] for k in LOSS_TERMS), *gal]
+            sums += torch.stack([torch.as_tensor(v, device=self.device).to(torch.float64) for v in values])
+            images_seen += len(targets) * procs.world
+            if procs.main and cfg.task.log_every and (step + 1) % cfg.task.log_every == 0:
+                print(f"  epoch {epoch} step {step + 1}/{steps} "
+                      f"({images_seen / (time.perf_counter() - start):.1f} images/s)", flush=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        sums = launch.all_reduce_sum(sums, procs) / procs.world  # per-process means, then over processes
+        means = (sums / max(steps, 1)).tolist()
+        row = {("train_loss" if n == "loss" else f"train_{n}" if n in LOSS_TERMS else n): v
+               for n, v in zip(names, means)}
+        row.update(lr=lr, time_per_image=elapsed / max(images_seen, 1), images_per_s=images_seen / elapsed)
+        self.epoch_times.append(row["time_per_image"])
+        return row
+
+    @torch.no_grad()
+    def detections(self, loader) -> dict[int, list[dict]]:
+        """COCO-format detections of this process's share of ``loader``, by image id."""
+        self.model.eval()
+        found: dict[int, list[dict]] = {}
+        for batch in loader:
+            images, masks, targets = self._batch(*batch)
+            sizes = torch.stack([t["orig_size"] for t in targets])
+            for target, result in zip(targets, self.postprocess(self.model(images, masks), sizes)):
+                xywh = result["boxes"].clone()
+                xywh[:, 2:] -= xywh[:, :2]
+                found[target["image_id"]] = [
+                    {"image_id": target["image_id"], "category_id": int(label), "bbox": [float(v) for v in box],
+                     "score": float(score)}
+                    for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(),
+                                                 xywh.tolist())]
+        return found
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """COCO box AP on val2017 (rank 0 holds the numbers)."""
+        return coco_data.coco_evaluate(self.val_annotations, self.detections(self.val_loader), self.procs.world)
+
+
+def run(cfg: DictConfig) -> None:
+    runner.run(cfg, Detection)

@@ -1,0 +1,137 @@
+"""The detection task on the COCO smoke fixture: ground truth through post-processing and COCOeval scores AP
+100 with COCO's own category ids, kill-and-resume ends bitwise equal in the same MLflow run, bad inputs fail
+in one line."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize
+from mlflow.tracking import MlflowClient
+
+from pipelines.errors import UserError
+from pipelines.prepare import coco
+from pipelines.tasks import coco_data, detection
+from pipelines.tasks.detr import PostProcess
+from tests.pipelines.prepare_helpers import ROOT, prepare_config
+
+RUN = "coco_detr_r50-gal-s0"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("coco")
+    assert coco.run(prepare_config(root, "data=coco", "profile=smoke")) == 0
+    return root / "data" / "processed"
+
+
+def with_data(root: Path, prepared: Path) -> Path:
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(prepared, root / "data" / "processed")
+    return root
+
+
+def config(root: Path, *overrides: str):
+    with initialize(config_path="../../pipelines/conf", version_base="1.3"):
+        return compose("train", overrides=["experiment=coco_detr_r50_gal", f"root={root}", *overrides])
+
+
+def test_ground_truth_as_predictions_scores_ap_100_with_cocos_category_ids(tmp_path, prepared):
+    cfg = config(with_data(tmp_path, prepared))
+    _, val, annotations, _ = coco_data.datasets(cfg, tmp_path)
+    per_image, ids = {}, set()
+    for index in range(len(val)):
+        _, target = val[index]
+        n = len(target["labels"])
+        logits = torch.full((1, max(n, 1), 92), -10.0)
+        logits[0, torch.arange(n), target["labels"]] = 10.0  # certain of the true class
+        boxes = target["boxes"][None] if n else torch.zeros(1, 1, 4)
+        result = PostProcess()({"pred_logits": logits, "pred_boxes": boxes}, target["orig_size"][None])[0]
+        keep = result["scores"] > 0.5
+        xywh = result["boxes"][keep].clone()
+        xywh[:, 2:] -= xywh[:, :2]
+        per_image[target["image_id"]] = [{"image_id": target["image_id"], "category_id": int(label),
+                                          "bbox": box, "score": float(score)}
+                                         for label, box, score in zip(result["labels"][keep].tolist(),
+                                                                      xywh.tolist(), result["scores"][keep])]
+        ids.update(result["labels"][keep].tolist())
+    ap = coco_data.coco_evaluate(annotations, per_image, world=1)
+    assert ap["val_AP"] == pytest.approx(100, abs=0.5) and ap["val_AP50"] == pytest.approx(100)
+    categories = {c["id"] for c in json.loads(annotations.read_text())["categories"]}
+    assert ids and ids <= categories and max(ids) > len(categories)  # non-contiguous ids, not remapped
+
+
+def train_cmd(root: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "pipelines.train", "experiment=coco_detr_r50_gal", f"root={root}", *overrides]
+
+
+def outcome(root: Path) -> tuple[list[str], dict, dict]:
+    record = root / "runs" / "detection" / RUN
+    history = [",".join(c for i, c in enumerate(line.split(",")) if i not in timing_columns(record))
+               for line in (record / "history.csv").read_text().splitlines()]
+    metrics = {k: v for k, v in json.loads((record / "metrics.json").read_text()).items() if k != "time_per_image"}
+    weights = torch.load(root / "checkpoints" / "detection" / RUN / "last.pt", weights_only=True)["task"]["model"]
+    return history, metrics, weights
+
+
+def timing_columns(record: Path) -> set[int]:
+    header = (record / "history.csv").read_text().splitlines()[0].split(",")
+    return {i for i, name in enumerate(header) if name in ("time_per_image", "images_per_s")}
+
+
+def test_kill_and_resume_ends_bitwise_equal_in_the_same_mlflow_run(tmp_path, prepared):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("DVC_STAGE", None)
+    straight, killed = (with_data(tmp_path / name, prepared) for name in ("straight", "killed"))
+    done = subprocess.run(train_cmd(straight), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    checkpoint = killed / "checkpoints" / "detection" / RUN / "last.pt"
+    proc = subprocess.Popen(train_cmd(killed), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(train_cmd(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {RUN} after epoch" in resumed.stdout
+    (h1, m1, w1), (h2, m2, w2) = outcome(straight), outcome(killed)
+    assert h1 == h2 and m1 == m2 and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert {"val_AP", "val_AP50", "val_AP75", "val_APs", "val_APm", "val_APl", "params_adjuster"} <= set(m1)
+    assert m1["params_adjuster"] == 4 * 64 + 64 * 16 + 16 * 4  # PAPER: "+1344"
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("detection").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("trainer.precision=bf16",), "task=detection trains in fp32"),
+    (("task.batch_size=3", "trainer.gpus=2", "trainer.device=cpu"), "must be divisible by the 2 processes"),
+    (("task.batch_size=100",), "task.batch_size=100 is larger than the 16 training images"),
+    (("method.arch=[0]",), "method: dim and hidden widths must be positive"),
+])
+def test_bad_settings_fail_in_one_line_without_a_record(tmp_path, prepared, overrides, message):
+    root = with_data(tmp_path, prepared)
+    with pytest.raises(UserError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        detection.run(config(root, *overrides))
+    assert not (root / "runs").exists()
+
+
+def test_missing_or_corrupt_coco_names_the_stage_to_rerun(tmp_path, prepared):
+    with pytest.raises(UserError, match=r"coco.json is missing: run the prepare stage of coco"):
+        detection.run(config(tmp_path))
+    root = with_data(tmp_path / "corrupt", prepared)
+    (root / "data" / "processed" / "coco" / "annotations" / "instances_val2017.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"cannot read the prepared COCO files .*dvc repro prepare_coco"):
+        detection.run(config(root))
+    assert not (root / "runs").exists()
