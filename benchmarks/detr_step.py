@@ -18,7 +18,9 @@ import time
 import torch
 from torch import nn
 
+from benchmarks.gal_overhead import interleaved
 from gal_core import GradientAdjuster
+from pipelines.tasks.detection import model_param_groups
 from pipelines.tasks.detr import SetCriterion, build_detr
 
 
@@ -44,10 +46,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     model = build_detr(backbone=args.backbone, num_classes=91).to(device)
     adjuster = GradientAdjuster(4, (64, 16), ratio=0.01, scale=1.0).to(device)  # PAPER: Table IV's GAL
-    backbone = [p for n, p in model.named_parameters() if "backbone" in n and p.requires_grad]
-    rest = [p for n, p in model.named_parameters() if "backbone" not in n and p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": rest}, {"params": backbone, "lr": 1e-5},
-                                   {"params": list(adjuster.parameters())}], lr=1e-4, weight_decay=1e-4)
+    groups = [*model_param_groups(model, lr_backbone=1e-5), {"params": list(adjuster.parameters())}]
+    optimizer = torch.optim.AdamW(groups, lr=1e-4, weight_decay=1e-4)
     criterion = SetCriterion(91).to(device)
     images = torch.randn(args.batch, 3, args.height, args.width, device=device)
     mask = torch.zeros(args.batch, args.height, args.width, dtype=torch.bool, device=device)
@@ -73,15 +73,7 @@ def main(argv=None) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    for _ in range(args.warmup):
-        step(False), step(True)
-    plain, gal = [], []
-    for i in range(args.pairs):
-        order = (False, True) if i % 2 == 0 else (True, False)  # alternate which goes first
-        times = {use_gal: step(use_gal) for use_gal in order}
-        plain.append(times[False])
-        gal.append(times[True])
-    ratios = [g / p for g, p in zip(gal, plain)]
+    plain, gal, ratios = interleaved(step, args.pairs, args.warmup)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "backbone": args.backbone,

@@ -56,6 +56,20 @@ def _extra_cost_on_output_ms(adjuster, logits_shape, device, labels, repeats=200
     return timed(lambda: adjuster.backward(z, loss_fn, 0.05)) - timed(lambda: loss_fn(z).backward())
 
 
+def interleaved(step, pairs: int, warmup: int) -> tuple[list[float], list[float], list[float]]:
+    """(plain times, GAL times, GAL / plain per pair) of ``step(use_gal)``, after ``warmup`` pairs; the order
+    within a pair alternates, so drift in machine load hits both alike."""
+    for _ in range(warmup):
+        step(False), step(True)
+    plain, gal = [], []
+    for i in range(pairs):
+        order = (False, True) if i % 2 == 0 else (True, False)
+        times = {use_gal: step(use_gal) for use_gal in order}
+        plain.append(times[False])
+        gal.append(times[True])
+    return plain, gal, [g / p for g, p in zip(gal, plain)]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -87,15 +101,7 @@ def main(argv=None) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    for _ in range(args.warmup):
-        step(False), step(True)
-    plain, gal = [], []
-    for i in range(args.pairs):
-        order = (False, True) if i % 2 == 0 else (True, False)  # alternate which goes first
-        times = {use_gal: step(use_gal) for use_gal in order}
-        plain.append(times[False])
-        gal.append(times[True])
-    ratios = [g / p for g, p in zip(gal, plain)]
+    plain, gal, ratios = interleaved(step, args.pairs, args.warmup)
     extra_ms = _extra_cost_on_output_ms(adjuster, logits_shape=(args.batch, args.classes), device=device,
                                         labels=labels)
     result = {

@@ -33,6 +33,13 @@ GAL_STATS = ("remainder", "cosine", "accepted")
 LOSS_TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 
 
+def model_param_groups(model: nn.Module, lr_backbone: float) -> list[dict]:
+    """DETR's two groups: the transformer and heads at the optimiser's lr, the backbone at ``lr_backbone``."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in trainable if "backbone" not in n]},
+            {"params": [p for n, p in trainable if "backbone" in n], "lr": lr_backbone}]
+
+
 class Detection(runner.Task):
     """Everything one DETR run holds (the runner drives it)."""
 
@@ -75,10 +82,8 @@ class Detection(runner.Task):
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
             if self.adjuster is not None:
                 self.adjuster.wrap_ddp(device_ids=ids)
-        backbone = [p for n, p in self.model.named_parameters() if "backbone" in n and p.requires_grad]
-        rest = [p for n, p in self.model.named_parameters() if "backbone" not in n and p.requires_grad]
-        groups = [{"params": rest}, {"params": backbone, "lr": cfg.task.lr_backbone}]
-        self.optimizer = build_optimizer_for(cfg.optim, groups, self.adjuster, cfg.method)
+        self.optimizer = build_optimizer_for(cfg.optim, model_param_groups(self.model, cfg.task.lr_backbone),
+                                             self.adjuster, cfg.method)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         t = cfg.task
