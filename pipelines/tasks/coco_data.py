@@ -47,13 +47,15 @@ class RandomSizeCrop(v2.Transform):
 
 def transforms(aug, train: bool) -> v2.Transform:
     """DETR's: random flip, then either a multi-scale resize or resize + random crop + multi-scale resize
-    (train); one scale (val). Images stay uint8: the device normalises. Boxes a crop leaves empty go."""
+    (train; ``crop_size`` None leaves the crop branch out); one scale (val). Images stay uint8: the device
+    normalises. Boxes a crop leaves empty go."""
     scales, max_size = list(aug.scales), aug.max_size
     if train:
-        steps = [v2.RandomHorizontalFlip(0.5), v2.RandomChoice([
-            v2.RandomShortestSize(scales, max_size=max_size),
-            v2.Compose([v2.RandomShortestSize(list(aug.crop_resize)), RandomSizeCrop(*aug.crop_size),
-                        v2.RandomShortestSize(scales, max_size=max_size)])])]
+        resize = v2.RandomShortestSize(scales, max_size=max_size)
+        if aug.crop_size is not None:
+            resize = v2.RandomChoice([resize, v2.Compose([v2.RandomShortestSize(list(aug.crop_resize)),
+                                                          RandomSizeCrop(*aug.crop_size), resize])])
+        steps = [v2.RandomHorizontalFlip(0.5), resize]
     else:
         steps = [v2.Resize(aug.eval_size, max_size=max_size)]
     return v2.Compose([*steps, v2.SanitizeBoundingBoxes()])

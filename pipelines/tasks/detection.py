@@ -55,6 +55,16 @@ class Detection(runner.Task):
         if cfg.task.batch_size % world:
             raise ConfigError(f"task.batch_size={cfg.task.batch_size} (global) must be divisible by the {world} "
                               "processes")
+        aug = cfg.task.augment
+        sizes = [*aug.scales, *aug.crop_resize, aug.eval_size]
+        if not aug.scales or not all(isinstance(v, int) and v > 0 for v in [*sizes, aug.max_size]):
+            raise ConfigError("task.augment: scales, crop_resize, eval_size and max_size must be positive integers")
+        if aug.max_size <= max(sizes):
+            raise ConfigError(f"task.augment.max_size={aug.max_size} must exceed every shorter-side size "
+                              f"(largest: {max(sizes)})")
+        if aug.crop_size is not None and not (len(aug.crop_size) == 2 and 0 < aug.crop_size[0] <= aug.crop_size[1]):
+            raise ConfigError(f"task.augment.crop_size={list(aug.crop_size)} must be [min, max] with 0 < min <= max "
+                              "(or null: no random crop)")
         if str(cfg.trainer.precision) != "fp32" or cfg.trainer.channels_last is not False:
             raise ConfigError("task=detection trains in fp32 with the default memory layout (as DETR's own code): "
                               "use trainer.precision=fp32 trainer.channels_last=false")
@@ -128,9 +138,11 @@ class Detection(runner.Task):
 
     # -------------------------------------------------------------------------------- one epoch
     def _batch(self, images, masks, targets):
+        masks = masks.to(self.device, non_blocking=True)
         images = (images.to(self.device, non_blocking=True).float() - self.mean) / self.std
+        images = images.masked_fill(masks[:, None], 0.0)  # padding is zero after normalising, as in DETR
         targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        return images, masks.to(self.device, non_blocking=True), targets
+        return images, masks, targets
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, procs = self.cfg, self.procs

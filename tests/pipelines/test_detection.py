@@ -1,8 +1,9 @@
 """The detection task on the COCO smoke fixture: ground truth through post-processing and COCOeval scores AP
-100 with COCO's own category ids, kill-and-resume ends bitwise equal in the same MLflow run, bad inputs fail
-in one line."""
+100 with COCO's own category ids, kill-and-resume ends bitwise equal in the same MLflow run, 2 processes equal
+1 on the same global batch, bad inputs fail in one line."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from hydra import compose, initialize
 from mlflow.tracking import MlflowClient
 
@@ -114,11 +116,69 @@ def test_kill_and_resume_ends_bitwise_equal_in_the_same_mlflow_run(tmp_path, pre
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
 
 
+def resized_to_squares(root: Path, side: int = 128) -> None:
+    """Every image of the prepared fixture resized to side x side (boxes and areas scaled alike), and the last
+    val image left out. DETR pads each batch to its largest image and the backbone sees that padding near an
+    image's border, so only equal sizes make a batch's numbers independent of how it is split between
+    processes; 7 val images make the distributed sampler repeat one, which the evaluation must drop."""
+    coco = root / "data" / "processed" / "coco"
+    for split in ("train", "val"):
+        path = coco / "annotations" / f"instances_{split}2017.json"
+        data = json.loads(path.read_text())
+        if split == "val":
+            dropped = data["images"].pop()["id"]
+            (coco / "val2017" / f"{dropped:012d}.jpg").unlink()
+            data["annotations"] = [a for a in data["annotations"] if a["image_id"] != dropped]
+        scale = {}
+        for image in data["images"]:
+            file = coco / f"{split}2017" / image["file_name"]
+            Image.open(file).resize((side, side)).save(file, quality=95)
+            scale[image["id"]] = (side / image["width"], side / image["height"])
+            image.update(width=side, height=side)
+        for a in data["annotations"]:
+            sx, sy = scale[a["image_id"]]
+            x, y, w, h = a["bbox"]
+            a.update(bbox=[x * sx, y * sy, w * sx, h * sy], area=a["area"] * sx * sy)
+        path.write_text(json.dumps(data))
+
+
+def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, prepared):
+    # no dropout (its masks are drawn per rank); one image size throughout (see resized_to_squares)
+    overrides = ("task.epochs=2", "model.dropout=0", "task.augment.scales=[128]", "task.augment.crop_size=null",
+                 "task.augment.eval_size=128", "trainer.device=cpu")
+    results = {}
+    for gpus in (1, 2):
+        root = with_data(tmp_path / f"{gpus}", prepared)
+        resized_to_squares(root)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+        env.pop("DVC_STAGE", None)
+        done = subprocess.run(train_cmd(root, *overrides, f"trainer.gpus={gpus}"), cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert ("launching 2 processes" in done.stdout) == (gpus == 2)
+        (record,) = (root / "runs" / "detection").iterdir()  # the variant's own name
+        with (record / "history.csv").open() as f:
+            history = list(csv.DictReader(f))
+        weights = torch.load(root / "checkpoints" / "detection" / record.name / "last.pt", weights_only=True)["task"]
+        results[gpus] = history, weights["model"], weights["adjuster"]
+    (h1, m1, a1), (h2, m2, a2) = results.values()
+    for row1, row2 in zip(h1, h2, strict=True):
+        for name in set(row1) - {"time_per_image", "images_per_s"}:
+            # "accepted" is a fraction of the epoch's per-step safeguard tests, each a float comparison
+            tolerance = dict(abs=0.5 / 4) if name == "accepted" else dict(rel=1e-4, abs=1e-5)
+            assert float(row1[name]) == pytest.approx(float(row2[name]), **tolerance), name
+    for k in m1:
+        assert torch.allclose(m1[k].float(), m2[k].float(), rtol=1e-4, atol=1e-5), k
+    assert all(torch.allclose(a1[k], a2[k], rtol=1e-4, atol=1e-5) for k in a1)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (("trainer.precision=bf16",), "task=detection trains in fp32"),
     (("task.batch_size=3", "trainer.gpus=2", "trainer.device=cpu"), "must be divisible by the 2 processes"),
     (("task.batch_size=100",), "task.batch_size=100 is larger than the 16 training images"),
     (("method.arch=[0]",), "method: dim and hidden widths must be positive"),
+    (("task.augment.max_size=128",), "task.augment.max_size=128 must exceed every shorter-side size (largest: 128)"),
+    (("task.augment.crop_size=[96,64]",), "task.augment.crop_size=[96, 64] must be [min, max] with 0 < min <= max"),
 ])
 def test_bad_settings_fail_in_one_line_without_a_record(tmp_path, prepared, overrides, message):
     root = with_data(tmp_path, prepared)

@@ -15,6 +15,10 @@ How the criterion splits DETR's loss for GAL (paper, COCO: GAL adjusts "the 4 bo
 * ``extra_loss``: everything GAL does not adjust, back-propagated plainly: the final layer's class loss
   (cross entropy over all queries, no-object weight ``eos_coef``) and every auxiliary decoder layer's full
   loss (class + box terms with its own matching).
+* The class loss is the weighted sum of the queries' cross entropies divided by their total weight averaged
+  over ranks. DETR divides by each rank's own total weight, so its gradient depends on how a batch is split
+  between GPUs; with one process the two are the same, and with many ours equals one process on the global
+  batch (as num_boxes does for the box loss).
 
 So ``box_loss_fn(boxes) + extra_loss`` is exactly DETR's total loss (``DetrLoss.total()``, the baseline),
 and GAL's step is ``adjuster.backward(loss.boxes, loss.box_loss_fn, lr, extra_loss=loss.extra_loss)``.
@@ -120,7 +124,7 @@ class SetCriterion(nn.Module):
         on the outputs' device."""
         layers = [outputs, *outputs.get("aux_outputs", [])]  # final layer first
         matchings = [self.matcher(layer, targets) for layer in layers]  # once per layer, no grad
-        num_boxes = self._num_boxes(targets, outputs["pred_boxes"].device)
+        num_boxes, class_weight = self._normalisers(targets, outputs["pred_logits"])
 
         boxes, target_boxes = self._matched(outputs["pred_boxes"], targets, matchings[0])
 
@@ -128,11 +132,11 @@ class SetCriterion(nn.Module):
             l1, giou = l1_and_giou(z, target_boxes)
             return (self.weight_bbox * l1 + self.weight_giou * giou) / num_boxes
 
-        loss_ce = self._class_loss(outputs["pred_logits"], targets, matchings[0])
+        loss_ce = self._class_loss(outputs["pred_logits"], targets, matchings[0]) / class_weight
         extra_loss = self.weight_ce * loss_ce
         aux = torch.zeros(3, device=boxes.device)  # unweighted aux sums: ce, L1, GIoU
         for layer, matching in zip(layers[1:], matchings[1:]):
-            ce = self._class_loss(layer["pred_logits"], targets, matching)
+            ce = self._class_loss(layer["pred_logits"], targets, matching) / class_weight
             l1, giou = l1_and_giou(*self._matched(layer["pred_boxes"], targets, matching))
             l1, giou = l1 / num_boxes, giou / num_boxes
             extra_loss = extra_loss + self.weight_ce * ce + self.weight_bbox * l1 + self.weight_giou * giou
@@ -152,20 +156,27 @@ class SetCriterion(nn.Module):
         return pred_boxes[batch_idx, query_idx], target_boxes
 
     def _class_loss(self, logits: Tensor, targets: list[dict], matching) -> Tensor:
-        """Cross entropy over all queries: matched ones against their target's label, others no-object."""
+        """Weighted cross entropy summed over all queries: matched ones against their target's label, the
+        others against no-object."""
         classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         matched = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, matching)])
         classes[_query_index(matching, logits.device)] = matched.to(logits.device)
-        return F.cross_entropy(logits.transpose(1, 2), classes, weight=self.empty_weight.to(logits.dtype))
+        return F.cross_entropy(logits.transpose(1, 2), classes, weight=self.empty_weight.to(logits.dtype),
+                               reduction="sum")
 
-    @staticmethod
-    def _num_boxes(targets: list[dict], device: torch.device) -> Tensor:
-        """Target boxes per rank (averaged over ranks so every rank normalises alike), at least 1."""
-        count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    def _normalisers(self, targets: list[dict], logits: Tensor) -> tuple[Tensor, Tensor]:
+        """(number of target boxes, total class-loss weight of the queries), each per rank and averaged over
+        ranks so every rank normalises alike; the box count at least 1. Every target is matched to one query
+        (at most num_queries per image), the other queries weigh eos_coef."""
+        queries = logits.shape[1]
+        matched = sum(min(len(t["labels"]), queries) for t in targets)
+        no_object = float(self.empty_weight[-1])
+        counts = torch.tensor([float(sum(len(t["labels"]) for t in targets)),
+                               matched + (len(targets) * queries - matched) * no_object], device=logits.device)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(count)
-            count = count / dist.get_world_size()
-        return count.clamp(min=1)
+            dist.all_reduce(counts)
+            counts = counts / dist.get_world_size()
+        return counts[0].clamp(min=1), counts[1].to(logits.dtype)
 
 
 def _query_index(matching, device: torch.device) -> tuple[Tensor, Tensor]:
