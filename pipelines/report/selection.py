@@ -34,6 +34,7 @@ class Setting:
     detail: str = ""                           # which runs, in words, e.g. "EfficientNet-B1, SGD"
     stage: str = ""                            # the dvc stage that makes its runs, e.g. "train_cifar"
     variant: str = ""                          # run.json's variant: "" takes the preset's own runs
+    task: str = ""                             # runs/<task> it reads: "" the one ``select`` is given
 
     def matches(self, run: RunRecord) -> bool:
         return run.variant == self.variant and all(
@@ -47,14 +48,15 @@ class Setting:
 def select(name: str, ctx: Context, task: str, settings: Sequence[Setting], methods: Sequence[str], *,
            method_key: str = "method.name", seed_key: str = "seed", optional: Sequence[str] = (),
            min_seeds: int = 1) -> tuple[Cells, str]:
-    """(setting label, method) -> the runs under runs/<task> of that setting and method, sorted by seed, and
-    the runs' profile. Within a setting every method needs the same seeds, at least ``min_seeds`` of them;
+    """(setting label, method) -> the runs under runs/<task> (or the setting's own task) of that setting and
+    method, sorted by seed, and the runs' profile. Within a setting every method needs the same seeds, at least ``min_seeds`` of them;
     settings named in ``optional`` may lack runs altogether (then they are left out)."""
-    where = ctx.task_dir(task)
+    tasks = list(dict.fromkeys(s.task or task for s in settings))
+    where = " and ".join(ctx.task_dir(t) for t in tasks)
     cells: dict[tuple[str, str], dict[Any, RunRecord]] = {(s.label, m): {} for s in settings for m in methods}
     chosen: list[RunRecord] = []
-    for run in ctx.runs(task):
-        setting = next((s for s in settings if s.matches(run)), None)
+    for run_task, run in ((t, run) for t in tasks for run in ctx.runs(t)):
+        setting = next((s for s in settings if (s.task or task) == run_task and s.matches(run)), None)
         method = str(run.flat.get(method_key))
         if setting is None or method not in methods:
             continue

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -140,20 +141,18 @@ def loaders(train: Dataset, val: Dataset, cfg, rank: int, world: int, pin: bool)
     return train_loader, val_loader
 
 
-def coco_evaluate(annotations: Path, per_image: dict[int, list[dict]], world: int) -> dict[str, float]:
-    """COCO box AP (val_AP, val_AP50, ... in percent) of every rank's detections ({image id: detections in
-    COCO's result format}), on rank 0; other ranks get {}. The sampler's padding repeats a few images on a
-    second rank: merging by image id keeps each image once."""
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, per_image)
-        if dist.get_rank() != 0:
-            return {}
-        per_image = {image: found for part in gathered for image, found in part.items()}
-    return _cocoeval(annotations, [d for found in per_image.values() for d in found])
+def gather_by_image(per_image: dict[int, Any], world: int) -> dict[int, Any] | None:
+    """Every rank's {image id: result} merged on rank 0 (None on the others). The sampler's padding repeats a
+    few images on a second rank: merging by image id keeps each image once."""
+    if world == 1:
+        return per_image
+    gathered = [None] * world
+    dist.all_gather_object(gathered, per_image)
+    return {image: result for part in gathered for image, result in part.items()} if dist.get_rank() == 0 else None
 
 
-def _cocoeval(annotations: Path, detections: list[dict]) -> dict[str, float]:
+def coco_ap(annotations: Path, detections: list[dict]) -> dict[str, float]:
+    """COCO box AP (val_AP, val_AP50, ... in percent) of detections in COCO's result format."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 

@@ -116,8 +116,8 @@ class Detection(runner.Task):
         return {"params_model": trainable, "params_adjuster": adjuster}
 
     def progress(self, row: dict[str, float]) -> str:
-        return (f"train_loss {row['train_loss']:.4f} AP {row['val_AP']:.2f} AP50 {row['val_AP50']:.2f} "
-                f"({row['images_per_s']:.1f} images/s)")
+        return (f"train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} AP {row['val_AP']:.2f} "
+                f"AP50 {row['val_AP50']:.2f} ({row['images_per_s']:.1f} images/s)")
 
     def final_metrics(self, last_row: dict[str, float]) -> dict[str, float]:
         final = {k: v for k, v in last_row.items() if k.startswith("val_")}
@@ -191,26 +191,43 @@ class Detection(runner.Task):
         return row
 
     @torch.no_grad()
-    def detections(self, loader) -> dict[int, list[dict]]:
-        """COCO-format detections of this process's share of ``loader``, by image id."""
+    def predictions(self, loader) -> dict[int, dict]:
+        """{image id: {"detections": COCO-format detections, "loss": DETR's loss of that image on its own}} of
+        this process's share of ``loader``. A per-image loss does not depend on batch size or process count."""
         self.model.eval()
-        found: dict[int, list[dict]] = {}
+        self.criterion.eval()
+        found: dict[int, dict] = {}
         for batch in loader:
             images, masks, targets = self._batch(*batch)
+            outputs = self.model(images, masks)
             sizes = torch.stack([t["orig_size"] for t in targets])
-            for target, result in zip(targets, self.postprocess(self.model(images, masks), sizes)):
+            for k, (target, result) in enumerate(zip(targets, self.postprocess(outputs, sizes))):
+                loss = self.criterion(image_outputs(outputs, k), [target], over_ranks=False).terms["loss"]
                 xywh = result["boxes"].clone()
                 xywh[:, 2:] -= xywh[:, :2]
-                found[target["image_id"]] = [
+                found[target["image_id"]] = {"loss": float(loss), "detections": [
                     {"image_id": target["image_id"], "category_id": int(label), "bbox": [float(v) for v in box],
                      "score": float(score)}
                     for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(),
-                                                 xywh.tolist())]
+                                                 xywh.tolist())]}
         return found
 
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """COCO box AP on val2017 (rank 0 holds the numbers)."""
-        return coco_data.coco_evaluate(self.val_annotations, self.detections(self.val_loader), self.procs.world)
+        """val_loss (DETR's loss per image, averaged) and COCO box AP on val2017; rank 0 holds the numbers."""
+        per_image = coco_data.gather_by_image(self.predictions(self.val_loader), self.procs.world)
+        if per_image is None:
+            return {}
+        losses = [p["loss"] for p in per_image.values()]
+        return {"val_loss": sum(losses) / max(len(losses), 1),
+                **coco_data.coco_ap(self.val_annotations, [d for p in per_image.values() for d in p["detections"]])}
+
+
+def image_outputs(outputs: dict, k: int) -> dict:
+    """DETR's outputs (final and auxiliary layers) of the k-th image of a batch, as a batch of one."""
+    one = {name: outputs[name][k:k + 1] for name in ("pred_logits", "pred_boxes")}
+    if "aux_outputs" in outputs:
+        one["aux_outputs"] = [{name: v[k:k + 1] for name, v in layer.items()} for layer in outputs["aux_outputs"]]
+    return one
 
 
 def run(cfg: DictConfig) -> None:

@@ -162,7 +162,7 @@ def test_second_repro_does_nothing(project):
     assert stages_run(again) == set()
 
 
-def test_audit_traces_a_table5_cell_to_its_runs(project):
+def test_audit_traces_table_cells_to_their_runs(project):
     repo, env, _ = project
     result = subprocess.run([sys.executable, "-m", "pipelines.audit", "Table V", "Boston", "GAL", "MAE"],
                             cwd=repo, env=env, capture_output=True, text=True, timeout=300)
@@ -176,6 +176,10 @@ def test_audit_traces_a_table5_cell_to_its_runs(project):
                             cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert table1.returncode == 0, table1.stderr
     assert "MLflow cross-check: OK" in table1.stdout and "train_cifar@cifar10-sgd-gal-1" in table1.stdout
+    table4 = subprocess.run([sys.executable, "-m", "pipelines.audit", "Table IV", "DETR-R50", "GAL", "AP50"],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert table4.returncode == 0, table4.stderr
+    assert "MLflow cross-check: OK" in table4.stdout and "train_detection@r50-gal-0" in table4.stdout
 
 
 def test_changing_one_parameter_reruns_only_what_depends_on_it(project):

@@ -182,8 +182,10 @@ def make_runs(root: Path, profile: str = "smoke", skip: tuple = (), profiles: di
                           "method": {"name": method}, "seed": seed}
                 base = 39.0 + (method == "gal") * 0.5 + seed * 0.1 + (backbone == "r101") * 2
                 metrics = {f"val_{k}": base + i for i, k in enumerate(("AP", "AP50", "AP75", "APs", "APm", "APl"))}
-                metrics.update(params_model=41_302_368, params_adjuster=1344 if method == "gal" else 0)
-                history = [{"epoch": e, "train_loss": 10.0 / e, "val_AP": base * e / 3} for e in (1, 2, 3)]
+                history = [{"epoch": e, "train_loss": 10.0 / e, "val_loss": 12.0 / e - base / 100, "val_AP": base * e / 3}
+                           for e in (1, 2, 3)]
+                metrics.update(params_model=41_302_368, params_adjuster=1344 if method == "gal" else 0,
+                               val_loss=history[-1]["val_loss"])
                 made[name] = write_run(root, "detection", name, config, metrics, history,
                                        run_ids.get(name, f"id-{name}"), f"train_detection@{backbone}-{method}-{seed}",
                                        profiles.get(name, profile))
@@ -515,9 +517,11 @@ def test_classification_figures(site):
         assert (out / f"figures/{fig}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert b"CreationDate" not in (out / f"figures/{fig}.pdf").read_bytes()
     fig5 = {r["key"]: r for r in read_csv(out / "figures/fig5_val_loss.csv")}
-    assert len(fig5) == 3 * 2 * 3
-    for label, exp in (("CIFAR-10", "cifar10_sgd"), ("ImageNet", "imagenet_resnet50")):
-        v = cls_values(exp, "gal", "val_loss")
+    assert len(fig5) == 4 * 2 * 3  # CIFAR-10, CIFAR-100, ImageNet, COCO x baseline, GAL x mean, std, n
+    coco = [json.loads((site["root"] / f"runs/detection/coco_detr_r50-gal-s{seed}/metrics.json").read_text())["val_loss"]
+            for seed in CLS_SEEDS]
+    for label, v in (("CIFAR-10", cls_values("cifar10_sgd", "gal", "val_loss")),
+                     ("ImageNet", cls_values("imagenet_resnet50", "gal", "val_loss")), ("COCO", coco)):
         assert float(fig5[f"Fig. 5/{label}/GAL/val_loss/mean"]["value"]) == pytest.approx(np.mean(v), rel=1e-12)
         assert float(fig5[f"Fig. 5/{label}/GAL/val_loss/std"]["value"]) == pytest.approx(np.std(v, ddof=1), rel=1e-12)
     fig6_rows = {r["key"]: r for r in read_csv(out / "figures/fig6_remainder_cosine.csv")}

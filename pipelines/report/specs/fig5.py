@@ -10,12 +10,17 @@ from pipelines.report.render import markdown, pm
 from pipelines.report.selection import select
 
 
+# DETR's loss of each val image on its own (class + box terms of every decoder layer), averaged over images
+COCO_R50 = cls.Setting("COCO", {"experiment": "coco_detr_r50"}, "DETR-R50, AdamW", stage="train_detection",
+                       task="detection")
+
+
 @dataclass(frozen=True)
 class CurvesFigure:
     name: str = "Fig. 5"
     slug: str = "fig5_val_loss"
     kind: str = "figure"
-    settings: tuple[cls.Setting, ...] = (cls.CIFAR10_SGD, cls.CIFAR100_SGD, cls.IMAGENET_R50)  # panels
+    settings: tuple[cls.Setting, ...] = (cls.CIFAR10_SGD, cls.CIFAR100_SGD, cls.IMAGENET_R50, COCO_R50)  # panels
     methods: dict[str, str] = field(default_factory=lambda: {"baseline": "Baseline", "gal": "GAL"})
     column: str = "val_loss"   # history.csv column plotted; its final value is metrics.json's
     ylabel: str = "validation loss"

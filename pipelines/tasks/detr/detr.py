@@ -119,12 +119,12 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef  # down-weights the many "no object" queries
         self.register_buffer("empty_weight", empty_weight)
 
-    def forward(self, outputs: dict, targets: list[dict]) -> DetrLoss:
+    def forward(self, outputs: dict, targets: list[dict], over_ranks: bool = True) -> DetrLoss:
         """outputs from DETR; targets: per image "labels" (T_b,) int64 and "boxes" (T_b, 4) normalised cxcywh,
-        on the outputs' device."""
+        on the outputs' device. ``over_ranks`` False normalises by this call's own targets and queries."""
         layers = [outputs, *outputs.get("aux_outputs", [])]  # final layer first
         matchings = [self.matcher(layer, targets) for layer in layers]  # once per layer, no grad
-        num_boxes, class_weight = self._normalisers(targets, outputs["pred_logits"])
+        num_boxes, class_weight = self._normalisers(targets, outputs["pred_logits"], over_ranks)
 
         boxes, target_boxes = self._matched(outputs["pred_boxes"], targets, matchings[0])
 
@@ -164,16 +164,16 @@ class SetCriterion(nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), classes, weight=self.empty_weight.to(logits.dtype),
                                reduction="sum")
 
-    def _normalisers(self, targets: list[dict], logits: Tensor) -> tuple[Tensor, Tensor]:
-        """(number of target boxes, total class-loss weight of the queries), each per rank and averaged over
-        ranks so every rank normalises alike; the box count at least 1. Every target is matched to one query
+    def _normalisers(self, targets: list[dict], logits: Tensor, over_ranks: bool) -> tuple[Tensor, Tensor]:
+        """(number of target boxes, total class-loss weight of the queries), each per rank and (``over_ranks``)
+        averaged over ranks so every rank normalises alike; the box count at least 1. Every target is matched to one query
         (at most num_queries per image), the other queries weigh eos_coef."""
         queries = logits.shape[1]
         matched = sum(min(len(t["labels"]), queries) for t in targets)
         no_object = float(self.empty_weight[-1])
         counts = torch.tensor([float(sum(len(t["labels"]) for t in targets)),
                                matched + (len(targets) * queries - matched) * no_object], device=logits.device)
-        if dist.is_available() and dist.is_initialized():
+        if over_ranks and dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
             counts = counts / dist.get_world_size()
         return counts[0].clamp(min=1), counts[1].to(logits.dtype)
