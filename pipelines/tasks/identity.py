@@ -8,7 +8,8 @@ two resolved configs are compared key by key, so an override is named however it
 (``method.ratio=0.001``, ``method=...``, a group choice). ``trainer.*`` (where and on how many processes a
 run goes) and ``root`` never make a variant; anything else does, so two configs that differ in anything
 but those never share a name. Tokens are short and stable (sorted by key): ``eps0.001``, ``s5``,
-``policy-always``, ``src-uniform``, ``cnn-256-64``, ``epochs1``; a long variant keeps a readable head
+``policy-always``, ``src-uniform`` (h's settings, null for noise, are not named), ``norm-false``,
+``cnn-256-64``, ``epochs1``; a long variant keeps a readable head
 and a hash of the whole.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.errors import ConfigError
+from pipelines.tasks.method import NETWORK_KEYS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NOT_IDENTITY = ("trainer", "root", "seed")  # top-level keys that never make a variant (seed is in the name)
@@ -28,7 +30,7 @@ VARIANT_MAX = 60
 # Short names of GAL's hyper-parameters (the paper's symbols where it has them).
 TOKENS = {"method.ratio": "eps", "method.scale": "s", "method.policy": "policy-", "method.source": "src-",
           "method.remainder": "rem-", "method.adjuster_lr": "hlr", "method.activation": "act-",
-          "method.bias": "bias-"}
+          "method.bias": "bias-", "method.normalize": "norm-"}
 
 
 def preset_overrides(cfg: DictConfig) -> list[str]:
@@ -91,6 +93,8 @@ def variant(cfg: DictConfig, preset: DictConfig | None = None) -> str:
                              if k not in NOT_IDENTITY}) for c in (cfg, preset))
     keys = set(ours) | set(theirs)
     changed = sorted(k for k in keys if ours.get(k, KeyError) != theirs.get(k, KeyError))
+    if ours.get("method.source", "learned") != "learned":  # noise: h's settings are null by rule, not choice
+        changed = [k for k in changed if k.removeprefix("method.") not in NETWORK_KEYS]
     tokens = []
     if any(k in ("method.kind", "method.arch") for k in changed):  # the adjuster's architecture, as one token
         tokens.append(f"{ours.get('method.kind', 'mlp')}-{_text(ours.get('method.arch', []))}")

@@ -16,7 +16,8 @@ from pipelines.errors import ConfigError
 # method.<key> -> GradientAdjuster argument; name and gal are the method's identity, adjuster_lr goes to
 # the optimiser's adjuster group.
 ADJUSTER_ARGS = {"arch": "arch", "ratio": "ratio", "scale": "scale", "policy": "policy", "remainder": "remainder",
-                 "source": "source", "kind": "kind", "activation": "activation", "bias": "bias"}
+                 "source": "source", "normalize": "normalize", "kind": "kind", "activation": "activation",
+                 "bias": "bias"}
 GAL_KEYS = {"name", "gal", "adjuster_lr", *ADJUSTER_ARGS}
 NETWORK_KEYS = ("arch", "kind", "activation", "bias", "adjuster_lr")  # settings of h, the learned adjuster
 

@@ -157,6 +157,24 @@ def test_random_sources_have_no_parameters_and_adjust(source):
     assert -1.0 <= stats.cosine.item() <= 1.0 and stats.remainder.item() >= 0
 
 
+@pytest.mark.parametrize("source, draw", [("uniform", lambda z: torch.rand_like(z) * 2 - 1),
+                                          ("normal", torch.randn_like)])
+def test_unnormalised_noise_is_exactly_the_drawn_noise_added_to_the_gradient(source, draw):
+    torch.manual_seed(0)
+    z = torch.randn(6, 5, requires_grad=True)
+    target = torch.randn(6, 5)
+    loss_fn = lambda out: ((out - target) ** 2).mean()  # noqa: E731
+    (g,) = torch.autograd.grad(loss_fn(z), z)
+    adjuster = GradientAdjuster(5, ratio=0.01, source=source, normalize=False, policy="always")
+    torch.manual_seed(1)
+    adjuster.backward(z, loss_fn, 0.1)
+    torch.manual_seed(1)
+    noise = draw(z)
+    assert torch.equal(z.grad, g + noise)  # the raw draw: no eps, no ||g||
+    with pytest.raises(ValueError, match="normalize=False is for the noise sources"):
+        GradientAdjuster(5, (8,), normalize=False)
+
+
 def test_deterministic_on_cpu():
     results = []
     for _ in range(2):

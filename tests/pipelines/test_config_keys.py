@@ -71,7 +71,7 @@ def test_regression_keys_act_or_are_refused(tmp_path):
                 for experiment in ("boston_gal", "boston_baseline")}
     for found in outcomes.values():
         assert all(v != "IGNORED" for v in found.values()), found
-    assert len(outcomes["boston_gal"]) == 15 and outcomes["boston_baseline"].keys() >= {"method.gal", "optim.lr"}
+    assert len(outcomes["boston_gal"]) == 16 and outcomes["boston_baseline"].keys() >= {"method.gal", "optim.lr"}
 
 
 def test_classification_keys_act_or_are_refused(tmp_path):

@@ -66,6 +66,7 @@ class GradientAdjuster(nn.Module):
         policy: str = "safeguard",
         remainder: str = "reference",
         source: str = "learned",
+        normalize: bool = True,
         kind: str = "mlp",
         activation: str | None = None,
         bias: bool = True,
@@ -80,6 +81,10 @@ class GradientAdjuster(nn.Module):
         self.policy = _choice("policy", policy, POLICIES)
         self.remainder = _choice("remainder", remainder, REMAINDERS)
         self.source = _choice("source", source, SOURCES)
+        if not normalize and source == "learned":
+            raise ValueError("normalize=False is for the noise sources (uniform, normal): h's proposal is always "
+                             "normalised (Eq. 4)")
+        self.normalize = bool(normalize)
         self.net = build_adjuster_net(kind, dim, arch, activation, bias) if source == "learned" else None
         self.process_group = process_group
         self._net_ddp: nn.Module | None = None
@@ -93,13 +98,16 @@ class GradientAdjuster(nn.Module):
         return self
 
     def propose(self, z: Tensor, g: Tensor) -> Tensor:
-        """The normalised adjustment a_hat: per row, direction of h(z) (or noise) with norm ratio * ||g||."""
+        """The normalised adjustment a_hat: per row, direction of h(z) (or noise) with norm ratio * ||g||;
+        with ``normalize=False`` the drawn noise itself (uniform on [-1, 1) or standard normal)."""
         if self.net is not None:
             a = (self._net_ddp or self.net)(z)
         elif self.source == "uniform":
             a = torch.rand_like(z) * 2 - 1
         else:
             a = torch.randn_like(z)
+        if not self.normalize:
+            return a
         unit = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min(_TINY)
         return unit * (self.ratio * torch.linalg.vector_norm(g, dim=-1, keepdim=True))
 
@@ -213,4 +221,5 @@ class GradientAdjuster(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, arch={self.arch}, ratio={self.ratio}, scale={self.scale}, "
-                f"policy={self.policy!r}, remainder={self.remainder!r}, source={self.source!r}")
+                f"policy={self.policy!r}, remainder={self.remainder!r}, source={self.source!r}"
+                + ("" if self.normalize else ", normalize=False"))

@@ -1,0 +1,25 @@
+"""Run names: the variant names every difference from the preset, in short stable tokens."""
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize
+
+from pipelines.tasks import identity
+
+NOISE = ("method.source=uniform", "method.arch=null", "method.kind=null", "method.bias=null")
+
+
+@pytest.mark.parametrize("overrides, name", [
+    ((), "cifar100_sgd-gal-s0"),
+    (("method.ratio=0.001",), "cifar100_sgd-gal-eps0.001-s0"),
+    (("method.arch=[256,64]",), "cifar100_sgd-gal-mlp-256-64-s0"),
+    (("method.kind=cnn", "method.arch=[256]"), "cifar100_sgd-gal-cnn-256-s0"),
+    (("method.policy=strict", "seed=3"), "cifar100_sgd-gal-policy-strict-s3"),
+    (("trainer.gpus=2", "trainer.device=cpu"), "cifar100_sgd-gal-s0"),  # where a run goes is not what it is
+    (NOISE, "cifar100_sgd-gal-src-uniform-s0"),  # h's settings are null by rule for noise: not named
+    ((*NOISE, "method.normalize=false"), "cifar100_sgd-gal-norm-false-src-uniform-s0"),
+])
+def test_run_names(overrides, name):
+    with initialize(config_path="../../pipelines/conf", version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=cifar100_sgd_gal", *overrides])
+        assert identity.run_name(cfg, identity.variant(cfg)) == name
