@@ -10,9 +10,16 @@ One MLflow experiment per task; one MLflow run per ``with`` block. On success th
 ``runs/<task>/<run_name>/{config.yaml, history.csv, metrics.json, run.json}`` (plus, from a dirty tree,
 ``git_diff.patch`` and ``git_untracked.txt``: see Tags) and the MLflow run FINISHED: the record is
 written into a temp dir beside it, the run is marked FINISHED, then the temp dir replaces the old record
-(``pipelines.atomic``), so a record on disk is always whole and means a FINISHED run. On any exception, a
-NaN/inf metric included, the MLflow run ends FAILED (KILLED for Ctrl-C), no record is written, a previous
-record of the same name is left as it was, and the exception propagates.
+(``pipelines.atomic``), so a record on disk is always whole and means a FINISHED run, or a diverged one (below).
+On any exception, a NaN/inf metric included, the MLflow run ends FAILED (KILLED for Ctrl-C), no record is
+written, a previous record of the same name is left as it was, and the exception propagates.
+
+A divergence kept as a result: instead of ``log_epoch``, ``log_diverged(step, metrics)`` with the step's
+row that holds a NaN/inf (``first_nonfinite`` finds it) ends the logging. That row is not logged (history.csv
+and MLflow keep the finite steps only), the final metrics become ``{"diverged_<step_name>": step}`` only
+(metrics.json and an MLflow metric), and the MLflow run gets the tags ``diverged_<step_name>`` and
+``diverged_metric``. Leaving the block then writes the whole record as above, run.json with ``"status":
+"diverged"`` and ``"diverged_metric"``, and ends the MLflow run FAILED. Only such a record has "status".
 
 ``variant`` (keyword, default "") names a run off a preset (e.g. "eps0.001"; "" for the preset's own
 run): run.json "variant" and MLflow tag ``variant``; a resume must have the same one.
@@ -393,6 +400,18 @@ def _param_value(value: str) -> str:
     return value if len(value) <= PARAM_VALUE_MAX else value[:PARAM_VALUE_MAX - 3] + "..."
 
 
+def first_nonfinite(metrics: Mapping[str, Any]) -> tuple[str, float] | None:
+    """(name, value) of the first metric that is a number but NaN or +-inf (a diverged run), else None."""
+    for name, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue  # not a number at all: log_epoch refuses it
+        if not math.isfinite(number):
+            return str(name), number
+    return None
+
+
 def _finite(metrics: Mapping[str, float], where: str) -> dict[str, float]:
     out = {}
     for name, value in metrics.items():
@@ -470,6 +489,7 @@ class RunTracker:
         self._history: list[tuple[int, dict[str, str]]] = []  # (step, {metric: csv cell})
         self._columns: dict[str, None] = {}  # first-seen order
         self._final: dict[str, float] = {}
+        self._diverged: dict | None = None  # {"step", "metric"} once log_diverged ended the logging
         self._pending: list = []  # metrics not yet sent to MLflow
         self._last_flush = 0.0
         self._last_step = 0
@@ -556,8 +576,9 @@ class RunTracker:
             self._flush()
             tmp = temp_dir_beside(self.run_dir)
             self._write(tmp)
-            with _quiet_store():
-                self._client.set_terminated(self.run_id, "FINISHED")  # before publishing: a record means FINISHED
+            status = "FINISHED" if self._diverged is None else "FAILED"
+            with _quiet_store():  # before publishing: a record means a FINISHED run (or a diverged, FAILED one)
+                self._client.set_terminated(self.run_id, status)
             replace_dir(tmp, self.run_dir)  # an old record is replaced, or kept if this fails
             tmp = None
         except BaseException as err:
@@ -653,7 +674,7 @@ class RunTracker:
     # ---------------------------------------------------------------------------------- logging
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
         """One history row (and MLflow metrics at ``step``); a NaN/inf value raises TrackingError."""
-        self._require_active()
+        self._require_logging()
         values = _finite(metrics, f"at {self.step_name} {step}")
         step = int(step)
         for name in values:
@@ -667,16 +688,51 @@ class RunTracker:
     def log_final(self, metrics: Mapping[str, float]) -> None:
         """Final metrics: metrics.json and MLflow metrics under their own names (they win over any
         same-named epoch metric as the run's latest value)."""
-        self._require_active()
+        self._require_logging()
         values = _finite(metrics, "in the final metrics")
         self._final.update(values)
         self._queue(values, self._last_step)
         self._flush()
 
+    def log_diverged(self, step: int, metrics: Mapping[str, Any]) -> tuple[str, float]:
+        """End the logging at ``step``, whose row ``metrics`` holds a NaN/inf: the run diverged there, and that
+        is its result (see the module docstring). The row itself is not logged. Returns the offending metric's
+        (name, value); TrackingError if every value is finite."""
+        from mlflow.entities import RunTag
+
+        self._require_logging()
+        found = first_nonfinite(metrics)
+        if found is None:
+            raise TrackingError(f"log_diverged at {self.step_name} {step} of run {self.run_name}: every metric is "
+                                "finite; log the row with log_epoch")
+        step, key = int(step), f"diverged_{self.step_name}"
+        self._diverged = {"step": step, "metric": found[0]}
+        # metrics.json holds the step it diverged at and nothing else: a last finite epoch's val/test values
+        # are not what the configured run computes, and a table must not take them for its result (they stay
+        # in history.csv). MLflow gets the same number, so the record and the run agree (the audit checks).
+        self._final = {key: step}
+        self._queue({key: float(step)}, self._last_step)
+        tags = [RunTag(key, str(step)), RunTag("diverged_metric", found[0])]
+        try:
+            with _quiet_store():
+                self._client.log_batch(self.run_id, tags=tags, synchronous=True)
+        except Exception as err:
+            self._unreachable = True
+            raise TrackingError(f"cannot tag run {self.run_name} in MLflow at {_redact(self.uri)}: {_cause(err)}; "
+                                "check that the tracking server is up") from None
+        self._flush()
+        return found
+
     # ---------------------------------------------------------------------------------- internals
     def _require_active(self) -> None:
         if not self._active:
             raise TrackingError("RunTracker used outside its 'with' block; log inside 'with RunTracker(...) as t:'")
+
+    def _require_logging(self) -> None:
+        self._require_active()
+        if self._diverged is not None:
+            raise TrackingError(f"run {self.run_name} diverged at {self.step_name} {self._diverged['step']}: "
+                                "log_diverged ended its logging")
 
     def _experiment(self) -> str:
         client = self._client
@@ -743,7 +799,9 @@ class RunTracker:
             writer.writerow([step, *(values.get(c, "") for c in columns)])
         (tmp / "history.csv").write_text(buf.getvalue())
         (tmp / "metrics.json").write_text(json.dumps(self._final, indent=2) + "\n")
-        (tmp / "run.json").write_text(json.dumps(self._record, indent=2) + "\n")
+        record = self._record if self._diverged is None else {
+            **self._record, "status": "diverged", "diverged_metric": self._diverged["metric"]}
+        (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
         if self._diff is not None:
             self._write_git_changes(tmp)
 

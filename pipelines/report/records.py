@@ -86,6 +86,14 @@ class RunRecord:
         """run.json's variant: "" for a preset's own run, e.g. "eps0.001" for a run off the preset."""
         return str(self.meta.get("variant") or "")
 
+    @property
+    def diverged_epoch(self) -> int | None:
+        """The epoch a run kept as a diverged result stopped at (run.json "status": "diverged", metrics.json
+        diverged_epoch: trainer.on_divergence=record); None for a finished run, as for every older record."""
+        if self.meta.get("status") != "diverged":
+            return None
+        return int(self.metric("diverged_epoch"))
+
     def metric(self, name: str) -> float:
         """metrics.json's ``name``; ReportError naming the file if it is absent or not a finite number."""
         if name not in self.metrics:

@@ -12,6 +12,12 @@ MLflow run and ends with the metrics of an uninterrupted run (bitwise on CPU wit
 algorithms). Only rank 0 reads the checkpoint (only node 0 has it); it sends the tensors one by one with
 ``dist.broadcast`` (on the GPU under NCCL) after a small skeleton of everything else, so no rank ever
 holds a pickled copy of the whole state.
+
+Divergence: a NaN/inf in an epoch's row fails the run loudly (``trainer.on_divergence=fail``, the default: the
+tracker refuses it). With ``trainer.on_divergence=record`` it is a result: rank 0 finds it, every rank stops
+after that epoch, the tracker writes the record of a diverged run (``RunTracker.log_diverged``: the finite
+epochs, metrics.json ``diverged_epoch``, MLflow run FAILED with tags), the checkpoint is deleted so that a
+rerun starts over instead of resuming towards the same divergence, and the process ends with exit code 0.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines.errors import ConfigError
 from pipelines.tasks import checkpoint, identity, launch, method
-from pipelines.tracking import RunTracker
+from pipelines.tracking import RunTracker, first_nonfinite
 
 PROGRESS_SECONDS = 10.0  # at most one progress line this often (and always after the first and last epoch)
 
@@ -100,11 +106,20 @@ def check(cfg: DictConfig, task: type[Task]) -> int:
         raise ConfigError(f"trainer.precision={trainer.precision!r}: use auto, bf16 or fp32")
     if str(trainer.channels_last) not in ("auto", "True", "False"):
         raise ConfigError(f"trainer.channels_last={trainer.channels_last!r}: use auto, true or false")
+    if str(trainer.on_divergence) not in ("fail", "record"):
+        raise ConfigError(f"trainer.on_divergence={trainer.on_divergence!r}: use fail or record")
     if nodes > 1:
         launch.check_nodes(trainer)
     method.check(cfg)
     task.check(cfg, gpus * nodes)
     return gpus * nodes
+
+
+def diverged_on_rank0(row: dict[str, float], procs: launch.Processes) -> bool:
+    """Whether rank 0's row holds a NaN/inf, on every rank: only rank 0 has every metric (detection's val_*),
+    and all ranks must stop after the same epoch."""
+    flag = torch.tensor([float(procs.main and first_nonfinite(row) is not None)], device=procs.device)
+    return launch.all_reduce_sum(flag, procs).item() > 0
 
 
 def config_digest(config: dict) -> str:
@@ -161,18 +176,27 @@ def fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant:
     tracker = (RunTracker(task.name, name, config, profile=cfg.profile, data_files=task.data_files,
                           runs_root=root / "runs", resume=resume, variant=variant)
                if procs.main else contextlib.nullcontext())
-    last_print = 0.0
+    last_print, diverged = 0.0, None
+    record_divergence = str(cfg.trainer.on_divergence) == "record"
     with tracker:
         for epoch in range(start, cfg.task.epochs + 1):
             row = task.train_epoch(epoch)
             row.update(task.evaluate(epoch))
+            if record_divergence and diverged_on_rank0(row, procs):
+                diverged = tracker.log_diverged(epoch, row) if procs.main else None
+                break
             if not procs.main:
                 continue
-            tracker.log_epoch(epoch, row)  # refuses NaN/inf: a diverged run fails loudly
+            tracker.log_epoch(epoch, row)  # refuses NaN/inf: with on_divergence=fail a diverged run fails loudly
             checkpoint.save({"epoch": epoch, "config_sha": config_sha, "task": task.state_dict(),
                              "tracker": tracker.state()}, ckpt_path)
             if epoch in (start, cfg.task.epochs) or time.monotonic() - last_print >= PROGRESS_SECONDS:
                 print(f"epoch {epoch}/{cfg.task.epochs} {task.progress(row)}", flush=True)
                 last_print = time.monotonic()
-        if procs.main:
+        if procs.main and diverged is None:
             tracker.log_final(task.final_metrics(row))
+    if diverged is not None:  # the record is written: a rerun starts over rather than diverge again from here
+        ckpt_path.unlink(missing_ok=True)
+        metric, value = diverged
+        print(f"{name} diverged at epoch {epoch} ({metric} = {value}): recorded as a result "
+              f"(trainer.on_divergence=record)", flush=True)
