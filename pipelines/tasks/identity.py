@@ -7,10 +7,10 @@ e.g. ``boston``). The variant names every way the config differs from the preset
 two resolved configs are compared key by key, so an override is named however it was spelled
 (``method.ratio=0.001``, ``method=...``, a group choice). ``trainer.*`` (where and on how many processes a
 run goes) and ``root`` never make a variant; anything else does, so two configs that differ in anything
-but those never share a name. Tokens are short and stable (sorted by key): ``eps0.001``, ``s5``,
+but those never share a name. Tokens are short and stable (sorted by key): ``eps0.001``, ``scale5``,
 ``policy-always``, ``src-uniform`` (h's settings, null for noise, are not named), ``norm-false``,
-``cnn-256-64``, ``epochs1``; a long variant keeps a readable head
-and a hash of the whole.
+``cnn-256,64`` (lists as Hydra writes them, so a DVC stage spells the name and the override from one
+value), ``epochs1``; a long variant keeps a readable head and a hash of the whole.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 NOT_IDENTITY = ("trainer", "root", "seed")  # top-level keys that never make a variant (seed is in the name)
 VARIANT_MAX = 60
 # Short names of GAL's hyper-parameters (the paper's symbols where it has them).
-TOKENS = {"method.ratio": "eps", "method.scale": "s", "method.policy": "policy-", "method.source": "src-",
+TOKENS = {"method.ratio": "eps", "method.scale": "scale", "method.policy": "policy-", "method.source": "src-",
           "method.remainder": "rem-", "method.adjuster_lr": "hlr", "method.activation": "act-",
           "method.bias": "bias-", "method.normalize": "norm-"}
 
@@ -72,7 +72,7 @@ def _text(value: Any) -> str:
     if isinstance(value, float):
         return format(value, ".12g")
     if isinstance(value, (list, tuple)):
-        return "-".join(_text(v) for v in value) or "none"
+        return ",".join(_text(v) for v in value) or "none"  # as Hydra's list syntax writes it: [256,64]
     return re.sub(r"[^A-Za-z0-9.+_]", "_", str(value))
 
 

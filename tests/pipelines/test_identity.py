@@ -12,7 +12,8 @@ NOISE = ("method.source=uniform", "method.arch=null", "method.kind=null", "metho
 @pytest.mark.parametrize("overrides, name", [
     ((), "cifar100_sgd-gal-s0"),
     (("method.ratio=0.001",), "cifar100_sgd-gal-eps0.001-s0"),
-    (("method.arch=[256,64]",), "cifar100_sgd-gal-mlp-256-64-s0"),
+    (("method.scale=5",), "cifar100_sgd-gal-scale5-s0"),  # not "s5": s<k> is the seed
+    (("method.arch=[256,64]",), "cifar100_sgd-gal-mlp-256,64-s0"),
     (("method.kind=cnn", "method.arch=[256]"), "cifar100_sgd-gal-cnn-256-s0"),
     (("method.policy=strict", "seed=3"), "cifar100_sgd-gal-policy-strict-s3"),
     (("trainer.gpus=2", "trainer.device=cpu"), "cifar100_sgd-gal-s0"),  # where a run goes is not what it is
