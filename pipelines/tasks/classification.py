@@ -31,9 +31,10 @@ def build_model(cfg: DictConfig, classes: int) -> nn.Module:
     import timm
 
     m = cfg.model
+    extra = {"bn_momentum": m.bn_momentum} if m.get("bn_momentum") is not None else {}  # EfficientNets take it
     try:
         return timm.create_model(m.name, pretrained=m.pretrained, num_classes=classes, drop_rate=m.drop_rate,
-                                 drop_path_rate=m.drop_path_rate)
+                                 drop_path_rate=m.drop_path_rate, **extra)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise RunError(f"model.name={m.name!r} is not a timm model (timm.list_models() lists them)") from None
