@@ -18,11 +18,13 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml packages/gal_core/py
 test: setup
 	$(BIN)/python -m pytest
 
-# `make repro PROFILE=regression` switches the profile in params.yaml first (see params.yaml).
+# `make repro PROFILE=regression` switches the profile in params.yaml first, and the ablation grid with it
+# (the paper grid for `paper`, the smoke grid otherwise; see params.yaml).
 repro: setup
 ifdef PROFILE
 	@test -f pipelines/conf/profile/$(PROFILE).yaml || { echo "error: no profile '$(PROFILE)'; choose one of: $$(ls pipelines/conf/profile | sed 's/.yaml//' | tr '\n' ' ')"; exit 2; }
-	sed -i 's/^profile: .*/profile: $(PROFILE)/' params.yaml
+	sed -i -e 's/^profile: .*/profile: $(PROFILE)/' \
+	       -e 's/^ablations: .*/ablations: *$(if $(filter paper,$(PROFILE)),paper,smoke)_grid/' params.yaml
 endif
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 

@@ -1,12 +1,71 @@
 """The claims table: every "GAL better than baseline" claim of the paper, with the paper's numbers, ours,
 and a verdict: reproduced (same direction, p < 0.05), direction only (same direction, not significant),
-not reproduced (GAL not better in our runs)."""
+not reproduced (GAL not better in our runs). The ablations' claims ("A beats B", Ablation: Tables VI, VIII,
+Fig. 8a) get the same verdicts, decided by divergence where runs diverged, and "too few runs" where a side
+has fewer than the 2 runs a t-test needs."""
 from __future__ import annotations
 
+import math
 from collections import Counter
+from dataclasses import dataclass
 
 from pipelines.report.model import Claim, Layout
 from pipelines.report.render import fmt, fmt_p, rows_csv
+
+VERDICTS = ("reproduced", "direction only", "not reproduced", "too few runs")
+
+
+@dataclass
+class Ablation(Claim):
+    """'<better> beats <other>' in an ablation, e.g. normalised noise beats unnormalised. As in Claim, ``paper``
+    and ``ours`` hold the other's value under "baseline" and the claimed-better one's under "gal" (nan where
+    a side has no final value); the texts are shown instead of the bare values.
+
+    A side whose runs diverged (some or all) loses to one with fewer diverged runs: that decides the
+    direction, and no t-test is made. Otherwise the means decide the direction and Student's t-test its
+    significance, as for every claim; with fewer than 2 finished runs on a side the verdict is "too few runs"."""
+
+    statement: str = ""                               # the claim, e.g. "normalised noise beats unnormalised"
+    names: tuple[str, str] = ("", "")                 # (other, better) as shown
+    paper_text: tuple[str, str] = ("-", "-")
+    ours_text: tuple[str, str] = ("-", "-")
+    diverged: tuple[float, float] = (0.0, 0.0)        # fraction of each side's runs that diverged
+    diverged_at: tuple[str, str] = ("", "")           # 'epoch 3' / 'epochs 3, 4' where a side diverged
+    runs: tuple[int, int] = (0, 0)                    # finished runs per side
+
+    @property
+    def decided_by_divergence(self) -> bool:
+        return any(self.diverged)
+
+    @property
+    def too_few(self) -> bool:
+        return not self.decided_by_divergence and min(self.runs) < 2
+
+    @property
+    def direction_reproduced(self) -> bool:
+        if self.decided_by_divergence:
+            return self.diverged[1] < self.diverged[0]
+        return super().direction_reproduced
+
+    @property
+    def significant(self) -> bool:
+        return not self.decided_by_divergence and not self.too_few and super().significant
+
+    @property
+    def verdict(self) -> str:
+        if self.decided_by_divergence:
+            return "reproduced" if self.direction_reproduced else "not reproduced"
+        return "too few runs" if self.too_few else super().verdict
+
+    @property
+    def why(self) -> str:
+        """Why there is no t-test behind the verdict ('' when there is one)."""
+        if self.decided_by_divergence:
+            sides = [f"{name} diverged ({where})" for name, where in zip(self.names, self.diverged_at) if where]
+            return "decided by divergence: " + " and ".join(sides)
+        if self.too_few:
+            return f"{self.runs[0]} vs {self.runs[1]} finished runs; a t-test needs at least 2 each"
+        return ""
 
 
 def _side(values: dict, digits: int = 4) -> str:
@@ -16,37 +75,60 @@ def _side(values: dict, digits: int = 4) -> str:
     return text
 
 
+def _ablation_side(claim: Ablation, texts: tuple[str, str], values: dict) -> str:
+    text = f"{claim.names[0]}: {texts[0]} → {claim.names[1]}: {texts[1]}"
+    t = values.get("t")
+    if t is not None and not math.isnan(t):
+        text += f" (t {fmt(t, 2)}, p {fmt_p(values['p'])})"
+    return text
+
+
 def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
 def _significance(claim: Claim) -> str:
+    if isinstance(claim, Ablation) and claim.why:
+        return f"n/a: {claim.why}"
     if not claim.significant:
         return "no"
     return "yes" if claim.direction_reproduced else "yes (GAL significantly worse)"
 
 
+def _row(c: Claim) -> list[str]:
+    if isinstance(c, Ablation):
+        return [f"{c.table}: {c.statement}, {c.metric} ({c.better})", _ablation_side(c, c.paper_text, c.paper),
+                _ablation_side(c, c.ours_text, c.ours), _yes(c.direction_reproduced), _significance(c), c.verdict]
+    return [f"{c.table}: GAL better on {c.subject}, {c.metric} ({c.better})", _side(c.paper), _side(c.ours),
+            _yes(c.direction_reproduced), _significance(c), c.verdict]
+
+
 def layout(claims: list[Claim]) -> Layout:
-    rows = [[f"{c.table}: GAL better on {c.subject}, {c.metric} ({c.better})", _side(c.paper), _side(c.ours),
-             _yes(c.direction_reproduced), _significance(c), c.verdict] for c in claims]
+    rows = [_row(c) for c in claims]
     counts = Counter(c.verdict for c in claims)
-    summary = ", ".join(f"{counts[v]} {v}" for v in ("reproduced", "direction only", "not reproduced"))
+    summary = ", ".join(f"{counts[v]} {v}" for v in VERDICTS if v in VERDICTS[:3] or counts[v])
+    notes = ["means over runs; t = baseline minus GAL, two-sided p of Student's t-test (equal variances)",
+             "reproduced: GAL better in our means and p < 0.05; direction only: better but not significant; "
+             "not reproduced: GAL not better in our means"]
+    if any(isinstance(c, Ablation) for c in claims):
+        notes.append("ablation claims (\"A beats B\"): \"other → claimed better\", each side's final error over "
+                     "seeds, t = other minus claimed better; a side whose runs diverged loses to one with fewer "
+                     "diverged runs (no t-test then); too few runs: a side has fewer than 2 finished runs")
     return Layout(
         columns=["Paper's claim", "Paper: baseline → GAL", "Ours: baseline → GAL", "Direction reproduced?",
                  f"Significant (p < {claims[0].alpha if claims else 0.05:g})?", "Verdict"],
         rows=rows,
         caption=f"Claims: {len(claims)} checked; {summary}.",
-        notes=["means over runs; t = baseline minus GAL, two-sided p of Student's t-test (equal variances)",
-               "reproduced: GAL better in our means and p < 0.05; direction only: better but not significant; "
-               "not reproduced: GAL not better in our means"])
+        notes=notes)
 
 
 def to_csv(claims: list[Claim]) -> str:
     columns = ["table", "subject", "metric", "better", "paper_baseline", "paper_gal", "paper_t", "paper_p",
                "ours_baseline", "ours_gal", "ours_t", "ours_p", "direction_reproduced", "significant", "verdict",
-               "provenance_keys"]
+               "provenance_keys", "claim", "why"]
     rows = [[c.table, c.subject, c.metric, c.better,
              *("" if c.paper.get(k) is None else c.paper[k] for k in ("baseline", "gal", "t", "p")),
              *(repr(c.ours[k]) for k in ("baseline", "gal", "t", "p")),
-             c.direction_reproduced, c.significant, c.verdict, "; ".join(c.keys)] for c in claims]
+             c.direction_reproduced, c.significant, c.verdict, "; ".join(c.keys), _row(c)[0],
+             getattr(c, "why", "")] for c in claims]
     return rows_csv(columns, rows)

@@ -1,17 +1,23 @@
 """What the classification specs beyond Tables I-III share (Table VII, Figs. 5, 6, 8b): the settings (which
 runs under runs/classification/ make one dataset's row, panel or line; chosen with selection.select),
-per-epoch curves (mean ± std over seeds) from history.csv, and figure saving.
+per-epoch curves (mean ± std over seeds) from history.csv, and figure saving. For the ablations (Tables VI,
+VIII; Figs. 7, 8a): a setting's Outcome (final error over seeds, diverged runs told apart), the claims
+'A beats B' between two settings, and notes on the settings left out for want of runs.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
 from pipelines.report import stats
-from pipelines.report.model import Number
-from pipelines.report.records import ReportError, RunRecord
-from pipelines.report.render import fmt
+from pipelines.report.claims import Ablation
+from pipelines.report.model import Context, Number
+from pipelines.report.records import MissingRuns, ReportError, RunRecord
+from pipelines.report.render import fmt, fmt_p
 from pipelines.report.selection import Setting
 
 TASK = "classification"
@@ -81,3 +87,134 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# ---- the ablations (Tables VI, VIII; Figs. 7, 8a): variants of the CIFAR-100 GAL presets -----------------
+ERROR = "val_top1_err"       # metrics.json / history.csv: top-1 error (%) on CIFAR's test set
+ERROR_TITLE = "Top-1 error (%)"
+
+
+@dataclass
+class Outcome:
+    """One setting's runs and what they came to: the final ``column`` of the runs that finished (mean, std, n
+    over seeds) and the epoch each diverged run stopped at (RunRecord.diverged_epoch). A diverged run has no
+    final metrics, so it is never averaged in: the text says how many diverged and where."""
+
+    runs: list[RunRecord]
+    finished: list[RunRecord]
+    diverged: list[RunRecord]
+    stats: dict[str, Number]          # "mean", "std", "n" over the finished runs ({} when every run diverged)
+    epochs: list[Number]              # each diverged run's epoch, in seed order
+    text: str
+
+    @property
+    def numbers(self) -> list[Number]:
+        return [*self.stats.values(), *self.epochs]
+
+    @property
+    def keys(self) -> list[str]:
+        """Provenance keys of what decides a comparison: the mean, else the diverged epochs."""
+        return [*([self.stats["mean"].key] if "mean" in self.stats else []), *(n.key for n in self.epochs)]
+
+    @property
+    def mean(self) -> float:
+        return self.stats["mean"].value if "mean" in self.stats else math.nan
+
+    @property
+    def diverged_fraction(self) -> float:
+        return len(self.diverged) / len(self.runs)
+
+
+def diverged_where(runs: list[RunRecord]) -> str:
+    """'epoch 3' when the runs diverged at the same epoch, else each seed's: 'epochs 3, 4'."""
+    epochs = [r.diverged_epoch for r in runs]
+    return f"epoch {epochs[0]}" if len(set(epochs)) == 1 else "epochs " + ", ".join(map(str, epochs))
+
+
+def outcome(prefix: list[str], runs: list[RunRecord], *, key: str = ERROR, column: str = ERROR, digits: int = 2,
+            fields: dict[str, str] | None = None, paper: Any = None) -> Outcome:
+    """The Outcome of ``runs`` (one setting, sorted by seed): Numbers keyed <prefix...>/<key>/<op> (the finished
+    runs' latest ``column``; ``paper``: the paper's value beside the mean) and <prefix...>/diverged_epoch/seed<k>
+    (op value, metrics.json diverged_epoch)."""
+    finished = [r for r in runs if r.diverged_epoch is None]
+    diverged = [r for r in runs if r.diverged_epoch is not None]
+    fields = fields or {}
+    stats_: dict[str, Number] = {}
+    seeds = ", ".join(str(r.get(SEED_KEY)) for r in finished)
+    for op in ("mean", "std", "n") if finished else ():
+        value = stats.compute(op, [[r.latest(column) for r in finished]])
+        stats_[op] = Number(
+            key="/".join([*prefix, key, op]), value=value, text=str(int(value)) if op == "n" else fmt(value, digits),
+            op=op, metric=column, groups=[finished], paper=paper if op == "mean" else None,
+            aggregation=stats.describe(op, f"final {column}", [finished], unit="seeds") + f" ({SEED_KEY}s {seeds})"
+            + (f"; {len(diverged)} diverged run(s) left out" if diverged else ""),
+            fields={**fields, "metric": column, "stat": op})
+    epochs = [Number(
+        key="/".join([*prefix, "diverged_epoch", f"seed{r.get(SEED_KEY)}"]), value=float(r.diverged_epoch),
+        text=str(r.diverged_epoch), op="value", metric="diverged_epoch", groups=[[r]],
+        aggregation=f"the epoch the run diverged at (run.json status diverged; metrics.json diverged_epoch), "
+                    f"{SEED_KEY} {r.get(SEED_KEY)}",
+        fields={**fields, "metric": "diverged_epoch", "stat": f"seed{r.get(SEED_KEY)}"}) for r in diverged]
+    ours = ""
+    if finished:
+        std = stats_["std"].value
+        ours = stats_["mean"].text if math.isnan(std) else f"{stats_['mean'].text} ± {stats_['std'].text}"
+    if not diverged:
+        text = ours
+    elif not finished:
+        text = f"diverged ({diverged_where(diverged)})"
+    else:
+        text = f"{len(diverged)} of {len(runs)} diverged ({diverged_where(diverged)}); others {ours}"
+    return Outcome(runs=runs, finished=finished, diverged=diverged, stats=stats_, epochs=epochs, text=text)
+
+
+def versus(table: str, subject: str, statement: str, other: tuple[str, Outcome], better: tuple[str, Outcome],
+           key: list[str], paper: tuple[Any, Any] = (None, None), metric: str = ERROR_TITLE,
+           digits: int = 2) -> tuple[Ablation, list[Number]]:
+    """The claim '<better> beats <other>' (lower error) and its t-test Numbers (<key...>/<op>: Student's t of
+    other minus better, and p), made when both sides finished with at least 2 runs each. ``other`` and
+    ``better``: (name shown, Outcome); ``paper``: the paper's (other, better) values or texts."""
+    (other_name, a), (better_name, b) = other, better
+    numbers: list[Number] = []
+    t = p = math.nan
+    if not a.diverged and not b.diverged and len(a.finished) >= 2 and len(b.finished) >= 2:
+        groups = [a.finished, b.finished]
+        for op in ("t", "p"):
+            value = stats.compute(op, [[r.latest(ERROR) for r in g] for g in groups])
+            numbers.append(Number(
+                key="/".join([*key, op]), value=value, text=fmt(value, 2) if op == "t" else fmt_p(value), op=op,
+                metric=ERROR, groups=groups,
+                aggregation=stats.describe(op, f"final {ERROR}", groups, unit="seeds").replace(
+                    "baseline minus GAL", f"{other_name} minus {better_name}"),
+                fields={"metric": ERROR, "stat": op}))
+        t, p = (n.value for n in numbers)
+    paper_values = [v if isinstance(v, (int, float)) else None for v in paper]
+    claim = Ablation(
+        table=table, subject=subject, metric=metric, better="lower",
+        paper={"baseline": paper_values[0], "gal": paper_values[1], "t": None, "p": None},
+        ours={"baseline": a.mean, "gal": b.mean, "t": t, "p": p},
+        keys=[*a.keys, *b.keys, *(n.key for n in numbers)], statement=statement, names=(other_name, better_name),
+        paper_text=tuple("-" if v is None else fmt(v, digits) if isinstance(v, (int, float)) else str(v)
+                         for v in paper),
+        ours_text=(a.text, b.text), diverged=(a.diverged_fraction, b.diverged_fraction),
+        runs=(len(a.finished), len(b.finished)),
+        diverged_at=tuple(diverged_where(side.diverged) if side.diverged else "" for side in (a, b)))
+    return claim, numbers
+
+
+def left_out_note(settings: Sequence[Setting], detail=lambda s: s.label) -> str:
+    """'left out, no runs: <row> (variant v; `dvc repro <stage>`), ...' for a table's notes."""
+    parts = [f"{detail(s)} (variant {s.variant or 'none: the preset'}; `dvc repro {s.stage}`)" for s in settings]
+    return "left out, no runs yet: " + "; ".join(parts)
+
+
+def require_one(name: str, ctx: Context, settings: Sequence[Setting], cells: dict, what: str,
+                method: str = "gal") -> None:
+    """MissingRuns (the spec is skipped) unless at least one of ``settings`` (optional in ``select``) has runs."""
+    if any((s.label, method) in cells for s in settings):
+        return
+    stages = list(dict.fromkeys(s.stage for s in settings))
+    wanted = "; ".join(f"{s.label} ({s.filters})" for s in settings)
+    raise MissingRuns(name, f"runs under {ctx.task_dir(TASK)} of {what}: at least one of {wanted}",
+                      f"no runs under {ctx.task_dir(TASK)} of {what} (wanted at least one of: {wanted})",
+                      " ".join(["dvc repro", *stages]))

@@ -1,6 +1,7 @@
 """The report stage (python -m pipelines.report) and the audit (python -m pipelines.audit) on synthetic run
 records: Tables I-III, V and VII's numbers against numpy/scipy, the claims' verdicts, provenance coverage,
-Figs. 4, 5, 6 and 8b, specs skipped for missing runs, run selection (by config and variant), the refusals
+Figs. 4, 5, 6 and 8b, the ablations (Tables VI, VIII, Figs. 7, 8a: diverged runs, rows left out, their
+claims), specs skipped for missing runs, run selection (by config and variant), the refusals
 (mixed profiles, non-finite metrics, differing configs within one aggregate), the report importing no
 training module, and the audit's MLflow cross-check against a tmp sqlite store."""
 from __future__ import annotations
@@ -54,6 +55,14 @@ EXPERIMENTS.update({"imagenet_resnet50": ("imagenet", "resnet50", "rmsproptf"),
 CLS_SEEDS = range(3)
 PARAMS = {"efficientnet_b1": (6525994, 47232), "resnet50": (23508032, 705536), "efficientnet_b2": (9109994, 905216)}
 EPOCHS = (1, 2, 3)
+# GAL's settings per preset (conf/experiment/*_gal.yaml): the CIFAR-100 ones the ablations are variants of
+GAL_PRESETS = {"cifar100_sgd": {"ratio": 0.01, "scale": 1, "arch": [256, 64, 32]},
+               "cifar100_lookahead": {"ratio": 0.001, "scale": 5, "arch": [256, 64, 32]}}
+
+
+def gal_method(exp: str) -> dict:
+    return {"name": "gal", "ratio": 0.1, "scale": 1.0, "arch": [100, 32, 16], **GAL_PRESETS.get(exp, {}),
+            "kind": "mlp", "policy": "safeguard", "source": "learned", "normalize": True}
 
 
 def cls_record(exp: str, method: str, seed: int) -> tuple[dict, dict, list[dict]]:
@@ -79,8 +88,91 @@ def cls_record(exp: str, method: str, seed: int) -> tuple[dict, dict, list[dict]
         history.append(row)
     config = {"task": {"name": "classification"}, "experiment": exp, "data": {"name": ds},
               "model": {"name": model}, "optim": {"name": opt},
-              "method": {"name": method, **({"ratio": 0.1, "scale": 1.0} if gal else {})}, "seed": seed}
+              "method": gal_method(exp) if gal else {"name": method}, "seed": seed}
     return config, metrics, history
+
+
+# ---- the ablations (Tables VI, VIII; Figs. 7, 8a): variants of the CIFAR-100 GAL presets, 2 seeds each ------
+ABL_SEEDS = (0, 1)
+SPREAD = 0.05  # seed 0 at centre - SPREAD, seed 1 at centre + SPREAD: mean = centre, std = SPREAD * sqrt(2)
+NOISE_NULLS = {"arch": None, "kind": None}  # h's settings are null for noise sources (conf/method/gal.yaml)
+MLP_ARCHS = {"256": [256], "256-64": [256, 64], "256-64-32-16": [256, 64, 32, 16]}
+CNN_PARAMS = {"256": 28_160, "256-64-32": 171_776}
+# (experiment, variant) -> (method overrides, dvc stage, centre of the finished runs' val_top1_err)
+ABLATIONS = {
+    ("cifar100_sgd", "src-uniform"): ({"source": "uniform", **NOISE_NULLS}, "ablate_noise", 11.9),
+    ("cifar100_sgd", "src-normal"): ({"source": "normal", **NOISE_NULLS}, "ablate_noise", 11.8),
+    ("cifar100_sgd", "norm-false-src-uniform"): ({"source": "uniform", "normalize": False, **NOISE_NULLS},
+                                                 "ablate_raw_noise", 0.0),
+    ("cifar100_sgd", "norm-false-src-normal"): ({"source": "normal", "normalize": False, **NOISE_NULLS},
+                                                "ablate_raw_noise", 60.0),
+    # Table VIII: MLP 256-64 and CNN 256-64, 256-64-32-16 have no runs (left out). Widths as run identity
+    # spells them now (cnn-256,64,32) and as it did before (mlp-256-64-32-16): both are taken
+    ("cifar100_sgd", "mlp-256"): ({"arch": [256]}, "ablate_adjuster", 11.7),
+    ("cifar100_sgd", "mlp-256-64-32-16"): ({"arch": [256, 64, 32, 16]}, "ablate_adjuster", 11.85),
+    ("cifar100_sgd", "cnn-256"): ({"kind": "cnn", "arch": [256]}, "ablate_adjuster", 12.2),
+    ("cifar100_sgd", "cnn-256,64,32"): ({"kind": "cnn"}, "ablate_adjuster", 11.9),
+    # Fig. 7 (SGD's architecture panel: Table VIII's MLP runs)
+    ("cifar100_sgd", "eps0.001"): ({"ratio": 0.001}, "ablate_eps", 11.6),
+    ("cifar100_sgd", "eps0.1"): ({"ratio": 0.1}, "ablate_eps", 11.75),
+    ("cifar100_sgd", "scale5"): ({"scale": 5}, "ablate_scale", 11.55),
+    ("cifar100_lookahead", "eps0.01"): ({"ratio": 0.01}, "ablate_eps", 11.6),
+    ("cifar100_lookahead", "scale0.5"): ({"scale": 0.5}, "ablate_scale", 11.5),
+    ("cifar100_lookahead", "mlp-256"): ({"arch": [256]}, "ablate_lookahead_arch", 11.7),
+    # Fig. 8a
+    ("cifar100_sgd", "policy-strict"): ({"policy": "strict"}, "ablate_policy", 11.45),
+    ("cifar100_sgd", "policy-always"): ({"policy": "always"}, "ablate_policy", 11.8),
+    ("cifar100_sgd", "policy-never"): ({"policy": "never"}, "ablate_policy", 11.6),
+}
+DIVERGED = {("norm-false-src-uniform", 0): 2, ("norm-false-src-uniform", 1): 2,  # "diverged (epoch 2)"
+            ("norm-false-src-normal", 0): 3}                                     # "1 of 2 diverged (epoch 3); ..."
+ONE_SEED = {"policy-never"}  # a t-test needs 2 runs a side: "too few runs"
+
+
+def abl_seeds(variant: str) -> tuple[int, ...]:
+    return ABL_SEEDS[:1] if variant in ONE_SEED else ABL_SEEDS
+
+
+def abl_error(exp: str, variant: str, seed: int) -> float:
+    return ABLATIONS[(exp, variant)][2] + SPREAD * (2 * seed - 1)
+
+
+def adjuster_params(kind: str, arch: list[int]) -> int:
+    """The adjuster's weights: an MLP's weight matrices (100 classes in and out); a CNN's made up."""
+    if kind == "cnn":
+        return CNN_PARAMS["-".join(map(str, arch))]
+    dims = [100, *arch, 100]
+    return sum(a * b for a, b in zip(dims, dims[1:]))
+
+
+def abl_record(exp: str, variant: str, seed: int) -> tuple[dict, dict, list[dict], dict]:
+    """(config, metrics, history, run.json extras) of one ablation run: the preset's GAL config with the
+    variant's method overrides; a diverged run (DIVERGED) as the tracker keeps it: metrics.json holds
+    diverged_epoch only, history.csv the finite epochs before it, run.json "status": "diverged"."""
+    config, metrics, history = cls_record(exp, "gal", seed)
+    overrides, _, _ = ABLATIONS[(exp, variant)]
+    config["method"].update(overrides)
+    extra = {"variant": variant}
+    epoch = DIVERGED.get((variant, seed))
+    if epoch is not None:
+        return (config, {"diverged_epoch": epoch}, history[:epoch - 1],
+                {**extra, "status": "diverged", "diverged_metric": "train_loss"})
+    err = abl_error(exp, variant, seed)
+    metrics.update(val_top1_err=err, val_top1_acc=100 - err)
+    if config["method"]["arch"] is not None:
+        metrics["params_adjuster"] = adjuster_params(config["method"]["kind"], config["method"]["arch"])
+    else:
+        metrics["params_adjuster"] = 0  # noise has no parameters
+    for row in history:
+        row["val_top1_err"] = err + EPOCHS[-1] - row["epoch"]
+    return config, metrics, history, extra
+
+
+def abl_values(exp: str, variant: str) -> np.ndarray:
+    """The finished runs' final val_top1_err over seeds ("" : the preset's own runs)."""
+    if not variant:
+        return cls_values(exp, "gal", "val_top1_err")
+    return np.array([abl_error(exp, variant, s) for s in abl_seeds(variant) if (variant, s) not in DIVERGED])
 
 
 def cls_values(exp: str, method: str, metric: str) -> np.ndarray:
@@ -104,20 +196,20 @@ def surface(x: float, y: float) -> float:
 
 
 def write_run(root: Path, task: str, name: str, config: dict, metrics: dict, history: list[dict],
-              run_id: str, stage: str, profile: str) -> Path:
+              run_id: str, stage: str, profile: str, extra: dict | None = None) -> Path:
     path = root / task / name
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump({**config, "profile": profile}, sort_keys=False))
     (path / "metrics.json").write_text(json.dumps(metrics))
     with open(path / "history.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]), lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=list(history[0]) if history else ["epoch"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(history)
     meta = {"task": task, "run_name": name, "mlflow_run_id": run_id, "mlflow_experiment_id": "1",
             "tracking_uri": "sqlite:///mlflow.db", "stage": stage, "git_commit": "0123456789abcdef" * 2 + "01234567",
             "git_dirty": name.endswith("s4"), "profile": profile,
             "data_checksums": {f"data/processed/{config.get('data', {}).get('name', 'toy')}.npz": "md5:" + "ab" * 16},
-            "env_lock_sha256": "00" * 32, "created": "2024-01-01T00:00:00+00:00"}
+            "env_lock_sha256": "00" * 32, "created": "2024-01-01T00:00:00+00:00", **(extra or {})}
     (path / "run.json").write_text(json.dumps(meta, indent=2))
     return path
 
@@ -125,7 +217,9 @@ def write_run(root: Path, task: str, name: str, config: dict, metrics: dict, his
 def make_runs(root: Path, profile: str = "smoke", skip: tuple = (), profiles: dict | None = None,
               run_ids: dict | None = None) -> dict[str, Path]:
     """Synthetic records: 3 datasets x 2 methods x 5 seeds of regression, 5 optimisers x 2 methods of toy3d,
-    8 experiments (CIFAR-10/100 x 3 optimisers, ImageNet x 2 models) x 2 methods x 3 seeds of classification.
+    8 experiments (CIFAR-10/100 x 3 optimisers, ImageNet x 2 models) x 2 methods x 3 seeds of classification,
+    the ablations' variants of the CIFAR-100 GAL presets (ABLATIONS, 2 seeds; some diverged: DIVERGED),
+    DETR-R50/R101 x 2 methods x 3 seeds of detection.
     ``skip``: run names to leave out; ``profiles``: run name -> another profile; ``run_ids``: name -> id."""
     profiles, run_ids = profiles or {}, run_ids or {}
     made = {}
@@ -172,6 +266,15 @@ def make_runs(root: Path, profile: str = "smoke", skip: tuple = (), profiles: di
                 made[name] = write_run(root, "classification", name, config, metrics, history,
                                        run_ids.get(name, f"id-{name}"), f"train_classification@{exp}-{method}-{seed}",
                                        profiles.get(name, profile))
+    for (exp, variant), (_, stage, _) in ABLATIONS.items():
+        for seed in abl_seeds(variant):
+            name = f"{exp}-gal-{variant}-s{seed}"
+            if name in skip:
+                continue
+            config, metrics, history, extra = abl_record(exp, variant, seed)
+            made[name] = write_run(root, "classification", name, config, metrics, history,
+                                   run_ids.get(name, f"id-{name}"), f"{stage}@{exp}-{variant}-{seed}",
+                                   profiles.get(name, profile), extra)
     for backbone in ("r50", "r101"):
         for method in METHODS:
             for seed in CLS_SEEDS:
@@ -201,29 +304,44 @@ def values_of(ds: str, method: str, metric: str) -> np.ndarray:
     return np.array([value(ds, method, metric, s) for s in SEEDS])
 
 
-FIGURES = ["fig4_toy3d", "fig5_val_loss", "fig6_remainder_cosine", "fig8b_adjusted_better"]
-OUTPUTS = [f"tables/{t}.{ext}" for t in ("table1", "table2", "table3", "table4", "table5", "table7", "claims")
+FIGURES = ["fig4_toy3d", "fig5_val_loss", "fig6_remainder_cosine", "fig7_sensitivity", "fig8a_update_policies",
+           "fig8b_adjusted_better"]
+SPEC_NAMES = ["Table I", "Table II", "Table III", "Table IV", "Table V", "Table VI", "Table VII", "Table VIII",
+              "Fig. 4", "Fig. 5", "Fig. 6", "Fig. 7", "Fig. 8a", "Fig. 8b"]
+OUTPUTS = [f"tables/{t}.{ext}" for t in ("table1", "table2", "table3", "table4", "table5", "table6", "table7", "table8",
+                                         "claims")
            for ext in ("md", "csv", "tex")]
 OUTPUTS += [f"figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf", "csv")] + ["index.md", "provenance.json"]
 
 
-def _log_classification(client, exp: str, experiments: tuple[str, ...]) -> dict[str, str]:
-    """One MLflow run per classification record of ``experiments``: its history per epoch, then its final
-    metrics (the latest values). The other records keep made-up run ids (not audited)."""
+def _log_run(client, exp: str, name: str, metrics: dict, history: list[dict]) -> str:
+    """One MLflow run: its history per epoch, then its final metrics (the latest values); its id."""
     from mlflow.entities import Metric
 
+    run = client.create_run(exp, run_name=name)
+    batch = [Metric(k, float(v), 1000 * row["epoch"], row["epoch"]) for row in history
+             for k, v in row.items() if k != "epoch"]
+    batch += [Metric(k, float(v), 10_000, EPOCHS[-1]) for k, v in metrics.items()]
+    client.log_batch(run.info.run_id, metrics=batch)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def _log_classification(client, exp: str, experiments: tuple[str, ...], ablations: tuple[str, ...] = ()
+                        ) -> dict[str, str]:
+    """One MLflow run per classification record of ``experiments`` and per CIFAR-100 SGD ablation run of the
+    variants ``ablations``. The other records keep made-up run ids (not audited)."""
     ids = {}
     for name in experiments:
         for method in METHODS:
             for seed in CLS_SEEDS:
                 _, metrics, history = cls_record(name, method, seed)
-                run = client.create_run(exp, run_name=f"{name}-{method}-s{seed}")
-                batch = [Metric(k, float(v), 1000 * row["epoch"], row["epoch"]) for row in history
-                         for k, v in row.items() if k != "epoch"]
-                batch += [Metric(k, float(v), 10_000, EPOCHS[-1]) for k, v in metrics.items()]
-                client.log_batch(run.info.run_id, metrics=batch)
-                client.set_terminated(run.info.run_id)
-                ids[f"{name}-{method}-s{seed}"] = run.info.run_id
+                ids[f"{name}-{method}-s{seed}"] = _log_run(client, exp, f"{name}-{method}-s{seed}", metrics, history)
+    for variant in ablations:
+        for seed in abl_seeds(variant):
+            name = f"cifar100_sgd-gal-{variant}-s{seed}"
+            _, metrics, history, _ = abl_record("cifar100_sgd", variant, seed)
+            ids[name] = _log_run(client, exp, name, metrics, history)
     return ids
 
 
@@ -245,8 +363,9 @@ def site(tmp_path_factory):
                     client.log_metric(run.info.run_id, src, value(ds, method, key, seed))
                 client.set_terminated(run.info.run_id)
                 ids[f"{ds}-{method}-s{seed}"] = run.info.run_id
-    ids.update(_log_classification(client, client.create_experiment("classification"),
-                                   ("cifar10_sgd", "imagenet_resnet50")))  # the ones audited below
+    ids.update(_log_classification(client, client.create_experiment("classification"),  # the ones audited below
+                                   ("cifar10_sgd", "imagenet_resnet50", "cifar100_sgd"),
+                                   ("src-uniform", "norm-false-src-uniform", "mlp-256")))
     old = os.getcwd()
     os.chdir(root)
     try:
@@ -341,8 +460,7 @@ def test_provenance_covers_every_rendered_number(site):
     assert len(ttest["groups"]) == 2 and ttest["groups"][0][0] == "runs/regression/boston-baseline-s0"
     assert "tables/claims.md" in ttest["files"] and "tables/table5.md" in ttest["files"]
     assert prov["runs"]["runs/regression/boston-gal-s3"]["baseline"] == "runs/regression/boston-baseline-s3"
-    assert prov["profiles"] == {name: "smoke" for name in ("Table I", "Table II", "Table III", "Table IV", "Table V",
-                                                           "Table VII", "Fig. 4", "Fig. 5", "Fig. 6", "Fig. 8b")}
+    assert prov["profiles"] == {name: "smoke" for name in SPEC_NAMES}
     for claim in read_csv(site["out"] / "tables/claims.csv"):  # the claims' numbers are Table V's
         for key in claim["provenance_keys"].split("; "):
             assert key in numbers, key
@@ -585,6 +703,245 @@ def test_classification_selection(tmp_path):
         fig8b.SPEC.render(Context(runs_root=tmp_path / "runs", out=tmp_path / "out"))
 
 
+# ------------------------------------------------------------------------------------------------ ablations
+def by_key(path: Path) -> dict[str, dict]:
+    return {r["key"]: r for r in read_csv(path)}
+
+
+def ours(values: np.ndarray) -> str:
+    """A cell as the ablations show it: mean ± std over seeds, the mean alone for one run."""
+    return f"{np.mean(values):.2f}" if len(values) == 1 else f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def test_table6_noise_rows_and_divergence(site):
+    out = site["out"]
+    rows = by_key(out / "tables/table6.csv")
+    expected = {"Baseline": cls_values("cifar100_sgd", "baseline", "val_top1_err"),
+                "Learned h": abl_values("cifar100_sgd", ""), "Uniform": abl_values("cifar100_sgd", "src-uniform"),
+                "Normal": abl_values("cifar100_sgd", "src-normal"),
+                "Normal unnormalised": abl_values("cifar100_sgd", "norm-false-src-normal")}
+    for label, v in expected.items():
+        assert float(rows[f"Table VI/{label}/error/mean"]["value"]) == pytest.approx(np.mean(v), rel=1e-12)
+        if len(v) > 1:
+            assert float(rows[f"Table VI/{label}/error/std"]["value"]) == pytest.approx(np.std(v, ddof=1), rel=1e-12)
+    assert float(rows["Table VI/Uniform/error/mean"]["value"]) == pytest.approx(11.9, rel=1e-12)  # the centre
+    # every unnormalised uniform run diverged: no error at all, the epoch of each run instead
+    assert not [k for k in rows if k.startswith("Table VI/Uniform unnormalised/error/")]
+    for seed in ABL_SEEDS:
+        epoch = rows[f"Table VI/Uniform unnormalised/diverged_epoch/seed{seed}"]
+        assert (epoch["value"], epoch["text"]) == ("2.0", "2")
+    assert rows["Table VI/Normal unnormalised/error/n"]["value"] == "1.0"  # the diverged seed is not averaged in
+    assert rows["Table VI/Normal unnormalised/diverged_epoch/seed0"]["text"] == "3"
+    md = (out / "tables/table6.md").read_text()
+    assert "| Adjustment | Normalised (Eq. 4) | n | Top-1 error (%) (ours) |" in md
+    assert f"| learned h (GAL) | yes | 3 | {ours(expected['Learned h'])} |" in md
+    assert f"| uniform noise | yes | 2 | {ours(expected['Uniform'])} |" in md
+    assert "| uniform noise | no | 2 | diverged (epoch 2) |" in md
+    other = abl_error("cifar100_sgd", "norm-false-src-normal", 1)
+    assert f"| normal noise | no | 2 | 1 of 2 diverged (epoch 3); others {other:.2f} |" in md
+    assert "not in our text" in md and "the paper reports that unnormalised noise diverges" in md
+    assert r"\begin{tabular}" in (out / "tables/table6.tex").read_text()
+    numbers = json.loads((out / "provenance.json").read_text())["numbers"]
+    entry = numbers["Table VI/Uniform unnormalised/diverged_epoch/seed1"]
+    assert entry["metric"] == "diverged_epoch" and entry["op"] == "value"
+    assert entry["dvc_repro"] == ["ablate_raw_noise@cifar100_sgd-norm-false-src-uniform-1"]
+    assert numbers["Table VI/Uniform/error/mean"]["dvc_repro"] == \
+        [f"ablate_noise@cifar100_sgd-src-uniform-{s}" for s in ABL_SEEDS]
+    prov = json.loads((out / "provenance.json").read_text())["runs"]  # an ablation's config diff: from the preset
+    assert prov["runs/classification/cifar100_sgd-gal-src-uniform-s1"]["baseline"] == \
+        "runs/classification/cifar100_sgd-gal-s1"
+
+
+def test_diverged_epochs_per_seed(tmp_path):
+    """Seeds that diverged at different epochs: each one's epoch, in seed order."""
+    from pipelines.report.specs import table6
+
+    made = make_runs(tmp_path / "runs")
+    path = made["cifar100_sgd-gal-norm-false-src-uniform-s1"]
+    edit_run(path, metrics=lambda m: m.update(diverged_epoch=3))
+    rendered = table6.SPEC.render(Context(runs_root=tmp_path / "runs", out=tmp_path / "out"))
+    assert ["uniform noise", "no", "2", "diverged (epochs 2, 3)"] in rendered.layout.rows
+
+
+def test_table8_rows_params_and_paper(site):
+    out = site["out"]
+    rows = by_key(out / "tables/table8.csv")
+    shown = {("MLP", "256"): "mlp-256", ("MLP", "256-64-32"): "", ("MLP", "256-64-32-16"): "mlp-256-64-32-16",
+             ("CNN", "256"): "cnn-256", ("CNN", "256-64-32"): "cnn-256,64,32"}
+    for (kind, arch), variant in shown.items():
+        v = abl_values("cifar100_sgd", variant)
+        mean = rows[f"Table VIII/{kind}/{arch}/error/mean"]
+        assert float(mean["value"]) == pytest.approx(np.mean(v), rel=1e-12)
+        std = rows[f"Table VIII/{kind}/{arch}/error/std"]
+        assert float(std["value"]) == pytest.approx(np.std(v, ddof=1), rel=1e-12)
+        assert float(mean["paper"]) == {"MLP": {"256": 11.68, "256-64-32": 11.26, "256-64-32-16": 11.84},
+                                        "CNN": {"256": 12.15, "256-64-32": 11.88}}[kind][arch]
+    for kind, arch in (("MLP", "256-64"), ("CNN", "256-64"), ("CNN", "256-64-32-16")):  # no runs: left out
+        assert not [k for k in rows if k.startswith(f"Table VIII/{kind}/{arch}/")]
+    assert rows["Table VIII/MLP/256-64-32/params_adjuster/mean"]["text"] == "47.2K"  # 47,232 weights
+    assert rows["Table VIII/CNN/256-64-32/params_adjuster/mean"]["text"] == "171.7K"  # 171,776, truncated
+    md = (out / "tables/table8.md").read_text()
+    assert "| Adjuster | Hidden widths | n | Params (ours) | Params (paper) | Top-1 error (%) (ours) | " \
+           "Top-1 error (%) (paper) |" in md
+    assert f"| MLP | 256 | 2 | 51.2K | 51.2K | {ours(abl_values('cifar100_sgd', 'mlp-256'))} | 11.68 |" in md
+    assert f"| MLP | 256-64-32 | 3 | 47.2K | 47.2K | {ours(abl_values('cifar100_sgd', ''))} | 11.26 |" in md
+    assert f"| CNN | 256 | 2 | 28.1K | 28.1K | {ours(abl_values('cifar100_sgd', 'cnn-256'))} | 12.15 |" in md
+    assert "| MLP | 256-64 |" not in md and "| CNN | 256-64-32-16 |" not in md
+    assert "MLP 256-64 (variant mlp-256,64; `dvc repro ablate_adjuster`); CNN 256-64 (variant cnn-256,64; " \
+           "`dvc repro ablate_adjuster`); CNN 256-64-32-16" in md
+
+
+def test_fig7_points_and_preset_marker(site, tmp_path, monkeypatch):
+    from pipelines.report.specs import fig7
+
+    rows = by_key(site["out"] / "figures/fig7_sensitivity.csv")
+    sgd, la = abl_values("cifar100_sgd", ""), abl_values("cifar100_lookahead", "")
+    points = {("SGD", "eps", "0.01"): sgd, ("SGD", "eps", "0.001"): abl_values("cifar100_sgd", "eps0.001"),
+              ("SGD", "eps", "0.1"): abl_values("cifar100_sgd", "eps0.1"), ("SGD", "s", "1"): sgd,
+              ("SGD", "s", "5"): abl_values("cifar100_sgd", "scale5"), ("SGD", "architecture", "256-64-32"): sgd,
+              ("SGD", "architecture", "256"): abl_values("cifar100_sgd", "mlp-256"),
+              ("SGD", "architecture", "256-64-32-16"): abl_values("cifar100_sgd", "mlp-256-64-32-16"),
+              ("Lookahead", "eps", "0.001"): la,
+              ("Lookahead", "eps", "0.01"): abl_values("cifar100_lookahead", "eps0.01"),
+              ("Lookahead", "s", "5"): la, ("Lookahead", "s", "0.5"): abl_values("cifar100_lookahead", "scale0.5"),
+              ("Lookahead", "architecture", "256-64-32"): la,
+              ("Lookahead", "architecture", "256"): abl_values("cifar100_lookahead", "mlp-256")}
+    for (opt, axis, x), v in points.items():
+        key = f"Fig. 7/{opt}/{axis}/{x}/val_top1_err"
+        assert float(rows[f"{key}/mean"]["value"]) == pytest.approx(np.mean(v), rel=1e-12)
+        assert float(rows[f"{key}/std"]["value"]) == pytest.approx(np.std(v, ddof=1), rel=1e-12)
+    assert len({k.rsplit("/", 2)[0] for k in rows}) == len(points) + 2  # and the two baselines
+    assert float(rows["Fig. 7/SGD/baseline/val_top1_err/mean"]["value"]) == \
+        pytest.approx(np.mean(cls_values("cifar100_sgd", "baseline", "val_top1_err")), rel=1e-12)
+    md = (site["out"] / "index.md").read_text().split("## Fig. 7\n")[1].split("\n## ")[0]
+    assert f"| SGD | eps | 0.01 | the paper's setting (preset) | 3 | {ours(sgd)} |" in md
+    assert f"| Lookahead | s | 0.5 | variant scale0.5 | 2 | {ours(abl_values('cifar100_lookahead', 'scale0.5'))} |" in md
+
+    figures = []  # the plotted figure: the preset's marker sits at the preset's mean, the others in x order
+    save = classification.save
+    monkeypatch.setattr(classification, "save", lambda fig, files: (figures.append(fig), save(fig, files)))
+    monkeypatch.chdir(site["root"])
+    (tmp_path / "figures").mkdir()
+    fig7.SPEC.render(Context(runs_root=Path("runs"), out=tmp_path))
+    axes = figures[0].axes
+    assert [ax.get_xscale() for ax in axes] == ["log", "log", "linear"] * 2
+    for ax, (opt, x, values) in zip(axes, [("SGD", 0.01, sgd), ("SGD", 1, sgd), ("SGD", 1, sgd),
+                                           ("Lookahead", 0.001, la), ("Lookahead", 5, la), ("Lookahead", 1, la)]):
+        star = [line for line in ax.get_lines() if line.get_marker() == "*"]
+        assert len(star) == 1 and list(star[0].get_xdata()) == [x]
+        assert list(star[0].get_ydata()) == [pytest.approx(np.mean(values), rel=1e-12)]
+        dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        assert len(dashed) == 1  # the baseline
+    assert [t.get_text() for t in axes[2].get_xticklabels()] == ["256", "256-64-32", "256-64-32-16"]
+
+
+def test_fig8a_policies(site):
+    out = site["out"]
+    assert (out / "figures/fig8a_update_policies.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = by_key(out / "figures/fig8a_update_policies.csv")
+    for label, variant in (("Line 7 (<=)", ""), ("Line 7 (<)", "policy-strict"), ("Line 8", "policy-always"),
+                           ("Line 10", "policy-never")):
+        v = abl_values("cifar100_sgd", variant)
+        assert float(rows[f"Fig. 8a/{label}/val_top1_err/mean"]["value"]) == pytest.approx(np.mean(v), rel=1e-12)
+        assert float(rows[f"Fig. 8a/{label}/val_top1_err/n"]["value"]) == len(v)
+    md = (out / "index.md").read_text().split("## Fig. 8a\n")[1].split("\n## ")[0]
+    assert "(figures/fig8a_update_policies.png)" in md
+    assert "| Line 10 | never | never: the plain step (h still learns) | 1 | " \
+           f"{abl_error('cifar100_sgd', 'policy-never', 0):.2f} |" in md
+
+
+def test_ablation_claims(site):
+    claims = {r["claim"]: r for r in read_csv(site["out"] / "tables/claims.csv")
+              if r["table"] in ("Table VI", "Table VIII", "Fig. 8a")}
+    err = "Top-1 error (%) (lower)"
+
+    def verdict(other: np.ndarray, better: np.ndarray) -> str:
+        p = stats.ttest_ind(other, better, equal_var=True).pvalue
+        return "not reproduced" if np.mean(better) >= np.mean(other) else "reproduced" if p < 0.05 else "direction only"
+
+    raw = claims[f"Table VI: normalised uniform noise beats unnormalised, {err}"]  # decided by the divergence
+    assert (raw["verdict"], raw["direction_reproduced"], raw["significant"]) == ("reproduced", "True", "False")
+    assert raw["why"] == "decided by divergence: unnormalised diverged (epoch 2)" and raw["ours_baseline"] == "nan"
+    assert raw["provenance_keys"] == ("Table VI/Uniform unnormalised/diverged_epoch/seed0; Table VI/Uniform "
+                                      "unnormalised/diverged_epoch/seed1; Table VI/Uniform/error/mean")
+    assert claims[f"Table VI: normalised normal noise beats unnormalised, {err}"]["verdict"] == "reproduced"
+    learned = abl_values("cifar100_sgd", "")
+    for kind, variant in (("uniform", "src-uniform"), ("normal", "src-normal")):
+        claim = claims[f"Table VI: the learned h beats normalised {kind} noise, {err}"]
+        noise = abl_values("cifar100_sgd", variant)
+        assert claim["verdict"] == verdict(noise, learned) and claim["why"] == ""
+        assert float(claim["ours_p"]) == pytest.approx(stats.ttest_ind(noise, learned, equal_var=True).pvalue)
+    # MLP beats CNN where the paper says so and both have runs (not at 256-64-32-16: the paper's CNN is lower there)
+    mlp_cnn = sorted(c for c in claims if "beats a CNN one" in c)
+    assert mlp_cnn == [f"Table VIII: an MLP adjuster beats a CNN one at widths {a}, {err}"
+                       for a in ("256", "256-64-32")]
+    cnn = claims[mlp_cnn[0]]
+    assert (cnn["paper_baseline"], cnn["paper_gal"]) == ("12.15", "11.68")
+    assert cnn["verdict"] == verdict(abl_values("cifar100_sgd", "cnn-256"), abl_values("cifar100_sgd", "mlp-256"))
+    best = claims[f"Table VIII: MLP 256-64-32 is the best MLP adjuster (vs the best other one present, 256), {err}"]
+    assert best["verdict"] == verdict(abl_values("cifar100_sgd", "mlp-256"), learned) == "reproduced"
+    strict = claims[f"Fig. 8a: Line 7 (<=) beats Line 7 (<), {err}"]
+    assert strict["verdict"] == verdict(abl_values("cifar100_sgd", "policy-strict"), learned)
+    assert claims[f"Fig. 8a: Line 7 (<=) beats Line 8, {err}"]["verdict"] == "reproduced"
+    never = claims[f"Fig. 8a: Line 7 (<=) beats Line 10, {err}"]  # one run: no t-test
+    assert (never["verdict"], never["why"]) == ("too few runs", "1 vs 3 finished runs; a t-test needs at least 2 each")
+    assert len(claims) == 10
+    md = (site["out"] / "tables/claims.md").read_text()
+    assert "| unnormalised: diverged (epoch 2) → normalised: " in md and "1 too few runs" in md
+    assert "n/a: decided by divergence: unnormalised diverged (epoch 2) | reproduced |" in md
+
+
+def test_missing_ablation_runs_are_named(tmp_path, monkeypatch, capsys):
+    """Without the SGD preset's GAL runs the ablations are skipped, naming the stage that makes them; a Fig. 7
+    panel with no value but the preset's names its own stage; an ablation without runs is left out of its table."""
+    monkeypatch.chdir(tmp_path)
+    made = make_runs(Path("runs"), skip=tuple(f"cifar100_sgd-gal-s{s}" for s in CLS_SEEDS)
+                     + tuple(f"cifar100_lookahead-gal-scale0.5-s{s}" for s in ABL_SEEDS))
+    assert report_cli.main([]) == 0
+    out = capsys.readouterr().out
+    for name, setting in (("Table VI", "Learned h/gal: no runs (experiment=cifar100_sgd, method.source=learned)"),
+                          ("Table VIII", "MLP 256-64-32/gal: no runs (experiment=cifar100_sgd, method.kind=mlp, "
+                                         "method.arch=[256, 64, 32])"),
+                          ("Fig. 8a", "Line 7 (<=)/gal: no runs (experiment=cifar100_sgd, method.policy=safeguard)")):
+        assert f"report: skipped {name}: missing runs under runs/classification: {setting}; make them with " \
+               "`dvc repro train_cifar`" in out
+    assert "report: skipped Fig. 7: missing runs under runs/classification: SGD preset/gal: no runs " \
+           "(experiment=cifar100_sgd); Lookahead/s: no value but the preset's (variants scale<x>); make them with " \
+           "`dvc repro train_cifar ablate_scale`" in out
+    skipped = [line.removeprefix("report: skipped ").split(":")[0] for line in out.splitlines()[1:]]
+    assert skipped == ["Table II", "Table VI", "Table VII", "Table VIII", "Fig. 5", "Fig. 7", "Fig. 8a", "Fig. 8b"]
+    note = Path("reports/index.md").read_text().split("## Table VI\n")[1].split("\n## ")[0]
+    assert "Skipped: its runs are missing" in note and "Make them with `dvc repro train_cifar`" in note
+
+    for name, path in made.items():  # the presets back; no normalised normal noise: its row is left out
+        if "src-normal" in name and "norm-false" not in name:
+            shutil.rmtree(path)
+    make_runs(Path("more"))
+    for seed in CLS_SEEDS:
+        shutil.copytree(Path(f"more/classification/cifar100_sgd-gal-s{seed}"),
+                        Path(f"runs/classification/cifar100_sgd-gal-s{seed}"))
+    rendered = table6_render(Path("runs"))
+    assert [row[:2] for row in rendered.layout.rows] == [["none (the baseline)", "-"], ["learned h (GAL)", "yes"],
+                                                         ["uniform noise", "yes"], ["uniform noise", "no"],
+                                                         ["normal noise", "no"]]
+    assert rendered.layout.notes[-1] == ("left out, no runs yet: normal noise, normalised (variant src-normal; "
+                                         "`dvc repro ablate_noise`)")
+    assert not [c for c in rendered.claims if "normal noise" in c.statement and "unnormalised" not in c.statement]
+    for name, path in made.items():  # no noise at all: nothing to show
+        if "src-" in name and path.exists():
+            shutil.rmtree(path)
+    with pytest.raises(MissingRuns, match=r"Table VI: no runs under runs/classification of EfficientNet-B1 on "
+                                          r"CIFAR-100 \(SGD\) with noise in place of h .*make them with `dvc repro "
+                                          r"ablate_noise ablate_raw_noise`"):
+        table6_render(Path("runs"))
+
+
+def table6_render(runs: Path) -> Rendered:
+    from pipelines.report.specs import table6
+
+    return table6.SPEC.render(Context(runs_root=runs, out=runs.parent / "out"))
+
+
 # ------------------------------------------------------------------------------ selection and refusals
 def edit_run(path: Path, config=None, metrics=None, meta=None) -> None:
     """Apply ``fn(dict)`` edits to a run record's config.yaml, metrics.json or run.json."""
@@ -749,8 +1106,7 @@ def test_audit_stale_reports_are_caught(at_site, tmp_path, monkeypatch, capsys):
 def test_audit_unknown_names_list_what_exists(at_site, capsys):
     assert audit.main(["Table IX"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "audit: no table or figure 'Table IX'; choose one of: Table I, Table II, Table III, Table IV, Table V, "
-        "Table VII, Fig. 4, Fig. 5, Fig. 6, Fig. 8b")
+        "audit: no table or figure 'Table IX'; choose one of: " + ", ".join(SPEC_NAMES))
     assert audit.main(["Table V", "Bostn"]) == 2
     err = capsys.readouterr().err
     assert "choose one of: Boston, Diabetes, California" in err and len(err.strip().splitlines()) == 1
@@ -772,3 +1128,23 @@ def test_audit_classification_numbers(at_site, capsys):
     assert audit.main(["Fig. 6", "ResNet-50", "GAL", "remainder"]) == 0  # from history.csv's last row
     out = capsys.readouterr().out
     assert "remainder: run record" in out and "MLflow cross-check: OK" in out
+
+
+def test_audit_ablation_numbers(at_site, capsys):
+    assert audit.main(["Table VI", "Uniform", "error"]) == 0
+    out = capsys.readouterr().out
+    uniform = np.mean(abl_values("cifar100_sgd", "src-uniform"))
+    assert out.splitlines()[0] == f"Table VI/Uniform/error/mean = {uniform:.2f}"
+    assert "    variant: src-uniform\n" in out and "remake: dvc repro ablate_noise@cifar100_sgd-src-uniform-0" in out
+    assert "config diff from baseline runs/classification/cifar100_sgd-gal-s0" in out  # the preset's run
+    assert "method.source: learned -> uniform" in out
+    assert "MLflow cross-check: OK" in out
+    assert audit.main(["Table VI", "Uniform unnormalised", "diverged_epoch"]) == 0  # the first seed's epoch
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "Table VI/Uniform unnormalised/diverged_epoch/seed0 = 2"
+    assert "diverged_epoch: run record 2.0; MLflow 2.0" in out and "MLflow cross-check: OK" in out
+    assert audit.main(["Table VIII", "MLP", "256", "error"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("   (paper: 11.68)") and "MLflow cross-check: OK" in out
+    assert audit.main(["Table VI", "t-test", "Learned h vs Uniform", "error", "p"]) == 0
+    assert "MLflow cross-check: OK (5 runs' val_top1_err" in capsys.readouterr().out

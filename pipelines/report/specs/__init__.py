@@ -6,7 +6,8 @@ for what the classification specs share) + one line below + its paper numbers in
 pipelines/report/paper.yaml. A spec whose runs are missing is skipped with a note in index.md; runs that are
 present but inconsistent make the report fail.
 """
-from pipelines.report.specs import fig4, fig5, fig6, fig8b, table1, table2, table3, table4, table5, table7
+from pipelines.report.specs import (fig4, fig5, fig6, fig7, fig8a, fig8b, table1, table2, table3, table4, table5,
+                                    table6, table7, table8)
 
 SPECS = [
     table1.SPEC,
@@ -14,9 +15,13 @@ SPECS = [
     table3.SPEC,
     table4.SPEC,
     table5.SPEC,
+    table6.SPEC,
     table7.SPEC,
+    table8.SPEC,
     fig4.SPEC,
     fig5.SPEC,
     fig6.SPEC,
+    fig7.SPEC,
+    fig8a.SPEC,
     fig8b.SPEC,
 ]
