@@ -39,6 +39,10 @@ def build_model(cfg: DictConfig, classes: int) -> nn.Module:
         if "Unknown model" in str(err):
             raise RunError(f"model.name={m.name!r} is not a timm model (timm.list_models() lists them)") from None
         raise
+    except TypeError as err:
+        if extra and "bn_momentum" in str(err):
+            raise RunError(f"model.name={m.name!r} takes no bn_momentum: set model.bn_momentum=null") from None
+        raise
     except Exception as err:  # no hub access, missing cache: the message names the fix
         if not m.pretrained:
             raise

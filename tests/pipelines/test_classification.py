@@ -114,7 +114,7 @@ def test_kill_and_resume_ends_bitwise_equal_in_the_same_mlflow_run(tmp_path, pre
 def test_ddp_on_one_or_two_nodes_matches_one_process_on_the_same_global_batch(tmp_path, prepared):
     # GroupNorm model, no dropout: nothing depends on how the global batch is split between processes. eps 0.1:
     # at the preset's 0.001 the per-sample "adjusted better" comparisons are float-rounding ties.
-    overrides = ("model.name=test_efficientnet_gn", "model.drop_rate=0", "task.epochs=2", "trainer.device=cpu",
+    overrides = ("model.name=test_efficientnet_gn", "model.bn_momentum=null", "model.drop_rate=0", "task.epochs=2", "trainer.device=cpu",
                  "method.ratio=0.1")
     nodes = ("trainer.nodes=2", "trainer.gpus=1", f"trainer.rdzv_endpoint=127.0.0.1:{free_port()}")
     layouts = {"1 process": [("trainer.gpus=1",)], "2 processes": [("trainer.gpus=2",)],
@@ -218,6 +218,7 @@ def test_gal_and_baseline_record_their_metrics(root, capsys):
 @pytest.mark.parametrize("overrides, message", [
     (("task.batch_size=1000",), "task.batch_size=1000 is larger than the 200 training images"),
     (("model.name=no_such_net",), "model.name='no_such_net' is not a timm model"),
+    (("model.name=test_efficientnet_gn",), "model.name='test_efficientnet_gn' takes no bn_momentum"),
     (("trainer.precision=fp16",), "trainer.precision='fp16': use auto, bf16 or fp32"),
     (("task.epochs=0",), "task.epochs=0: use an integer of at least 1"),
     (("task.batch_size=30", "trainer.gpus=4", "trainer.device=cpu"),
