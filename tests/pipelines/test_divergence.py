@@ -20,7 +20,7 @@ from pipelines.prepare import cifar
 from pipelines.report.records import load_run
 from pipelines.tasks import identity, regression
 from tests.pipelines.prepare_helpers import ROOT, prepare_config
-from tests.pipelines.test_regression import write_boston
+from tests.pipelines.test_regression import root  # noqa: F401 (the Boston fixture root, a pytest fixture)
 
 # Plain SGD at lr 1.5 on the Boston fixture: finite for two epochs, train_loss inf in epoch 3 (checked below).
 # (Adam's step is bounded by its lr: even at lr 1e10 the loss overflows within epoch 1, leaving no finite epoch.)
@@ -29,14 +29,6 @@ RECORD = "trainer.on_divergence=record"
 RUN_JSON = {"task", "run_name", "variant", "mlflow_run_id", "mlflow_experiment_id", "tracking_uri", "stage",
             "git_commit", "git_dirty", "git_diff_sha256", "git_untracked", "profile", "data_checksums",
             "env_lock_sha256", "created"}  # a finished run's run.json (tests/pipelines/test_tracking.py)
-
-
-@pytest.fixture
-def root(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("DVC_STAGE", raising=False)
-    write_boston(tmp_path)
-    return tmp_path
 
 
 def config(root, *overrides, experiment="boston_baseline"):
