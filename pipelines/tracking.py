@@ -22,7 +22,8 @@ and MLflow keep the finite steps only), the final metrics become ``{"diverged_<s
 "diverged"`` and ``"diverged_metric"``, and ends the MLflow run FAILED. Only such a record has "status".
 
 ``variant`` (keyword, default "") names a run off a preset (e.g. "eps0.001"; "" for the preset's own
-run): run.json "variant" and MLflow tag ``variant``; a resume must have the same one.
+run): run.json "variant" and MLflow tag ``variant``; a resume must have the same one. ``tags`` (keyword) are
+more MLflow tags, set again on resume: where the run executes (a Slurm job's id and nodes).
 
 Resuming (a stage that checkpoints each epoch and is rerun after being killed):
 
@@ -253,11 +254,33 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(rest) if rest and rest != ":memory:" else None
 
 
+@contextmanager
+def _creating_store(uri: str):
+    """For an sqlite store, an exclusive lock on its directory while MLflow opens it: runs started at once
+    (a fan-out) would otherwise each migrate a new database, and all but one fail ("duplicate column
+    name"). flock on the directory: no lock file to leave in the tree, and none of sqlite's own locks on
+    the database file to disturb."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    fd = os.open(db.resolve().parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient  # imported late: mlflow takes a while to import
 
-    with _quiet_store():  # creating a store runs (and logs) its database migrations
-        return MlflowClient(tracking_uri=uri)
+    with _quiet_store(), _creating_store(uri):  # creating a store runs (and logs) its database migrations
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # opens (a new store: migrates) it now, under the lock
+        return client
 
 
 def logged_metrics(run_id: str, uri: str | None = None) -> dict[str, float]:
@@ -471,12 +494,14 @@ class RunTracker:
 
     def __init__(self, task: str, run_name: str, config: Mapping, *, profile: str,
                  data_files: Sequence[Path] = (), runs_root: Path = Path("runs"), stage: str | None = None,
-                 step_name: str = "epoch", variant: str = "", resume: Mapping | None = None):
+                 step_name: str = "epoch", variant: str = "", resume: Mapping | None = None,
+                 tags: Mapping[str, str] | None = None):
         for what, value in (("task", task), ("run_name", run_name)):
             if not value or "/" in value or "\\" in value or value in (".", "..") or value.startswith("."):
                 raise TrackingError(f"bad {what} {value!r}: use a plain name such as 'regression' or 'boston-gal-s0'")
         self.task, self.run_name, self.profile, self.step_name = task, run_name, str(profile), step_name
         self.variant = str(variant)
+        self.tags = {str(k): str(v) for k, v in (tags or {}).items()}  # where it ran (a job's id and nodes)
         self.config = _plain(config)
         self.data_files = [Path(p) for p in data_files]
         self.runs_root = Path(runs_root)
@@ -527,6 +552,7 @@ class RunTracker:
         if diff_sha is not None:
             tags["git_diff_sha256"] = diff_sha
         tags.update({_key(f"data.{path}"): value for path, value in checksums.items()})
+        tags.update(self.tags)
         try:
             self._client = _client(self.uri)
             with _quiet_store():
@@ -648,6 +674,8 @@ class RunTracker:
         try:
             with _quiet_store():
                 self._client.update_run(run_id, status="RUNNING")
+                for key, value in self.tags.items():  # a requeued or resubmitted job: where it runs now
+                    self._client.set_tag(run_id, key, value, synchronous=True)
         except Exception as err:
             raise TrackingError(f"cannot resume MLflow run {run_id} in {_redact(self.uri)}: {_cause(err)}; "
                                 "check the store") from None

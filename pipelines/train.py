@@ -18,18 +18,24 @@ from pipelines.errors import ConfigError, report, run_cli
 CONF = Path(__file__).resolve().parent / "conf"
 
 
+def compose(argv: list[str]) -> DictConfig:
+    """The run's config from its overrides, as ``main`` gets it (a submitit job composes it this way)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("train", overrides=argv)
+
+
 def preflight(argv: list[str]) -> None:
     """Compose once through the compose API, so an unknown preset or a bad override is one line (exit 2)
     rather than Hydra's multi-line report. Hydra's own flags (--cfg, --help, -m, ...) skip this."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     if any(arg.startswith("-") for arg in argv):
         return
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            compose("train", overrides=argv)
+        compose(argv)
     except (HydraException, OmegaConfBaseException) as err:
         text = str(err).split("Config search path")[0].replace("\t", " ")
         sys.exit(report("train", ConfigError(text)))

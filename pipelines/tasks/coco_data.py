@@ -23,6 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from pipelines.tasks import RunError
 from pipelines.tasks.image_data import EpochSampler, SeededDataset
+from pipelines.tasks.launch import worker_init
 
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6], reported in percent
 
@@ -132,8 +133,8 @@ def loaders(train: Dataset, val: Dataset, cfg, rank: int, world: int, pin: bool)
     batch, workers = cfg.task.batch_size, cfg.task.workers
     if len(train) < batch:
         raise RunError(f"task.batch_size={batch} is larger than the {len(train)} training images")
-    extra = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0, collate_fn=collate,
-                 prefetch_factor=2 if workers > 0 else None)
+    extra = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0, worker_init_fn=worker_init,
+                 collate_fn=collate, prefetch_factor=2 if workers > 0 else None)
     sampler = EpochSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     train_loader = DataLoader(train, batch_size=batch // world, sampler=sampler, drop_last=True, **extra)
     val_sampler = DistributedSampler(val, num_replicas=world, rank=rank, shuffle=False)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from pipelines.tasks import RunError
+from pipelines.tasks.launch import worker_init
 
 
 def sample_seed(*parts: int) -> int:
@@ -134,7 +135,7 @@ def loaders(train: Dataset, val: Dataset, cfg, rank: int, world: int, pin: bool)
     batch, workers = cfg.task.batch_size, cfg.task.workers
     if len(train) < batch:
         raise RunError(f"task.batch_size={batch} is larger than the {len(train)} training images")
-    extra = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+    extra = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0, worker_init_fn=worker_init,
                  prefetch_factor=4 if workers > 0 else None)
     sampler = EpochSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     train_loader = DataLoader(train, batch_size=batch // world, sampler=sampler, drop_last=True, **extra)

@@ -73,6 +73,12 @@ def die_with_parent() -> None:
             os._exit(1)
 
 
+def worker_init(worker_id: int) -> None:
+    """A DataLoader worker's start: it ends with its training process, so a cancelled or killed job leaves
+    no worker behind (they would hold the job's memory and GPU node)."""
+    die_with_parent()
+
+
 def relaunch(trainer) -> int:
     """Run this command again under torchrun; the exit code of torchrun."""
     cmd = torchrun_command(trainer, sys.argv[1:])
@@ -80,10 +86,17 @@ def relaunch(trainer) -> int:
     return subprocess.run(cmd, preexec_fn=die_with_parent).returncode
 
 
-def device_type(trainer) -> str:
+def device_choice(trainer) -> str:
+    """trainer.device as asked (auto, cuda or cpu), without asking this machine."""
     choice = str(trainer.device)
     if choice not in ("auto", "cuda", "cpu"):
         raise ConfigError(f"trainer.device={choice!r}: use auto, cuda or cpu")
+    return choice
+
+
+def device_type(trainer) -> str:
+    """The device type this machine runs trainer.device on."""
+    choice = device_choice(trainer)
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():

@@ -1,6 +1,7 @@
-"""The one training runtime of every task: check the config, relaunch under torchrun, set up processes and
-determinism, decide and send a resume, run the epoch loop with per-epoch atomic checkpoints, and track the
-run (MLflow + run record) on rank 0 with one progress line per epoch.
+"""The one training runtime of every task: check the config, submit it as a cluster job (cluster.py,
+GAL_LAUNCHER) or relaunch it under torchrun, set up processes and determinism, decide and send a resume,
+run the epoch loop with per-epoch atomic checkpoints, and track the run (MLflow + run record) on rank 0
+with one progress line per epoch.
 
 A task supplies only what is its own, as a ``Task`` subclass (pipelines/tasks/classification.py and
 regression.py are the models): building the model, adjuster, optimiser and data in ``__init__``, one
@@ -35,7 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.errors import ConfigError
-from pipelines.tasks import checkpoint, identity, launch, method
+from pipelines.tasks import checkpoint, cluster, identity, launch, method
 from pipelines.tracking import RunTracker, first_nonfinite
 
 PROGRESS_SECONDS = 10.0  # at most one progress line this often (and always after the first and last epoch)
@@ -88,19 +89,20 @@ def require_int(cfg: DictConfig, key: str, minimum: int) -> int:
     return value
 
 
-def check(cfg: DictConfig, task: type[Task]) -> int:
-    """The settings every run shares, then the task's; the world size. All before any compute."""
+def check(cfg: DictConfig, task: type[Task], here: bool = True) -> int:
+    """The settings every run shares, then the task's; the world size. All before any compute. With
+    ``here`` false (a job submitted elsewhere) the devices of this machine are not asked."""
     require_int(cfg, "seed", 0)
     require_int(cfg, "task.epochs", 1)
     require_int(cfg, "task.threads", 0)
     identity.preset_overrides(cfg)  # every run starts from a preset
     trainer = cfg.trainer
     gpus, nodes = require_int(cfg, "trainer.gpus", 1), require_int(cfg, "trainer.nodes", 1)
-    device = launch.device_type(trainer)
+    device = launch.device_type(trainer) if here else launch.device_choice(trainer)
     if device == "cpu" and str(trainer.device) == "auto" and gpus * nodes > 1:
         raise ConfigError(f"trainer.gpus={gpus} but torch sees no CUDA device; set trainer.device=cpu to run "
                           f"{gpus} CPU processes, or trainer.gpus=1")
-    if device == "cuda" and gpus > torch.cuda.device_count():
+    if device == "cuda" and here and gpus > torch.cuda.device_count():
         raise ConfigError(f"trainer.gpus={gpus} but this node has {torch.cuda.device_count()} GPUs")
     if str(trainer.precision) not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"trainer.precision={trainer.precision!r}: use auto, bf16 or fp32")
@@ -108,7 +110,7 @@ def check(cfg: DictConfig, task: type[Task]) -> int:
         raise ConfigError(f"trainer.channels_last={trainer.channels_last!r}: use auto, true or false")
     if str(trainer.on_divergence) not in ("fail", "record"):
         raise ConfigError(f"trainer.on_divergence={trainer.on_divergence!r}: use fail or record")
-    if nodes > 1:
+    if nodes > 1 and here:  # a job's nodes rendezvous through its scheduler
         launch.check_nodes(trainer)
     method.check(cfg)
     task.check(cfg, gpus * nodes)
@@ -131,6 +133,9 @@ def config_digest(config: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ the run
 def run(cfg: DictConfig, task: type[Task]) -> None:
+    if cluster.launcher() != "local":  # submit a job that runs this again on its nodes, and wait for it
+        check(cfg, task, here=False)
+        sys.exit(cluster.submit(cfg, task, sys.argv[1:], identity.run_name(cfg, identity.variant(cfg))))
     world = check(cfg, task)
     variant = identity.variant(cfg)  # composes the preset: a config error shows before any process starts
     if world > 1 and not launch.under_torchrun():
@@ -174,7 +179,7 @@ def fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant:
     if procs.main:
         print(f"{name}: {task.describe()}; {procs.world} process(es) on {procs.device}", flush=True)
     tracker = (RunTracker(task.name, name, config, profile=cfg.profile, data_files=task.data_files,
-                          runs_root=root / "runs", resume=resume, variant=variant)
+                          runs_root=root / "runs", resume=resume, variant=variant, tags=cluster.job_tags())
                if procs.main else contextlib.nullcontext())
     last_print, diverged = 0.0, None
     record_divergence = str(cfg.trainer.on_divergence) == "record"

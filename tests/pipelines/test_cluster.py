@@ -1,0 +1,228 @@
+"""The cluster path (pipelines/tasks/cluster.py) as far as a machine without Slurm allows: submitit's local
+executor runs the same job a Slurm node would (2 gloo tasks equal a 2-process torchrun run), a pre-empted
+job requeues itself and resumes into the same MLflow run, a rerun attaches to a live job, an outer
+allocation's environment does not leak into the job, and the Slurm batch script of a 2-node, 4-GPU run
+(submitted to stand-in sbatch and srun) carries the node, task, GPU, time, signal and requeue settings."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize
+from mlflow.tracking import MlflowClient
+
+from pipelines.errors import ConfigError
+from pipelines.tasks import cluster
+from tests.pipelines.test_classification import checkpoint_path, name_of, outcome, prepared, train_cmd  # noqa: F401
+from tests.pipelines.test_regression import record, write_boston
+from tests.pipelines.test_regression import train_cmd as regression_cmd
+
+ROOT = Path(__file__).resolve().parents[2]
+FOLDER = Path("logs/submitit")
+
+
+def job_folder(root: Path, task: str, run: str) -> Path:
+    return root / FOLDER / task / run
+
+
+def runs_of(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def local_env(root: Path, **extra: str) -> dict:
+    env = {**os.environ, "GAL_LAUNCHER": "submitit-local", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+           "GAL_CLUSTER_CONFIG": str(root / "cluster.yaml"), "OMP_NUM_THREADS": "1", **extra}
+    env.pop("DVC_STAGE", None)
+    return env
+
+
+def test_two_submitit_tasks_equal_a_two_process_torchrun_run(tmp_path, prepared):  # noqa: F811
+    overrides = ("model.name=test_efficientnet_gn", "model.bn_momentum=null", "model.drop_rate=0", "task.epochs=2",
+                 "trainer.device=cpu", "method.ratio=0.1", "trainer.gpus=2")
+    run = name_of(*overrides)
+    results = {}
+    for launcher in ("local", "submitit-local"):
+        root = tmp_path / launcher
+        shutil.copytree(prepared, root / "data" / "processed")
+        env = local_env(root, GAL_LAUNCHER=launcher)
+        done = subprocess.run(train_cmd(root, *overrides), cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert ("launching 2 processes" in done.stdout) == (launcher == "local")  # the job needs no torchrun
+        results[launcher] = outcome(root, run)
+        (mlflow_run,) = runs_of(env["MLFLOW_TRACKING_URI"], "classification")
+        if launcher == "submitit-local":
+            job = json.loads((job_folder(root, "classification", run) / "job.json").read_text())
+            assert mlflow_run.data.tags["job_id"] == job["job_id"] and mlflow_run.data.tags["job_nodes"]
+            assert sorted(job_folder(root, "classification", run).glob("*_log.out"))[-1].name.endswith("_1_log.out")
+    (h1, m1, w1), (h2, m2, w2) = results.values()
+    assert h1 == h2 and m1 == m2 and all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_a_preempted_job_requeues_and_resumes_into_the_same_mlflow_run(tmp_path):
+    epochs, name = "task.epochs=8", "boston-gal-epochs8-s0"
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    for root in (straight, preempted):
+        write_boston(root, rows=3000)  # epochs long enough to signal the job mid-run
+    done = subprocess.run(regression_cmd(straight, epochs), cwd=ROOT, env=local_env(straight, GAL_LAUNCHER="local"),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    env = local_env(preempted)
+    stage = subprocess.Popen(regression_cmd(preempted, epochs), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    folder, ckpt = job_folder(preempted, "regression", name), preempted / "checkpoints/regression" / name / "last.pt"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists():
+        assert stage.poll() is None and time.monotonic() < deadline, stage.stdout.read()
+        time.sleep(0.01)
+    controller = json.loads((folder / "job.json").read_text())["job_id"]
+    (task,) = subprocess.run(["pgrep", "-P", controller], capture_output=True, text=True).stdout.split()
+    os.kill(int(task), signal.SIGUSR2)  # what Slurm sends signal_delay_s before the end
+    out = stage.communicate(timeout=300)[0]
+    assert stage.returncode == 0, out
+    log = "".join(p.read_text() for p in sorted(folder.glob("*_0_log.*")))
+    assert "this job is preempted" in log and "Requeued job" in log and f"resuming {name} after epoch" in log
+    assert record(preempted, name) == record(straight, name)
+    (run,) = runs_of(env["MLFLOW_TRACKING_URI"], "regression")
+    assert run.info.status == "FINISHED" and run.data.tags["job_id"] == controller
+
+
+def test_a_rerun_attaches_to_its_live_job_instead_of_submitting_another(tmp_path):
+    root = tmp_path
+    write_boston(root, rows=3000)
+    epochs, name = "task.epochs=30", "boston-gal-epochs30-s0"  # about 20 s: still running at the rerun
+    env = local_env(root)
+    first = subprocess.Popen(regression_cmd(root, epochs), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # its job lives on
+    folder = job_folder(root, "regression", name)
+    deadline = time.monotonic() + 120
+    while not (folder / "job.json").exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+        time.sleep(0.01)
+    first.kill()  # the stage process only (dvc killed, a login session closed)
+    first.wait()
+    job = json.loads((folder / "job.json").read_text())["job_id"]
+    again = subprocess.run(regression_cmd(root, epochs), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"attached to its submitit-local job {job}" in again.stdout and "submitted" not in again.stdout
+    assert [p.name for p in folder.glob("*_submitted.pkl")] == [f"{job}_submitted.pkl"]
+    assert [r.info.status for r in runs_of(env["MLFLOW_TRACKING_URI"], "regression")] == ["FINISHED"]
+
+
+def test_a_live_job_with_other_overrides_is_refused_in_one_line(tmp_path):
+    folder = job_folder(tmp_path, "regression", "boston-gal-s0")
+    folder.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit"])
+    try:
+        (folder / "job.json").write_text(json.dumps({"launcher": "submitit-local", "job_id": str(sleeper.pid),
+                                                     "argv": ["experiment=boston_gal", "optim.lr=0.5"]}))
+        write_boston(tmp_path)
+        done = subprocess.run(regression_cmd(tmp_path), cwd=ROOT, env=local_env(tmp_path), capture_output=True,
+                              text=True)
+    finally:
+        sleeper.kill()
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"job {sleeper.pid} of run boston-gal-s0 is still running with other overrides" in done.stderr
+
+
+def test_an_outer_allocation_does_not_leak_into_the_job(tmp_path):
+    write_boston(tmp_path)
+    outer = {"SLURM_JOB_ID": "777", "SLURM_NODEID": "3", "SLURM_PROCID": "5", "RANK": "5", "WORLD_SIZE": "8"}
+    done = subprocess.run(regression_cmd(tmp_path), cwd=ROOT, env=local_env(tmp_path, **outer),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    trainer = yaml.safe_load((tmp_path / "runs/regression/boston-gal-s0/config.yaml").read_text())["trainer"]
+    assert str(trainer["node_rank"]) == "0" and trainer["world_size"] == 1  # node_rank reads SLURM_NODEID
+
+
+# ------------------------------------------------------------------------------------------- Slurm
+STAND_INS = {
+    "srun": "#!/bin/sh\nexit 0\n",
+    # sbatch: keep the batch script it was given and answer as Slurm does
+    "sbatch": '#!/bin/sh\nfor last; do :; done\ncp "$last" "$SBATCH_RECORD"\necho "Submitted batch job 4242"\n',
+}
+
+
+@pytest.fixture
+def slurm(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in STAND_INS.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SBATCH_RECORD", str(tmp_path / "batch.sh"))
+    monkeypatch.setenv("GAL_LAUNCHER", "slurm")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("GAL_CLUSTER_CONFIG", str(tmp_path / "cluster.yaml"))
+    (tmp_path / "cluster.yaml").write_text(
+        "partition: gpu\naccount: lab\ntime_min: 720\ncpus_per_gpu: 10\nmem_gb_per_gpu: 60\nsignal_delay_s: 240\n"
+        "setup: [module load cuda, source .venv/bin/activate]\nsbatch: {exclude: node7}\n")
+    return tmp_path
+
+
+def trainer(gpus: int, nodes: int, device: str = "auto"):
+    with initialize(config_path="../../pipelines/conf", version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=cifar100_sgd_gal", f"trainer.gpus={gpus}",
+                                          f"trainer.nodes={nodes}", f"trainer.device={device}"])
+    return cfg.trainer
+
+
+def test_the_slurm_batch_script_of_a_2_node_4_gpu_run(slurm):
+    config = cluster.load_config(slurm, "slurm")
+    ex = cluster.executor("slurm", config, trainer(4, 2), slurm / "jobs", "cifar100_sgd-gal-s0")
+    job = ex.submit(cluster.TrainingJob(["experiment=cifar100_sgd_gal", "trainer.gpus=4", "trainer.nodes=2"], "/x"))
+    assert job.job_id == "4242"
+    script = (slurm / "batch.sh").read_text().splitlines()
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --cpus-per-task=10", "#SBATCH --mem=240GB", "#SBATCH --time=720",
+                 "#SBATCH --signal=USR2@240", "#SBATCH --requeue", "#SBATCH --partition=gpu", "#SBATCH --account=lab",
+                 "#SBATCH --exclude=node7", "#SBATCH --job-name=cifar100_sgd-gal-s0", "module load cuda",
+                 "source .venv/bin/activate"):
+        assert line in script, line
+    command = script[-1] if script[-1] else script[-2]
+    assert command.startswith("srun") and "-m submitit.core._submit" in command and "torchrun" not in command
+    cpu = cluster.executor("slurm", config, trainer(1, 1, "cpu"), slurm / "cpu", "boston-gal-s0")
+    cpu.submit(cluster.TrainingJob(["experiment=boston_gal"], "/x"))
+    assert not any("gpus" in line for line in (slurm / "batch.sh").read_text().splitlines())
+
+
+@pytest.mark.parametrize("setup, message", [
+    ({"GAL_LAUNCHER": "kubernetes"}, "GAL_LAUNCHER='kubernetes': use one of local, slurm, submitit-local"),
+    ({"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}, "sqlite is a store for one machine"),
+    ({"cluster.yaml": "partition: gpu\nnodes: 2\n"}, "cluster.yaml: unknown key nodes"),
+    ({"cluster.yaml": "partition: gpu\ntime_min: 0\n"}, "cluster.yaml: time_min=0: use a positive integer"),
+    ({"cluster.yaml": "account: lab\n"}, "cluster.yaml: set partition"),
+    ({"cluster.yaml": "partition: gpu\ntime_min: 2\nsignal_delay_s: 300\n"}, "signal_delay_s=300 leaves no time"),
+    ({"cluster.yaml": None}, "GAL_LAUNCHER=slurm needs"),
+    ({"PATH": "/nonexistent"}, "srun is not on PATH"),
+])
+def test_bad_cluster_settings_fail_in_one_line_before_submitting(slurm, setup, message):
+    env = local_env(slurm, GAL_LAUNCHER="slurm", MLFLOW_TRACKING_URI="http://127.0.0.1:5000")
+    for key, value in setup.items():
+        if key == "cluster.yaml":
+            (slurm / key).unlink()
+            if value is not None:
+                (slurm / key).write_text(value)
+        else:
+            env[key] = value
+    write_boston(slurm)
+    done = subprocess.run(regression_cmd(slurm), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert message in done.stderr
+    assert not (slurm / "batch.sh").exists() and not (slurm / "runs").exists()
+
+
+def test_submitit_local_refuses_several_nodes():
+    with pytest.raises(ConfigError, match="runs on this machine only"):
+        cluster.executor("submitit-local", cluster.ClusterConfig(), trainer(1, 2, "cpu"), Path("/tmp"), "x")
