@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup test repro bench ui lock clean
+.PHONY: setup test profile repro fanout bench ui lock clean
 
 setup: $(STAMP)
 
@@ -18,15 +18,23 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml packages/gal_core/py
 test: setup
 	$(BIN)/python -m pytest
 
-# `make repro PROFILE=regression` switches the profile in params.yaml first, and the ablation grid with it
-# (the paper grid for `paper`, the smoke grid otherwise; see params.yaml).
-repro: setup
+# `make repro PROFILE=regression` (or fanout) switches the profile in params.yaml first, and the ablation
+# grid with it (the paper grid for `paper`, the smoke grid otherwise; see params.yaml).
+profile:
 ifdef PROFILE
 	@test -f pipelines/conf/profile/$(PROFILE).yaml || { echo "error: no profile '$(PROFILE)'; choose one of: $$(ls pipelines/conf/profile | sed 's/.yaml//' | tr '\n' ' ')"; exit 2; }
 	sed -i -e 's/^profile: .*/profile: $(PROFILE)/' \
 	       -e 's/^ablations: .*/ablations: *$(if $(filter paper,$(PROFILE)),paper,smoke)_grid/' params.yaml
 endif
+
+repro: setup profile
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+# The same results with the training stages run JOBS at a time (pipelines/fanout.py): on one multi-GPU node
+# each run gets its own GPUs; with GAL_LAUNCHER=slurm each run is a Slurm job. STAGES: DVC targets (default all).
+JOBS ?= 4
+fanout: setup profile
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipelines.fanout --jobs $(JOBS) $(STAGES)
 
 bench: setup
 	$(BIN)/python -m benchmarks.gal_overhead

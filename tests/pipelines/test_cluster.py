@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from hydra import compose, initialize
 from mlflow.tracking import MlflowClient
 
 from pipelines.errors import ConfigError
-from pipelines.tasks import cluster
+from pipelines.tasks import cluster, regression
 from tests.pipelines.test_classification import checkpoint_path, name_of, outcome, prepared, train_cmd  # noqa: F401
 from tests.pipelines.test_regression import record, write_boston
 from tests.pipelines.test_regression import train_cmd as regression_cmd
@@ -202,25 +203,35 @@ def test_the_slurm_batch_script_of_a_2_node_4_gpu_run(slurm):
     ({"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}, "sqlite is a store for one machine"),
     ({"cluster.yaml": "partition: gpu\nnodes: 2\n"}, "cluster.yaml: unknown key nodes"),
     ({"cluster.yaml": "partition: gpu\ntime_min: 0\n"}, "cluster.yaml: time_min=0: use a positive integer"),
+    ({"cluster.yaml": "partition: gpu\nsetup: module load cuda\n"}, "setup='module load cuda': use a list of"),
     ({"cluster.yaml": "account: lab\n"}, "cluster.yaml: set partition"),
     ({"cluster.yaml": "partition: gpu\ntime_min: 2\nsignal_delay_s: 300\n"}, "signal_delay_s=300 leaves no time"),
+    ({"cluster.yaml": "partition: [gpu\n"}, "cluster.yaml is not YAML"),
     ({"cluster.yaml": None}, "GAL_LAUNCHER=slurm needs"),
     ({"PATH": "/nonexistent"}, "srun is not on PATH"),
 ])
-def test_bad_cluster_settings_fail_in_one_line_before_submitting(slurm, setup, message):
-    env = local_env(slurm, GAL_LAUNCHER="slurm", MLFLOW_TRACKING_URI="http://127.0.0.1:5000")
+def test_bad_cluster_settings_are_refused_before_submitting(slurm, monkeypatch, setup, message):
     for key, value in setup.items():
         if key == "cluster.yaml":
             (slurm / key).unlink()
             if value is not None:
                 (slurm / key).write_text(value)
         else:
-            env[key] = value
+            monkeypatch.setenv(key, value)
     write_boston(slurm)
-    done = subprocess.run(regression_cmd(slurm), cwd=ROOT, env=env, capture_output=True, text=True)
+    with initialize(config_path="../../pipelines/conf", version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=boston_gal", f"root={slurm}"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        regression.run(cfg)
+    assert not (slurm / "batch.sh").exists() and not (slurm / "runs").exists() and not (slurm / "logs").exists()
+
+
+def test_a_bad_cluster_setting_is_one_line_from_the_stage_command(slurm):
+    (slurm / "cluster.yaml").write_text("partition: gpu\nnodes: 2\n")
+    write_boston(slurm)
+    done = subprocess.run(regression_cmd(slurm), cwd=ROOT, env={**os.environ}, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    assert message in done.stderr
-    assert not (slurm / "batch.sh").exists() and not (slurm / "runs").exists()
+    assert done.stderr.startswith("train regression: bad config: ") and "unknown key nodes" in done.stderr
 
 
 def test_submitit_local_refuses_several_nodes():

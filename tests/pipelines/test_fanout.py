@@ -1,0 +1,69 @@
+"""`make fanout` (pipelines/fanout.py): four smoke training stages fanned out at once, three rounds in a row
+with real DVC and MLflow (sqlite, as on one node); dvc.lock stays complete, `dvc status` clean, every run
+recorded once, and a finished round is not run again."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.workspace import copy_project
+
+BIN = Path(sys.executable).parent
+ROUNDS = {d: [f"train_regression@{d}-{m}-{s}" for m in ("baseline", "gal") for s in (0, 1)]
+          for d in ("boston", "diabetes", "california")}
+
+
+@pytest.fixture
+def repo(tmp_path):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "GAL_LAUNCHER": "local"}
+    for name in ("MLFLOW_TRACKING_URI", "GAL_DATA_MIRROR", "DVC_STAGE", "CUDA_VISIBLE_DEVICES"):
+        env.pop(name, None)
+    return copy_project(tmp_path), env
+
+
+def fanout(repo: Path, env: dict, *args: str) -> str:
+    done = subprocess.run([BIN / "python", "-m", "pipelines.fanout", *args], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_three_rounds_of_four_stages_at_once_leave_a_complete_lock_and_one_run_each(repo):
+    repo, env = repo
+    for stages in ROUNDS.values():
+        out = fanout(repo, env, "--jobs", "4", *stages)
+        assert "4 of 4 training stages to run, 4 at a time" in out
+        # all four started before the first finished: they ran side by side
+        events = re.findall(r"^(start|done) (\S+)", out, re.MULTILINE)
+        assert [kind for kind, _ in events[:4]] == ["start"] * 4 and {name for _, name in events} == set(stages), out
+    everything = [s for stages in ROUNDS.values() for s in stages]
+    again = fanout(repo, env, "--jobs", "4", *everything)
+    assert "0 of 12 training stages to run" in again and "start" not in again
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    for stage in everything:
+        outs = lock[stage]["outs"]
+        assert {Path(o["path"]).name for o in outs} == {"config.yaml", "run.json", "metrics.json", "history.csv"}
+        assert all(o["md5"] and (repo / o["path"]).exists() for o in outs), stage
+    status = subprocess.run([BIN / "dvc", "status", *everything], cwd=repo, env=env, capture_output=True, text=True)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("regression").experiment_id])
+    names = sorted(r.info.run_name for r in runs)
+    expected = sorted(re.sub(r"train_regression@(\w+)-(\w+)-(\d)", r"\1-\2-s\3", s) for s in everything)
+    assert names == expected and {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_bad_targets_and_settings_fail_in_one_line(repo):
+    repo, env = repo
+    for args, message in ((["no_such_stage"], "no stage"), (["--jobs", "0"], "--jobs=0: use at least 1")):
+        done = subprocess.run([BIN / "python", "-m", "pipelines.fanout", *args], cwd=repo, env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
