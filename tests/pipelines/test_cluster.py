@@ -237,3 +237,46 @@ def test_a_bad_cluster_setting_is_one_line_from_the_stage_command(slurm):
 def test_submitit_local_refuses_several_nodes():
     with pytest.raises(ConfigError, match="runs on this machine only"):
         cluster.executor("submitit-local", cluster.ClusterConfig(), trainer(1, 2, "cpu"), Path("/tmp"), "x")
+
+
+LOADER = """
+import time
+from torch.utils.data import DataLoader, Dataset
+from pipelines.tasks.launch import worker_init
+
+class StuckReads(Dataset):  # a worker blocked in I/O, where torch's own watchdog cannot look
+    def __len__(self):
+        return 100
+
+    def __getitem__(self, i):
+        time.sleep(0 if i < 2 else 600)
+        return i
+
+if __name__ == "__main__":
+    loader = DataLoader(StuckReads(), num_workers=2, persistent_workers=True, worker_init_fn=worker_init)
+    batches = iter(loader)
+    next(batches), next(batches)
+    print(" ".join(str(w.pid) for w in batches._workers), flush=True)
+    time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "\\nState:\\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_dataloader_workers_end_with_a_killed_training_process(tmp_path):
+    (tmp_path / "loader.py").write_text(LOADER)
+    trainer = subprocess.Popen([sys.executable, tmp_path / "loader.py"], cwd=ROOT, stdout=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    workers = [int(pid) for pid in trainer.stdout.readline().split()]
+    assert len(workers) == 2 and all(map(alive, workers))
+    trainer.kill()  # what scancel or a pre-emption does to the training process
+    trainer.wait()
+    deadline = time.monotonic() + 10
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, workers))

@@ -7,13 +7,17 @@ import os
 import re
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.workspace import copy_project
+from pipelines.fanout import Devices, gpus_needed, plan
+from tests.workspace import ROOT, copy_project
 
 BIN = Path(sys.executable).parent
 ROUNDS = {d: [f"train_regression@{d}-{m}-{s}" for m in ("baseline", "gal") for s in (0, 1)]
@@ -67,3 +71,31 @@ def test_bad_targets_and_settings_fail_in_one_line(repo):
         done = subprocess.run([BIN / "python", "-m", "pipelines.fanout", *args], cwd=repo, env=env,
                               capture_output=True, text=True)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+def test_each_run_takes_its_own_gpus_and_cpu_runs_take_none(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    upstream, training = plan(["train_regression@boston-gal-0", "train_cifar@cifar10-sgd-gal-0", "report"])
+    assert {"prepare@boston", "prepare_cifar@cifar10"} <= set(upstream) and "report" not in upstream
+    assert {"train_regression@boston-gal-0", "train_cifar@cifar10-sgd-gal-0"} < {name for name, _ in training}
+    paper = "python -m pipelines.train profile=paper experiment="
+    assert gpus_needed(paper + "boston_gal trainer.gpus=1") == 0  # the regression presets run on the CPU
+    assert gpus_needed(paper + "cifar100_sgd_gal trainer.gpus=4") == 4
+    assert gpus_needed(paper + "imagenet_resnet50_gal trainer.gpus=4 trainer.nodes=2") == 8
+    devices, held, peak = Devices(["0", "1", "2", "3"]), [], [0]
+    lock = threading.Lock()
+
+    def run(n: int) -> None:
+        ids = devices.take(n)
+        with lock:
+            held.append(set(ids))
+            assert not set.intersection(*held) if len(held) > 1 else True  # no GPU given to two runs at once
+            peak[0] = max(peak[0], sum(map(len, held)))
+        time.sleep(0.05)
+        with lock:
+            held.remove(set(ids))
+        devices.give(ids)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(run, [2, 3, 1, 2, 4, 1, 2, 3]))
+    assert peak[0] <= 4 and sorted(devices.free) == ["0", "1", "2", "3"]
