@@ -84,7 +84,9 @@ its files in sorted relative-path order, each fed as ``<relpath> NUL <md5 of the
 """
 from __future__ import annotations
 
+import base64
 import csv
+import getpass
 import hashlib
 import io
 import json
@@ -97,6 +99,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -124,6 +127,8 @@ _BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")
 _OWN_OUTPUTS = ("mlflow.db", "mlruns", "mlartifacts", "dvc.lock")
 DIFF_FILE, UNTRACKED_FILE = "git_diff.patch", "git_untracked.txt"  # a dirty run's record (and MLflow artifacts)
 PROVENANCE_DIR = "provenance"  # the MLflow artifact directory they go to
+RECORD_FILES = ("config.yaml", "history.csv", "metrics.json", "run.json")  # a run record, also MLflow artifacts
+RECORD_DIR = "record"  # ... under this artifact directory
 _DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # SQLAlchemy stores: MLflow puts artifacts at ./mlruns
 _STORE_LOGGERS = ("mlflow", "alembic", "sqlalchemy")
 
@@ -176,6 +181,7 @@ def check_tracking_server(uri: str, timeout: float = 5) -> None:
         if reason is not None:
             raise TrackingError(f"MLflow tracking server at {_redact(uri)} is unreachable: {reason}; "
                                 "start it or unset MLFLOW_TRACKING_URI")
+        _check_credentials(url[: -len("/health")], uri, timeout)
         return
     path = None
     if scheme == "sqlite":
@@ -196,6 +202,30 @@ def check_tracking_server(uri: str, timeout: float = 5) -> None:
         if reason is not None:
             raise TrackingError(f"cannot write to the MLflow store {_redact(uri)}: {reason}; make it a writable "
                                 "sqlite file or set MLFLOW_TRACKING_URI")
+
+
+def _check_credentials(base: str, uri: str, timeout: float) -> None:
+    """A server with authentication refuses missing or wrong credentials now, in one line, rather than at
+    the run's first write. They come from MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (MLflow's
+    own variables) and go nowhere else: not into a message, tag, param or run record."""
+    headers = {"User-Agent": "pipelines.tracking"}
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if user:
+        token = base64.b64encode(f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read(64)
+    except urllib.error.HTTPError as err:
+        if err.code == 401:
+            raise TrackingError(f"MLflow server {_redact(uri)} refused the credentials (HTTP 401): set "
+                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of the server") from None
+        if err.code == 403:
+            raise TrackingError(f"MLflow server {_redact(uri)} does not let this user read experiments (HTTP 403): "
+                                "ask its admin for permission") from None
+    except (urllib.error.URLError, OSError, ValueError):
+        pass  # it answered /health just now: the run's own requests will say what is wrong
 
 
 def _sqlite_unwritable(db: Path) -> str | None:
@@ -321,6 +351,53 @@ def _display_path(path: Path, root: Path) -> str:
         return path.relative_to(root).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+# ------------------------------------------------------------------------------------ MLflow's own views
+def _source_tags(root: Path, commit: str, source: str) -> dict[str, str]:
+    """MLflow's standard tags of where a run comes from, which its UI shows (Source with the commit, User)."""
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": source, "mlflow.user": getpass.getuser()}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+        branch = (_git(root, "rev-parse", "--abbrev-ref", "HEAD") or "").strip()
+        if branch and branch != "HEAD":
+            tags["mlflow.source.git.branch"] = branch
+        remote = (_git(root, "remote", "get-url", "origin") or "").strip()
+        if remote:
+            tags["mlflow.source.git.repoURL"] = _redact(remote)
+    return tags
+
+
+def _dataset_inputs(checksums: Mapping[str, str]) -> list:
+    """The run's data files as MLflow dataset inputs (its UI's Dataset column), named by path, digest = md5."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return [DatasetInput(Dataset(name=path, digest=checksum.split(":", 1)[1], source_type="local",
+                                 source=json.dumps({"uri": path}), profile=json.dumps({"checksum": checksum})),
+                         tags=[InputTag("mlflow.data.context", "training")])
+            for path, checksum in checksums.items()]
+
+
+def _loss_curve(history: Sequence[tuple[int, Mapping[str, str]]], step_name: str, title: str, path: Path) -> None:
+    """A PNG of every *loss* column (else the first column) against the step: the run's curve in MLflow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = list(dict.fromkeys(c for _, row in history for c in row))
+    shown = [c for c in columns if "loss" in c] or columns[:1]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for column in shown:
+        points = [(step, float(row[column])) for step, row in history if row.get(column, "") != ""]
+        ax.plot(*zip(*points), label=column, marker="." if len(points) < 30 else None)
+    ax.set_xlabel(step_name)
+    ax.set_title(title, fontsize=9)
+    if shown:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ git
@@ -495,13 +572,16 @@ class RunTracker:
     def __init__(self, task: str, run_name: str, config: Mapping, *, profile: str,
                  data_files: Sequence[Path] = (), runs_root: Path = Path("runs"), stage: str | None = None,
                  step_name: str = "epoch", variant: str = "", resume: Mapping | None = None,
-                 tags: Mapping[str, str] | None = None):
+                 tags: Mapping[str, str] | None = None, source: str | None = None, system_metrics: bool = False):
         for what, value in (("task", task), ("run_name", run_name)):
             if not value or "/" in value or "\\" in value or value in (".", "..") or value.startswith("."):
                 raise TrackingError(f"bad {what} {value!r}: use a plain name such as 'regression' or 'boston-gal-s0'")
         self.task, self.run_name, self.profile, self.step_name = task, run_name, str(profile), step_name
         self.variant = str(variant)
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}  # where it ran (a job's id and nodes)
+        self.source = source or Path(sys.argv[0]).name  # mlflow.source.name: the entry point
+        self.system_metrics = system_metrics
+        self._monitor = None  # MLflow's system metrics sampler, while the block runs
         self.config = _plain(config)
         self.data_files = [Path(p) for p in data_files]
         self.runs_root = Path(runs_root)
@@ -542,6 +622,7 @@ class RunTracker:
         diff, untracked = git_changes(root, exclude=[self.runs_root]) if dirty else (None, None)
         if self._resume is not None:
             self._enter_resumed(checksums, lock_sha, commit, diff or b"")
+            self._start_monitor(resumed=True)
             self._active = True
             return self
         diff_sha = None if diff is None else hashlib.sha256(diff).hexdigest()
@@ -553,6 +634,7 @@ class RunTracker:
             tags["git_diff_sha256"] = diff_sha
         tags.update({_key(f"data.{path}"): value for path, value in checksums.items()})
         tags.update(self.tags)
+        tags.update(_source_tags(root, commit, self.source))
         try:
             self._client = _client(self.uri)
             with _quiet_store():
@@ -578,6 +660,9 @@ class RunTracker:
             with _quiet_store():
                 for i in range(0, len(params), PARAM_BATCH):
                     self._client.log_batch(self.run_id, params=params[i:i + PARAM_BATCH], synchronous=True)
+                what = "datasets"
+                if checksums:
+                    self._client.log_inputs(self.run_id, _dataset_inputs(checksums))
                 if diff is not None:  # with the run from its start: a failed run says what code it ran too
                     what = "git diff"
                     with tempfile.TemporaryDirectory() as tmp:
@@ -587,6 +672,7 @@ class RunTracker:
             self._terminate("FAILED")
             raise TrackingError(f"cannot log the {what} of run {self.run_name} to MLflow: {_cause(err)}; "
                                 "check the store") from None
+        self._start_monitor(resumed=False)
         self._active = True
         return self
 
@@ -594,6 +680,7 @@ class RunTracker:
         if not self._active:
             return False
         self._active = False
+        self._stop_monitor()
         if exc_type is not None:
             self._fail("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
             return False
@@ -602,6 +689,7 @@ class RunTracker:
             self._flush()
             tmp = temp_dir_beside(self.run_dir)
             self._write(tmp)
+            self._log_record(tmp)
             status = "FINISHED" if self._diverged is None else "FAILED"
             with _quiet_store():  # before publishing: a record means a FINISHED run (or a diverged, FAILED one)
                 self._client.set_terminated(self.run_id, status)
@@ -832,6 +920,33 @@ class RunTracker:
         (tmp / "run.json").write_text(json.dumps(record, indent=2) + "\n")
         if self._diff is not None:
             self._write_git_changes(tmp)
+
+    def _log_record(self, record: Path) -> None:
+        """The record's files and the loss curve as the run's MLflow artifacts (record/, loss_curve.png)."""
+        with _quiet_store(), tempfile.TemporaryDirectory() as tmp:
+            for name in RECORD_FILES:
+                self._client.log_artifact(self.run_id, str(record / name), RECORD_DIR)
+            if self._history:
+                curve = Path(tmp) / "loss_curve.png"
+                _loss_curve(self._history, self.step_name, f"{self.task} / {self.run_name}", curve)
+                self._client.log_artifact(self.run_id, str(curve))
+
+    def _start_monitor(self, resumed: bool) -> None:
+        """MLflow's own sampler of CPU, memory, disk, network and (with NVML) GPU use: system/* metrics."""
+        if not self.system_metrics:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        with _quiet_store():
+            # every 10 s unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise
+            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=self.uri)
+            self._monitor.start()
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            with _quiet_store():
+                self._monitor.finish()
+            self._monitor = None
 
     def _write_git_changes(self, directory: Path) -> None:
         """A dirty tree's diff and untracked files (run record and MLflow artifacts)."""

@@ -33,6 +33,7 @@ import yaml
 
 from pipelines.atomic import write_atomic
 from pipelines.errors import ConfigError, UserError, report
+from pipelines.tracking import check_tracking_server, tracking_uri
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 CONFIG_FILE = "cluster.yaml"  # at the project root, git-ignored: cluster.example.yaml documents it
@@ -104,8 +105,6 @@ def load_config(root: Path, kind: str) -> ClusterConfig:
 
 def refuse_local_store(kind: str) -> None:
     """Slurm jobs write from many nodes: an sqlite file (or a local file store) is for one machine."""
-    from pipelines.tracking import tracking_uri
-
     uri = tracking_uri()
     if kind == "slurm" and (uri.startswith(("sqlite:", "file:")) or "://" not in uri):
         raise ConfigError(f"GAL_LAUNCHER=slurm writes runs from many nodes, and {uri.split('://')[0]} is a store "
@@ -228,6 +227,7 @@ def submit(cfg, task_cls, argv: list[str], run_name: str) -> int:
         print(f"{run_name}: attached to its {kind} job {job.job_id}, still running", flush=True)
     if job is None:
         ex = executor(kind, config, cfg.trainer, folder, run_name)
+        check_tracking_server(tracking_uri())  # a store that is down or refuses us: before the job waits in a queue
         with submitit.helpers.clean_env():  # an outer allocation's SLURM_* must not shape the new job
             job = ex.submit(TrainingJob(argv, os.getcwd()))
         write_atomic(record, json.dumps({"launcher": kind, "job_id": str(job.job_id), "argv": list(argv)}) + "\n")

@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines.errors import ConfigError
 from pipelines.tasks import checkpoint, cluster, identity, launch, method
-from pipelines.tracking import RunTracker, first_nonfinite
+from pipelines.tracking import RunTracker, check_tracking_server, first_nonfinite, tracking_uri
 
 PROGRESS_SECONDS = 10.0  # at most one progress line this often (and always after the first and last epoch)
 
@@ -110,6 +110,8 @@ def check(cfg: DictConfig, task: type[Task], here: bool = True) -> int:
         raise ConfigError(f"trainer.channels_last={trainer.channels_last!r}: use auto, true or false")
     if str(trainer.on_divergence) not in ("fail", "record"):
         raise ConfigError(f"trainer.on_divergence={trainer.on_divergence!r}: use fail or record")
+    if str(trainer.system_metrics) not in ("auto", "True", "False"):
+        raise ConfigError(f"trainer.system_metrics={trainer.system_metrics!r}: use auto, true or false")
     if nodes > 1 and here:  # a job's nodes rendezvous through its scheduler
         launch.check_nodes(trainer)
     method.check(cfg)
@@ -138,6 +140,8 @@ def run(cfg: DictConfig, task: type[Task]) -> None:
         sys.exit(cluster.submit(cfg, task, sys.argv[1:], identity.run_name(cfg, identity.variant(cfg))))
     world = check(cfg, task)
     variant = identity.variant(cfg)  # composes the preset: a config error shows before any process starts
+    if not launch.under_torchrun() or os.environ.get("RANK") == "0":
+        check_tracking_server(tracking_uri())  # before any data is read
     if world > 1 and not launch.under_torchrun():
         sys.exit(launch.relaunch(cfg.trainer))
     if cfg.task.threads:
@@ -178,8 +182,11 @@ def fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant:
             print(f"resuming {name} after epoch {saved['epoch']} from {ckpt_path}", flush=True)
     if procs.main:
         print(f"{name}: {task.describe()}; {procs.world} process(es) on {procs.device}", flush=True)
+    system_metrics = str(cfg.trainer.system_metrics)
     tracker = (RunTracker(task.name, name, config, profile=cfg.profile, data_files=task.data_files,
-                          runs_root=root / "runs", resume=resume, variant=variant, tags=cluster.job_tags())
+                          runs_root=root / "runs", resume=resume, variant=variant, tags=cluster.job_tags(),
+                          source="pipelines/train.py", system_metrics=system_metrics == "True" or (
+                              system_metrics == "auto" and procs.device.type == "cuda"))
                if procs.main else contextlib.nullcontext())
     last_print, diverged = 0.0, None
     record_divergence = str(cfg.trainer.on_divergence) == "record"

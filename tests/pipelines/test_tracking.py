@@ -125,7 +125,15 @@ def check_mlflow_run(client: MlflowClient, tracker: RunTracker, data: bytes) -> 
     tags = run.data.tags
     assert tags["git_commit"] == "unknown" and tags["git_dirty"] == "unknown"  # tmp_path is outside git
     assert tags["dvc_stage"] == "manual" and tags["profile"] == "smoke" and tags["variant"] == ""
-    assert "git_diff_sha256" not in tags and not client.list_artifacts(tracker.run_id)  # no git: no diff
+    artifacts = {a.path for a in client.list_artifacts(tracker.run_id)}
+    assert "git_diff_sha256" not in tags and "provenance" not in artifacts  # no git: no diff
+    # MLflow's own views: the record and the loss curve as artifacts, the standard tags, the data as inputs
+    assert artifacts == {"record", "loss_curve.png"}
+    assert {a.path for a in client.list_artifacts(tracker.run_id, "record")} == {
+        f"record/{name}" for name in ("config.yaml", "history.csv", "metrics.json", "run.json")}
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"] and "mlflow.source.git.commit" not in tags
+    (dataset,) = run.inputs.dataset_inputs
+    assert (dataset.dataset.name, "md5:" + dataset.dataset.digest) == ("data/processed/boston.npz", md5(data))
     assert tags["env_lock_sha256"] == hashlib.sha256(b"torch==2\n").hexdigest()
     assert tags["data.data/processed/boston.npz"] == md5(data)
 
@@ -290,7 +298,9 @@ def test_git_commit_and_dirty(env, sqlite_uri):
     first, record = run()
     assert (first.data.tags["git_commit"], first.data.tags["git_dirty"]) == (head, "false")
     assert (record["git_dirty"], record["git_diff_sha256"], record["git_untracked"]) == (False, None, [])
-    assert "git_diff_sha256" not in first.data.tags and not client.list_artifacts(first.info.run_id)
+    assert "git_diff_sha256" not in first.data.tags
+    assert "provenance" not in {a.path for a in client.list_artifacts(first.info.run_id)}
+    assert first.data.tags["mlflow.source.git.commit"] == head and first.data.tags["mlflow.source.git.branch"]
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "history.csv", "metrics.json", "run.json"]
 
     (env / "train.py").write_text("print(2)\n")
