@@ -854,8 +854,9 @@ class RunTracker:
         client = self._client
         exp = client.get_experiment_by_name(self.task)
         if exp is None:
-            try:
-                return client.create_experiment(self.task, _artifact_location(self.uri, self.task))
+            try:  # the kind tag opens it in the UI's model-training view (MLflow 3 guesses GenAI otherwise)
+                return client.create_experiment(self.task, _artifact_location(self.uri, self.task),
+                                                tags={"mlflow.experimentKind": "custom_model_development"})
             except Exception:  # another process created it meanwhile
                 exp = client.get_experiment_by_name(self.task)
                 if exp is None:

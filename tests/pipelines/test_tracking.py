@@ -109,6 +109,7 @@ def md5(data: bytes) -> str:
 def check_mlflow_run(client: MlflowClient, tracker: RunTracker, data: bytes) -> None:
     exp = client.get_experiment_by_name("regression")
     assert exp is not None and exp.experiment_id == tracker.experiment_id
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "boston-gal-s0"
     assert run.info.experiment_id == exp.experiment_id
