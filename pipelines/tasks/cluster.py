@@ -39,7 +39,6 @@ LAUNCHERS = ("local", "slurm", "submitit-local")
 CONFIG_FILE = "cluster.yaml"  # at the project root, git-ignored: cluster.example.yaml documents it
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
           "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED"}
-POLL_SECONDS = 30  # how often the stage process asks Slurm about its job (sacct)
 
 
 @dataclass(frozen=True)
@@ -200,10 +199,7 @@ def _wait(kind: str, job, folder: Path):
     if kind == "submitit-local" and getattr(job, "_process", None) is None:  # attached: no process handle
         while _alive(kind, folder, job.job_id):
             time.sleep(1)
-    elif kind == "slurm":
-        while not job.done():
-            time.sleep(POLL_SECONDS)
-    return job.results()[0]
+    return job.results()[0]  # waits (for a Slurm job, submitit asks sacct more and more rarely, up to every 10 min)
 
 
 def submit(cfg, task_cls, argv: list[str], run_name: str) -> int:
