@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.errors import ConfigError
 from pipelines.tasks import cluster, regression
+from tests.network import mlflow_server
 from tests.pipelines.test_classification import checkpoint_path, name_of, outcome, prepared, train_cmd  # noqa: F401
 from tests.pipelines.test_regression import record, write_boston
 from tests.pipelines.test_regression import train_cmd as regression_cmd
@@ -152,6 +153,55 @@ STAND_INS = {
     # sbatch: keep the batch script it was given and answer as Slurm does
     "sbatch": '#!/bin/sh\nfor last; do :; done\ncp "$last" "$SBATCH_RECORD"\necho "Submitted batch job 4242"\n',
 }
+
+
+# A one-node Slurm on this machine, enough for submitit: sbatch runs the batch script in the background as
+# job 4242 (or the next id), srun runs its command as task 0 with Slurm's variables and log files, sacct
+# reports the state the script left.
+FAKE_SLURM = {
+    "sbatch": """#!/bin/bash
+for last; do :; done
+id=$(( $(cat "$FAKE_SLURM/last_id" 2>/dev/null || echo 4241) + 1 )); echo $id > "$FAKE_SLURM/last_id"
+echo RUNNING > "$FAKE_SLURM/$id"
+( export SLURM_JOB_ID=$id SLURM_JOB_NUM_NODES=1 SLURM_JOB_NODELIST=localhost SLURM_NTASKS=1
+  bash "$last" && echo COMPLETED > "$FAKE_SLURM/$id" || echo FAILED > "$FAKE_SLURM/$id" ) >/dev/null 2>&1 &
+echo "Submitted batch job $id"
+""",
+    "srun": """#!/bin/bash
+while [[ $1 == --* ]]; do case $1 in --output) out=$2; shift 2;; --error) err=$2; shift 2;; *) shift;; esac; done
+out=${out//%j/$SLURM_JOB_ID}; out=${out//%t/0}; err=${err//%j/$SLURM_JOB_ID}; err=${err//%t/0}
+SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0 exec "$@" >>"$out" 2>>"${err:-$out}"
+""",
+    "sacct": """#!/bin/bash
+for last; do :; done
+echo "JobID|State|NodeList"
+for id in ${last//,/ }; do echo "$id|$(cat "$FAKE_SLURM/$id" 2>/dev/null || echo PENDING)|localhost"; done
+""",
+}
+
+
+def test_a_stage_runs_as_a_slurm_job_and_its_mlflow_run_names_the_job(tmp_path, monkeypatch):
+    bin_dir, state = tmp_path / "bin", tmp_path / "slurm"
+    for directory in (bin_dir, state):
+        directory.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "cluster.yaml").write_text("partition: gpu\ntime_min: 30\nsignal_delay_s: 60\n")
+    write_boston(tmp_path)
+    with mlflow_server(tmp_path / "store") as uri:
+        env = local_env(tmp_path, GAL_LAUNCHER="slurm", MLFLOW_TRACKING_URI=uri, FAKE_SLURM=str(state),
+                        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+        done = subprocess.run(regression_cmd(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "submitted slurm job 4242" in done.stdout and "job 4242 finished" in done.stdout
+        (run,) = runs_of(uri, "regression")
+    assert run.info.status == "FINISHED" and (tmp_path / "runs/regression/boston-gal-s0/metrics.json").exists()
+    assert (run.data.tags["job_launcher"], run.data.tags["job_id"], run.data.tags["job_nodes"]) == (
+        "slurm", "4242", "localhost")
+    script = (tmp_path / FOLDER / "regression/boston-gal-s0/4242_submission.sh").read_text()
+    assert "#SBATCH --requeue" in script and "#SBATCH --ntasks-per-node=1" in script and "gpus" not in script
 
 
 @pytest.fixture
