@@ -74,7 +74,7 @@ def stale(names: list[str]) -> list[str]:
         return []
     done = dvc("status", "--json", *names, capture_output=True, text=True)
     if done.returncode != 0:
-        raise UserError(f"dvc status failed: {done.stderr.strip().splitlines()[-1:]}")
+        raise UserError(f"dvc status failed: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
     changed = json.loads(done.stdout or "{}")
     return [name for name in names if name in changed]
 
