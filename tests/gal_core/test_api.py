@@ -50,7 +50,8 @@ def test_bad_extra_loss_is_a_one_line_error(extra_loss, got):
 def test_stats_to_dict_gives_floats():
     stats = GradientAdjuster(3, (4,)).backward(torch.randn(5, 3, requires_grad=True), lambda z: z.pow(2).mean(), 0.1)
     values = stats.to_dict()
-    assert set(values) == {"loss", "tentative_loss", "remainder", "accepted", "cosine"}
+    assert set(values) == {"loss", "tentative_loss", "remainder", "accepted", "cosine", "signed_remainder", "tie",
+                           "remainder_ulps", "adjuster_grad_norm"}
     assert all(type(v) is float for v in values.values())
     assert all(not t.requires_grad for t in (stats.loss, stats.tentative_loss, stats.remainder))
 

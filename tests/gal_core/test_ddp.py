@@ -96,8 +96,10 @@ def test_two_processes_match_one_process_on_the_global_batch(two_process_global,
             for got, expected in zip(rank_result[key], single[key]):
                 close(got, expected)
         for stat, value in single["stats"].items():
-            # abs 1e-6: R is a difference of O(1) losses, so float32 rounding of the shard sums shows there
-            assert rank_result["stats"][stat] == pytest.approx(value, rel=1e-5, abs=1e-6), stat
+            # abs 1e-6: R is a difference of O(1) losses, so float32 rounding of the shard sums shows there;
+            # in units of L's float32 spacing (remainder_ulps) that rounding is a step or two
+            tolerance = 2.0 if stat == "remainder_ulps" else 1e-6
+            assert rank_result["stats"][stat] == pytest.approx(value, rel=1e-5, abs=tolerance), stat
 
 
 def test_cases_cover_both_safeguard_decisions(two_process_global):

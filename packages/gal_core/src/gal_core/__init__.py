@@ -1,6 +1,7 @@
 """Gradient Adjustment Learning (Luo et al., IEEE TMM 2023): learn to minimise the Taylor remainder."""
-from .adjuster import POLICIES, REMAINDERS, SOURCES, GALStats, GradientAdjuster
+from .adjuster import COMPUTE_DTYPES, POLICIES, REMAINDERS, SOURCES, GALStats, GradientAdjuster, float32_spacing
 from .modules import count_parameters
 
-__all__ = ["GradientAdjuster", "GALStats", "count_parameters", "POLICIES", "REMAINDERS", "SOURCES"]
+__all__ = ["GradientAdjuster", "GALStats", "count_parameters", "float32_spacing", "POLICIES", "REMAINDERS", "SOURCES",
+           "COMPUTE_DTYPES"]
 __version__ = "0.1.0"

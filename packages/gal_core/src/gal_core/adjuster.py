@@ -13,6 +13,7 @@ from .modules import build_adjuster_net
 POLICIES = ("safeguard", "strict", "always", "never")
 REMAINDERS = ("reference", "exact", "mean")
 SOURCES = ("learned", "uniform", "normal")
+COMPUTE_DTYPES = (torch.float32, torch.float64)
 _TINY = torch.finfo(torch.float32).tiny  # guards 0/0 for zero rows without changing any non-zero row
 
 
@@ -25,6 +26,14 @@ class GALStats:
     remainder: Tensor
     accepted: Tensor
     cosine: Tensor
+    # L_tent - L + first, the remainder before |.|: its sign orients h's gradient
+    signed_remainder: Tensor
+    # 1.0 when L_tent == L exactly: then the safeguard accepts (policy "safeguard") on a rounding tie
+    tie: Tensor
+    # |R| in units of float32's spacing at L (nextafter(L) - L): below 1, float32 cannot resolve R
+    remainder_ulps: Tensor
+    # norm of the gradient this call added to h's parameters (after DDP's averaging, unscaled); 0 without h
+    adjuster_grad_norm: Tensor
     adjusted_better: Tensor | None = None
 
     def to_dict(self) -> dict[str, float]:
@@ -37,6 +46,19 @@ class GALStats:
 def _row_cosine(u: Tensor, v: Tensor) -> Tensor:
     norms = torch.linalg.vector_norm(u, dim=-1) * torch.linalg.vector_norm(v, dim=-1)
     return (u * v).sum(-1) / norms.clamp_min(_TINY)
+
+
+def float32_spacing(value: Tensor) -> Tensor:
+    """The gap from float32(value) to the next float32 towards +inf: the resolution float32 has at value."""
+    value = value.float()
+    return torch.nextafter(value, torch.full_like(value, float("inf"))) - value
+
+
+def _added_grad_norm(params: list[Tensor], before: list[Tensor | None], like: Tensor) -> Tensor:
+    """Norm of what one backward call added to ``params``' .grad (``before``: the grads it found)."""
+    parts = [torch.linalg.vector_norm(p.grad if b is None else p.grad - b).to(like.dtype)
+             for p, b in zip(params, before) if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(parts)) if parts else torch.zeros_like(like)
 
 
 def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
@@ -55,6 +77,11 @@ class GradientAdjuster(nn.Module):
     remainder and safeguard are batch-global (all-reduced on the device), so every rank takes the same
     decision and the gradients match a single process on the whole batch. When None, each process decides
     on its own shard. Either way, call :meth:`wrap_ddp` so h's gradients are averaged like the model's.
+
+    ``compute_dtype``: the precision of GAL's arithmetic (g, the trial loss, the remainder, the safeguard):
+    torch.float32 (default; what the authors' code computes) or torch.float64, for settings where the trial
+    step's remainder is below float32's resolution at the loss (see ``GALStats.remainder_ulps``). h itself
+    runs in its parameters' dtype; the gradient sent into the model is cast back to the output's dtype.
     """
 
     def __init__(
@@ -71,8 +98,11 @@ class GradientAdjuster(nn.Module):
         activation: str | None = None,
         bias: bool = True,
         process_group: dist.ProcessGroup | None = None,
+        compute_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
         if dim < 1 or any(w < 1 for w in arch):
             raise ValueError(f"dim and hidden widths must be positive, got dim={dim}, arch={tuple(arch)}")
         if not ratio >= 0 or not scale > 0:
@@ -87,6 +117,7 @@ class GradientAdjuster(nn.Module):
         self.normalize = bool(normalize)
         self.net = build_adjuster_net(kind, dim, arch, activation, bias) if source == "learned" else None
         self.process_group = process_group
+        self.compute_dtype = compute_dtype
         self._net_ddp: nn.Module | None = None
 
     def wrap_ddp(self, **ddp_kwargs) -> "GradientAdjuster":
@@ -100,8 +131,8 @@ class GradientAdjuster(nn.Module):
     def propose(self, z: Tensor, g: Tensor) -> Tensor:
         """The normalised adjustment a_hat: per row, direction of h(z) (or noise) with norm ratio * ||g||;
         with ``normalize=False`` the drawn noise itself (uniform on [-1, 1) or standard normal)."""
-        if self.net is not None:
-            a = (self._net_ddp or self.net)(z)
+        if self.net is not None:  # h runs in its parameters' dtype; its proposal joins GAL's arithmetic
+            a = (self._net_ddp or self.net)(z.to(next(self.net.parameters()).dtype)).to(z.dtype)
         elif self.source == "uniform":
             a = torch.rand_like(z) * 2 - 1
         else:
@@ -142,8 +173,8 @@ class GradientAdjuster(nn.Module):
             raise ValueError("output must require grad (a model output, or a leaf with requires_grad=True)")
         world = dist.get_world_size(self.process_group) if self.process_group is not None else 1
         with torch.enable_grad(), torch.autocast(output.device.type, enabled=False):
-            # 1. the plain gradient g = dL/dz at z0, in at least float32 whatever the model's precision
-            z0 = output.detach().to(torch.promote_types(output.dtype, torch.float32)).requires_grad_()
+            # 1. the plain gradient g = dL/dz at z0, in at least compute_dtype whatever the model's precision
+            z0 = output.detach().to(torch.promote_types(output.dtype, self.compute_dtype)).requires_grad_()
             loss = loss_fn(z0)
             if loss.dim() != 0:
                 raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
@@ -175,14 +206,6 @@ class GradientAdjuster(nn.Module):
                 sent = g
             else:
                 sent = torch.where(accepted, g + world * adjustment.detach(), g)
-        stats = GALStats(
-            loss=loss_sum / world,
-            tentative_loss=tentative_sum / world,
-            remainder=inner.abs().detach(),
-            accepted=accepted.float(),
-            cosine=cosine_sum / rows_total.clamp_min(1),
-            adjusted_better=better_count / samples_total.clamp_min(1) if per_sample_loss_fn else None,
-        )
         roots, grads = [output], [sent.to(output.dtype)]
         if self.net is not None:
             roots.append(remainder_grad_path)
@@ -192,8 +215,25 @@ class GradientAdjuster(nn.Module):
             grads.append(torch.ones_like(extra_loss))
         if scaler is not None:
             grads = [scaler.scale(grad) for grad in grads]
+        h_params = [p for p in self.net.parameters() if p.requires_grad] if self.net is not None else []
+        h_before = [None if p.grad is None else p.grad.detach().clone() for p in h_params]  # grads accumulate
         torch.autograd.backward(roots, grads)
-        return stats
+        h_grad_norm = _added_grad_norm(h_params, h_before, loss_sum)
+        if scaler is not None and h_params:
+            h_grad_norm = h_grad_norm / grads[1]  # grads[1] is the scaler's scale
+        loss_mean = loss_sum / world
+        return GALStats(
+            loss=loss_mean,
+            tentative_loss=tentative_sum / world,
+            remainder=inner.abs().detach(),
+            accepted=accepted.float(),
+            cosine=cosine_sum / rows_total.clamp_min(1),
+            signed_remainder=inner.detach(),
+            tie=(tentative_sum == loss_sum).float(),
+            remainder_ulps=inner.abs().detach() / float32_spacing(loss_mean).clamp_min(_TINY),  # finite at L = 0
+            adjuster_grad_norm=h_grad_norm.detach(),
+            adjusted_better=better_count / samples_total.clamp_min(1) if per_sample_loss_fn else None,
+        )
 
     def _first_order_divisor(self, rows: Tensor) -> Tensor | float:
         """'exact' sums delta*g; 'reference' (authors' CIFAR/ImageNet code) averages it over rows;
@@ -222,4 +262,5 @@ class GradientAdjuster(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, arch={self.arch}, ratio={self.ratio}, scale={self.scale}, "
                 f"policy={self.policy!r}, remainder={self.remainder!r}, source={self.source!r}"
-                + ("" if self.normalize else ", normalize=False"))
+                + ("" if self.normalize else ", normalize=False")
+                + ("" if self.compute_dtype == torch.float32 else f", compute_dtype={self.compute_dtype}"))
