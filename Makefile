@@ -18,13 +18,14 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml packages/gal_core/py
 test: setup
 	$(BIN)/python -m pytest
 
-# `make repro PROFILE=regression` (or fanout) switches the profile in params.yaml first, and the ablation
-# grid with it (the paper grid for `paper`, the smoke grid otherwise; see params.yaml).
+# `make repro PROFILE=regression` (or fanout) switches the profile in params.yaml first, and the grids with it:
+# ablations (paper for `paper`, else smoke) and the Table V protocol study (smoke for `smoke`, else regression).
 profile:
 ifdef PROFILE
 	@test -f pipelines/conf/profile/$(PROFILE).yaml || { echo "error: no profile '$(PROFILE)'; choose one of: $$(ls pipelines/conf/profile | sed 's/.yaml//' | tr '\n' ' ')"; exit 2; }
 	sed -i -e 's/^profile: .*/profile: $(PROFILE)/' \
-	       -e 's/^ablations: .*/ablations: *$(if $(filter paper,$(PROFILE)),paper,smoke)_grid/' params.yaml
+	       -e 's/^ablations: .*/ablations: *$(if $(filter paper,$(PROFILE)),paper,smoke)_grid/' \
+	       -e 's/^protocols: .*/protocols: *$(if $(filter smoke,$(PROFILE)),smoke,regression)_protocol/' params.yaml
 endif
 
 repro: setup profile

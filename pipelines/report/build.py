@@ -33,7 +33,7 @@ def _render_files(items: list[Rendered | Skipped], tmp: Path, runs_root: str) ->
             files[item.name] = [*item.files, f"figures/{item.slug}.csv"]
 
     claims = [c for item in rendered for c in item.claims]
-    claims_layout = claims_mod.layout(claims)
+    claims_layout = claims_mod.layout(claims, [note for item in rendered for note in item.claims_notes])
     (tmp / "tables/claims.md").write_text(markdown(claims_layout, heading="Claims"))
     (tmp / "tables/claims.csv").write_text(claims_mod.to_csv(claims))
     (tmp / "tables/claims.tex").write_text(latex(claims_layout, "claims"))

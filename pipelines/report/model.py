@@ -97,6 +97,7 @@ class Rendered:
     layout: Layout | None = None      # tables: written as <slug>.md/.tex; numbers as <slug>.csv
     files: list[str] = field(default_factory=list)   # extra files the spec wrote under ctx.out (figures)
     claims: list[Claim] = field(default_factory=list)
+    claims_notes: list[str] = field(default_factory=list)  # what the claims table's notes must say from here
     baselines: dict[str, str] = field(default_factory=dict)  # run dir -> its matching baseline run dir
 
 

@@ -124,6 +124,11 @@ class RunRecord:
                 raise ReportError(f"{self.dir}/history.csv has no column {name!r} (has {', '.join(columns) or 'none'})")
         return {self._number(row, x): self._number(row, column) for row in rows if row[column] not in (None, "")}
 
+    @property
+    def columns(self) -> list[str]:
+        """history.csv's column names."""
+        return self._table[0]
+
     def _number(self, row: dict[str, str], column: str) -> float:
         try:
             value = float(row[column])

@@ -22,9 +22,10 @@ from gal_core import count_parameters
 from pipelines.errors import ConfigError
 from pipelines.tasks import RunError, image_data, launch, runner
 from pipelines.tasks.image_data import sample_seed, seed_everything
-from pipelines.tasks.method import build_adjuster, build_optimizer_for
+from pipelines.tasks.method import (STEP_STATS, adjuster_movement, adjuster_snapshot, build_adjuster,
+                                    build_optimizer_for)
 
-GAL_STATS = ("remainder", "cosine", "accepted", "adjusted_better")
+GAL_STATS = (*STEP_STATS, "adjusted_better")
 
 
 def build_model(cfg: DictConfig, classes: int) -> nn.Module:
@@ -168,6 +169,7 @@ class Classification(runner.Task):
         names = ("loss", *GAL_STATS) if self.adjuster is not None else ("loss",)
         sums = torch.zeros(len(names), device=self.device, dtype=torch.float64)
         lr = self.optimizer.param_groups[0]["lr"]
+        h_start = adjuster_snapshot(self.adjuster) if self.adjuster is not None else None  # h's movement
         images_seen = 0
         start = time.perf_counter()
         for step, (images, labels) in enumerate(self.train_loader):
@@ -206,6 +208,8 @@ class Classification(runner.Task):
         means = (sums / max(steps, 1)).tolist()
         row = {f"train_{n}" if n == "loss" else n: v for n, v in zip(names, means)}
         row.update(lr=lr, time_per_image=elapsed / max(images_seen, 1), images_per_s=images_seen / elapsed)
+        if h_start is not None:
+            row.update(adjuster_movement(self.adjuster, h_start))
         self.epoch_times.append(row["time_per_image"])
         return row
 

@@ -27,9 +27,10 @@ from pipelines.errors import ConfigError
 from pipelines.tasks import coco_data, launch, runner
 from pipelines.tasks.detr import PostProcess, SetCriterion, build_detr
 from pipelines.tasks.image_data import sample_seed, seed_everything
-from pipelines.tasks.method import build_adjuster, build_optimizer_for
+from pipelines.tasks.method import (STEP_STATS, adjuster_movement, adjuster_snapshot, build_adjuster,
+                                    build_optimizer_for)
 
-GAL_STATS = ("remainder", "cosine", "accepted")
+GAL_STATS = STEP_STATS
 LOSS_TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 
 
@@ -157,6 +158,7 @@ class Detection(runner.Task):
         names = ("loss", *LOSS_TERMS, *(GAL_STATS if self.adjuster is not None else ()))
         sums = torch.zeros(len(names), device=self.device, dtype=torch.float64)
         images_seen, start = 0, time.perf_counter()
+        h_start = adjuster_snapshot(self.adjuster) if self.adjuster is not None else None  # h's movement
         for step, batch in enumerate(self.train_loader):
             if step >= steps:
                 break
@@ -187,6 +189,8 @@ class Detection(runner.Task):
         row = {("train_loss" if n == "loss" else f"train_{n}" if n in LOSS_TERMS else n): v
                for n, v in zip(names, means)}
         row.update(lr=lr, time_per_image=elapsed / max(images_seen, 1), images_per_s=images_seen / elapsed)
+        if h_start is not None:
+            row.update(adjuster_movement(self.adjuster, h_start))
         self.epoch_times.append(row["time_per_image"])
         return row
 

@@ -9,7 +9,7 @@ two resolved configs are compared key by key, so an override is named however it
 run goes) and ``root`` never make a variant; anything else does, so two configs that differ in anything
 but those never share a name. Tokens are short and stable (sorted by key): ``eps0.001``, ``scale5``,
 ``policy-always``, ``src-uniform`` (h's settings, null for noise, are not named), ``norm-false``,
-``cnn-256,64`` (lists as Hydra writes them, so a DVC stage spells the name and the override from one
+``dtype-float64``, ``cnn-256,64`` (lists as Hydra writes them, so a DVC stage spells the name and the override from one
 value), ``epochs1``; a long variant keeps a readable head and a hash of the whole.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ VARIANT_MAX = 60
 # Short names of GAL's hyper-parameters (the paper's symbols where it has them).
 TOKENS = {"method.ratio": "eps", "method.scale": "scale", "method.policy": "policy-", "method.source": "src-",
           "method.remainder": "rem-", "method.adjuster_lr": "hlr", "method.activation": "act-",
-          "method.bias": "bias-", "method.normalize": "norm-"}
+          "method.bias": "bias-", "method.normalize": "norm-", "method.compute_dtype": "dtype-"}
 
 
 def preset_overrides(cfg: DictConfig) -> list[str]:

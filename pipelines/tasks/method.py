@@ -17,9 +17,14 @@ from pipelines.errors import ConfigError
 # the optimiser's adjuster group.
 ADJUSTER_ARGS = {"arch": "arch", "ratio": "ratio", "scale": "scale", "policy": "policy", "remainder": "remainder",
                  "source": "source", "normalize": "normalize", "kind": "kind", "activation": "activation",
-                 "bias": "bias"}
+                 "bias": "bias", "compute_dtype": "compute_dtype"}
 GAL_KEYS = {"name", "gal", "adjuster_lr", *ADJUSTER_ARGS}
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # method.compute_dtype -> GAL's arithmetic
 NETWORK_KEYS = ("arch", "kind", "activation", "bias", "adjuster_lr")  # settings of h, the learned adjuster
+# GALStats every task logs per epoch (means over the epoch's steps): remainder, cos(g, â), acceptance; how often
+# the trial loss ties with the loss exactly; |R| in float32 spacings of L (mean of the per-step ratio: below 1,
+# float32 cannot resolve R); the norm of h's gradient (at output width 1 it is rounding only)
+STEP_STATS = ("remainder", "cosine", "accepted", "tie", "remainder_ulps", "adjuster_grad_norm")
 
 
 def _plain(config: Any) -> dict:
@@ -50,6 +55,10 @@ def build_adjuster(method: Mapping | DictConfig, dim: int, process_group=None) -
             raise ConfigError(f"method.{key}={method.get(key)!r}: use a number")
     kwargs = {ADJUSTER_ARGS[k]: v for k, v in method.items() if k in ADJUSTER_ARGS and v is not None}
     kwargs["arch"] = tuple(kwargs.get("arch", ()))
+    if "compute_dtype" in kwargs:
+        if not isinstance(kwargs["compute_dtype"], str) or kwargs["compute_dtype"] not in COMPUTE_DTYPES:
+            raise ConfigError(f"method.compute_dtype={kwargs['compute_dtype']!r}: use float32 or float64")
+        kwargs["compute_dtype"] = COMPUTE_DTYPES[kwargs["compute_dtype"]]
     lr = method.get("adjuster_lr")
     if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
         raise ConfigError(f"method.adjuster_lr={lr!r}: use a positive number, or null for the model's lr")
@@ -80,3 +89,18 @@ def build_optimizer_for(optim: DictConfig, model_groups: Iterable[dict], adjuste
         return build_optimizer(optim.name, groups, **kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"optim={optim.name}: {str(err).splitlines()[0]}") from None
+
+
+def adjuster_snapshot(adjuster: nn.Module) -> torch.Tensor:
+    """h's weights as one flat tensor on their device (a copy); empty for a noise source."""
+    params = [p.detach().flatten() for p in adjuster.parameters()]
+    return torch.cat(params) if params else torch.zeros(0)
+
+
+def adjuster_movement(adjuster: nn.Module, start: torch.Tensor) -> dict[str, float]:
+    """How far h's weights moved since ``start`` (adjuster_snapshot): the norm of the change, and that norm
+    over the start's (0 without h); one host copy."""
+    change = torch.linalg.vector_norm(adjuster_snapshot(adjuster) - start)
+    relative = change / torch.linalg.vector_norm(start).clamp_min(torch.finfo(start.dtype).tiny)
+    move, move_rel = torch.stack([change, relative]).tolist()
+    return {"adjuster_move": move, "adjuster_move_rel": move_rel}

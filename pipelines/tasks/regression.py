@@ -15,7 +15,8 @@ from torch import nn
 from gal_core import count_parameters
 from pipelines.errors import ConfigError
 from pipelines.tasks import RunError, runner
-from pipelines.tasks.method import build_adjuster, build_optimizer_for
+from pipelines.tasks.method import (STEP_STATS, adjuster_movement, adjuster_snapshot, build_adjuster,
+                                    build_optimizer_for)
 
 
 def split(rows: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +110,7 @@ class Regression(runner.Task):
     def train_epoch(self, epoch: int) -> dict[str, float]:
         sums: dict[str, torch.Tensor] = {}
         batches = 0
+        h_start = adjuster_snapshot(self.adjuster) if self.adjuster is not None else None
         self.model.train()
         for idx in torch.randperm(len(self.x_train), generator=self.shuffle).split(self.cfg.data.train.batch_size):
             xb, yb = self.x_train[idx], self.y_train[idx]
@@ -122,13 +124,14 @@ class Regression(runner.Task):
             else:
                 stats = self.adjuster.backward(out, loss_fn, self.optimizer.param_groups[0]["lr"],
                                                per_sample_loss_fn=lambda z: (z - yb).pow(2).mean(-1))
-                step_stats = {name: getattr(stats, name) for name in
-                              ("loss", "remainder", "accepted", "cosine", "adjusted_better")}
+                step_stats = {name: getattr(stats, name) for name in ("loss", *STEP_STATS, "adjusted_better")}
             self.optimizer.step()
             for name, value in step_stats.items():  # summed on the device; one host copy per epoch
                 sums[name] = sums.get(name, 0) + value
             batches += 1
         means = {name: total.item() / batches for name, total in sums.items()}
+        if h_start is not None:
+            means.update(adjuster_movement(self.adjuster, h_start))
         return {"train_loss": means.pop("loss"), "lr": self.optimizer.param_groups[0]["lr"], **means}
 
     @torch.no_grad()

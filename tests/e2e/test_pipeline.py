@@ -1,15 +1,13 @@
-"""End to end: `dvc repro` of the smoke profile in a temporary copy of the repo, tracked by a real MLflow
-server on 127.0.0.1; then the no-op rerun, a selective rerun, the report files and the audit trail."""
+"""End to end: the smoke profile in a temporary copy of the repo, reproduced by `make fanout`'s command (real
+DVC, two training stages at a time) and tracked by a real MLflow server on 127.0.0.1; then the no-op `dvc
+repro`, a selective rerun, the report files, MLflow's own views of the runs and the audit trail."""
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,8 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.network import free_port
+from tests import network
+from tests.workspace import copy_project
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -44,8 +43,22 @@ def ablation_runs() -> list[str]:
 
 
 ABLATION_RUNS = ablation_runs()
+
+
+def protocol_runs() -> list[str]:
+    """The run names params.yaml's smoke protocol grid gives (the protocol and protocol_eps stages)."""
+    grid = yaml.safe_load((ROOT / "params.yaml").read_text())["protocol_grids"]["smoke"]
+    names = [f"{d}-{m}-{p['variant']}" for d in grid["datasets"] for m in METHODS for p in grid["points"]]
+    names += [f"{d}-gal-eps{e}" for d in grid["datasets"] for e in grid["eps"]]
+    return [f"{name}-s{s}" for name in names for s in grid["seeds"]]
+
+
+PROTOCOL_RUNS = protocol_runs()
 REPORT_FILES = ["index.md", "provenance.json", "tables/claims.md", "tables/claims.csv", "tables/claims.tex",
                 *(f"tables/table{n}.{ext}" for n in (1, 2, 3, 4, 5, 6, 7, 8) for ext in ("md", "csv", "tex")),
+                *(f"tables/protocol_study.{ext}" for ext in ("md", "csv", "tex")),
+                *(f"figures/protocol_curves.{ext}" for ext in ("png", "pdf")),
+                *(f"tables/{name}.{ext}" for name in ("table5_width_one", "precision") for ext in ("md", "csv", "tex")),
                 *(f"figures/{name}.{ext}" for name in ("fig4_toy3d", "fig5_val_loss", "fig6_remainder_cosine",
                                                        "fig7_sensitivity", "fig8a_update_policies",
                                                        "fig8b_adjusted_better") for ext in ("png", "pdf"))]
@@ -53,46 +66,21 @@ REPORT_FILES = ["index.md", "provenance.json", "tables/claims.md", "tables/claim
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    store = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    server = subprocess.Popen(
-        [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--default-artifact-root", str(store / "art")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job workers: faster start
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail("mlflow server did not come up on 127.0.0.1")
-            time.sleep(0.5)
-    yield uri
-    server.terminate()
-    server.wait(timeout=30)
+    with network.mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mlflow_server):
-    """A fresh git copy of the committed-or-working tree (no outputs), with the smoke pipeline run once."""
-    repo = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file() and name != "dvc.lock":  # this checkout's lock describes its own outputs
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
+    """A fresh git copy of the committed-or-working tree (no outputs), with the smoke pipeline run once
+    through `make fanout`'s command: two training stages at a time, each in its own `dvc repro -s`."""
+    repo = copy_project(tmp_path_factory.mktemp("repo"))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": mlflow_server}
-    env.pop("GAL_DATA_MIRROR", None)
-    git = lambda *args: subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)  # noqa: E731
-    git("init", "-q")
-    git("add", "-A")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
-    first = dvc(repo, env, "repro")
+    for name in ("GAL_DATA_MIRROR", "GAL_LAUNCHER", "CUDA_VISIBLE_DEVICES"):
+        env.pop(name, None)
+    first = subprocess.run([BIN / "python", "-m", "pipelines.fanout", "--jobs", "2"], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=2400)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     return repo, env, first
 
 
@@ -103,19 +91,21 @@ def dvc(repo: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def stages_run(result: subprocess.CompletedProcess) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", result.stdout))
+    """The stages DVC ran (and, from the fan-out, the training stages it started side by side)."""
+    return {a or b for a, b in re.findall(r"Running stage '([^']+)'|^start (\S+)", result.stdout, re.MULTILINE)}
 
 
 def test_first_repro_runs_every_stage_and_writes_every_report_file(project):
     repo, _, first = project
     ran = stages_run(first)
-    assert {f"prepare@{d}" for d in DATASETS} <= ran and {"toy3d", "report"} <= ran
+    assert {f"prepare@{d}" for d in DATASETS} <= ran and {"toy3d", "precision", "report"} <= ran
     assert sum(stage.startswith("train_regression@") for stage in ran) == 30
     assert {"prepare_cifar@cifar10", "prepare_cifar@cifar100", "prepare_imagenet", "prepare_coco"} <= ran
     assert sum(stage.startswith("train_detection@") for stage in ran) == len(DETECTION_RUNS)
     assert sum(stage.startswith("train_cifar@") for stage in ran) == len(CIFAR_RUNS)
     assert sum(stage.startswith("train_imagenet@") for stage in ran) == len(IMAGENET_RUNS)
     assert sum(stage.startswith("ablate_") for stage in ran) == len(ABLATION_RUNS)
+    assert sum(stage.startswith(("protocol@", "protocol_eps@")) for stage in ran) == len(PROTOCOL_RUNS)
     for name in ABLATION_RUNS:  # every variant has its own record, named by what differs from its preset
         meta = json.loads((repo / "runs/classification" / name / "run.json").read_text())
         assert meta["variant"] and f"-gal-{meta['variant']}-s" in name
@@ -124,7 +114,8 @@ def test_first_repro_runs_every_stage_and_writes_every_report_file(project):
     index = (repo / "reports" / "index.md").read_text()
     assert "smoke" in index and all(f"## {name}" in index for name in (
         "Table I", "Table II", "Table III", "Table IV", "Table V", "Table VI", "Table VII", "Table VIII", "Fig. 4",
-        "Fig. 5", "Fig. 6", "Fig. 7", "Fig. 8a", "Fig. 8b"))
+        "Fig. 5", "Fig. 6", "Fig. 7", "Fig. 8a", "Fig. 8b", "Protocol study", "Protocol curves", "Table V at d = 1",
+        "Precision study"))
     assert "Not rendered" not in index  # every spec found its runs
 
 
@@ -132,7 +123,8 @@ def test_mlflow_server_lists_every_run_with_params_metrics_and_tags(project, mlf
     repo, _, _ = project
     client = MlflowClient(mlflow_server)
     regression = client.search_runs([client.get_experiment_by_name("regression").experiment_id], max_results=100)
-    assert len(regression) == 30
+    assert sorted(r.info.run_name for r in regression) == sorted(
+        [f"{d}-{m}-s{s}" for d in DATASETS for m in METHODS for s in SEEDS] + PROTOCOL_RUNS)
     record = json.loads((repo / "runs/regression/boston-gal-s3/run.json").read_text())
     run = client.get_run(record["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "boston-gal-s3"
@@ -150,6 +142,28 @@ def test_mlflow_server_lists_every_run_with_params_metrics_and_tags(project, mlf
     assert all(r.info.status == "FINISHED" and "val_AP" in r.data.metrics for r in detection)
     toy = client.search_runs([client.get_experiment_by_name("toy3d").experiment_id], max_results=100)
     assert sorted(r.info.run_name for r in toy) == sorted(TOY_RUNS)
+
+
+def test_every_training_run_shows_in_mlflows_own_views(project, mlflow_server):
+    """Source tags, datasets as inputs and the record and loss curve as artifacts, read through MLflow's
+    client (served by the server's artifact proxy), for every run the training stages made."""
+    repo, _, _ = project
+    client = MlflowClient(mlflow_server)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    for task in ("regression", "classification", "detection"):
+        experiment = client.get_experiment_by_name(task)
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        for run in client.search_runs([experiment.experiment_id], max_results=500):
+            tags, name = run.data.tags, run.info.run_name
+            assert tags["mlflow.source.name"] == "pipelines/train.py" and tags["mlflow.source.git.commit"] == head
+            record = json.loads((repo / "runs" / task / name / "run.json").read_text())
+            inputs = {i.dataset.name: "md5:" + i.dataset.digest for i in run.inputs.dataset_inputs}
+            assert inputs == record["data_checksums"], name
+            artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert {"record", "loss_curve.png"} <= artifacts, name
+    run = client.get_run(json.loads((repo / "runs/regression/boston-gal-s0/run.json").read_text())["mlflow_run_id"])
+    downloaded = Path(client.download_artifacts(run.info.run_id, "record/metrics.json", str(repo / "downloaded")))
+    assert downloaded.read_bytes() == (repo / "runs/regression/boston-gal-s0/metrics.json").read_bytes()
 
 
 def test_image_runs_are_tracked_with_metrics_and_checkpoints(project, mlflow_server):
@@ -210,6 +224,10 @@ def test_audit_traces_table_cells_to_their_runs(project):
                             cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert table8.returncode == 0, table8.stderr
     assert "MLflow cross-check: OK" in table8.stdout and "cifar100_sgd-gal-mlp-256-s1" in table8.stdout
+    study = subprocess.run([sys.executable, "-m", "pipelines.audit", "Protocol study", "Boston", "eps1", "GAL",
+                            "accepted"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert study.returncode == 0, study.stderr  # a per-epoch metric: the last epoch's, in MLflow too
+    assert "MLflow cross-check: OK" in study.stdout and "protocol_eps@boston-1-0" in study.stdout
 
 
 def test_changing_one_parameter_reruns_only_what_depends_on_it(project):
@@ -219,8 +237,12 @@ def test_changing_one_parameter_reruns_only_what_depends_on_it(project):
     preset = repo / "pipelines/conf/experiment/cifar10_adabound_gal.yaml"
     preset.write_text(preset.read_text().replace("ratio: 0.01", "ratio: 0.02"))
     result = dvc(repo, env, "repro")
-    assert stages_run(result) == ({"report"} | {f"train_regression@boston-gal-{s}" for s in SEEDS}
-                                  | {f"train_cifar@cifar10-adabound-gal-{s}" for s in IMAGE_SEEDS})
+    ran = stages_run(result)
+    study = {s for s in ran if s.startswith(("protocol@boston-gal-", "protocol_eps@boston-"))}  # Boston's GAL runs
+    assert len(study) == sum(name.startswith("boston-gal-") for name in PROTOCOL_RUNS)
+    # the precision study reads the presets' hyper-parameters: a preset's change reruns it too
+    assert ran == ({"report", "precision"} | {f"train_regression@boston-gal-{s}" for s in SEEDS} | study
+                   | {f"train_cifar@cifar10-adabound-gal-{s}" for s in IMAGE_SEEDS})
     # the persisted checkpoint of the old config is not resumed: the run starts over
     assert "starting cifar10_adabound-gal-s0 over" in result.stdout
     config = yaml.safe_load((repo / "runs/classification/cifar10_adabound-gal-s0/config.yaml").read_text())

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from pipelines.errors import ConfigError
 from pipelines.tasks import cluster, regression
 from tests.network import mlflow_server
-from tests.pipelines.test_classification import checkpoint_path, name_of, outcome, prepared, train_cmd  # noqa: F401
+from tests.pipelines.test_classification import name_of, outcome, prepared, train_cmd  # noqa: F401
 from tests.pipelines.test_regression import record, write_boston
 from tests.pipelines.test_regression import train_cmd as regression_cmd
 

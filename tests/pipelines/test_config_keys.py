@@ -15,7 +15,7 @@ from pipelines.tasks import classification, identity, launch, regression, runner
 from tests.pipelines.prepare_helpers import prepare_config
 
 ALTERNATIVES = {"policy": "always", "remainder": "exact", "source": "uniform", "kind": "cnn", "activation": "relu",
-                "name": "adamw", "adjuster_lr": 0.5, "arch": [8]}
+                "name": "adamw", "adjuster_lr": 0.5, "arch": [8], "compute_dtype": "float64"}
 
 
 def changed(key: str, value):
@@ -71,7 +71,7 @@ def test_regression_keys_act_or_are_refused(tmp_path):
                 for experiment in ("boston_gal", "boston_baseline")}
     for found in outcomes.values():
         assert all(v != "IGNORED" for v in found.values()), found
-    assert len(outcomes["boston_gal"]) == 16 and outcomes["boston_baseline"].keys() >= {"method.gal", "optim.lr"}
+    assert len(outcomes["boston_gal"]) == 17 and outcomes["boston_baseline"].keys() >= {"method.gal", "optim.lr"}
 
 
 def test_classification_keys_act_or_are_refused(tmp_path):
@@ -84,4 +84,5 @@ def test_classification_keys_act_or_are_refused(tmp_path):
     assert {k for k, v in gal.items() if v == "changes"} >= {"method.ratio", "method.scale", "method.policy",
                                                             "method.remainder", "method.kind", "method.arch",
                                                             "method.activation", "method.bias", "method.adjuster_lr",
+                                                            "method.compute_dtype",
                                                             "optim.lr", "optim.momentum", "optim.weight_decay"}

@@ -165,8 +165,10 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, prepared):
     (h1, m1, a1), (h2, m2, a2) = results.values()
     for row1, row2 in zip(h1, h2, strict=True):
         for name in set(row1) - {"time_per_image", "images_per_s"}:
-            # "accepted" is a fraction of the epoch's per-step safeguard tests, each a float comparison
-            tolerance = dict(abs=0.5 / 4) if name == "accepted" else dict(rel=1e-4, abs=1e-5)
+            # "accepted" and "tie" are fractions of the epoch's per-step float comparisons; remainder_ulps counts
+            # float32 spacings, which another summation order moves by a step or two
+            tolerance = (dict(abs=0.5 / 4) if name in ("accepted", "tie") else dict(abs=2.0)
+                         if name == "remainder_ulps" else dict(rel=1e-4, abs=1e-5))
             assert float(row1[name]) == pytest.approx(float(row2[name]), **tolerance), name
     for k in m1:
         assert torch.allclose(m1[k].float(), m2[k].float(), rtol=1e-4, atol=1e-5), k

@@ -90,6 +90,8 @@ def stage_needs(cmd: str) -> tuple[set[Path], str | None, list[str]]:
         config_name = "prepare"
     elif module == "pipelines.toy3d":
         configs.add(CONF / "task" / "toy3d.yaml")  # read directly, not through Hydra
+    elif module == "pipelines.precision":
+        configs.add(CONF / "task" / "precision.yaml")  # read directly; it composes the presets through Hydra
     if config_name:
         configs |= composed_files(config_name, args)
     return closure(files) | configs, config_name, args

@@ -19,6 +19,8 @@ NOISE = ("method.source=uniform", "method.arch=null", "method.kind=null", "metho
     (("trainer.gpus=2", "trainer.device=cpu"), "cifar100_sgd-gal-s0"),  # where a run goes is not what it is
     (NOISE, "cifar100_sgd-gal-src-uniform-s0"),  # h's settings are null by rule for noise: not named
     ((*NOISE, "method.normalize=false"), "cifar100_sgd-gal-norm-false-src-uniform-s0"),
+    (("method.compute_dtype=float64",), "cifar100_sgd-gal-dtype-float64-s0"),
+    (("method.compute_dtype=float32",), "cifar100_sgd-gal-s0"),  # the default: the preset's own run
 ])
 def test_run_names(overrides, name):
     with initialize(config_path="../../pipelines/conf", version_base="1.3"):

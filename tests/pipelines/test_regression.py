@@ -60,7 +60,8 @@ def test_gal_and_baseline_runs_log_their_columns(root):
     assert set(baseline_metrics) == set(gal_metrics) == {"test_mae", "test_mse", "test_r2"}
     assert set(baseline_history.splitlines()[0].split(",")) == {"epoch", "train_loss", "test_mae", "test_mse",
                                                                   "test_r2", "lr"}
-    assert {"remainder", "accepted", "cosine", "adjusted_better"} <= set(gal_history.splitlines()[0].split(","))
+    assert {"remainder", "accepted", "cosine", "adjusted_better", "tie", "remainder_ulps", "adjuster_grad_norm",
+            "adjuster_move", "adjuster_move_rel"} <= set(gal_history.splitlines()[0].split(","))
     assert len(gal_history.splitlines()) == 1 + 3
 
 

@@ -45,6 +45,9 @@ CENTRES = {
     ("california", "MAE"): ((1.09, 0.13), (0.78, 0.03)), ("california", "MSE"): ((2.1, 0.36), (1.16, 0.07)),
     ("california", "R2"): ((-0.6, 0.28), (0.12, 0.05)),
 }
+# The protocol study's runs on Boston beside Table V's own (variant ""): variant -> (methods, stage, metrics factor)
+PROTOCOL_RUNS = {"": (METHODS, "train_regression", 1.0), "epochs5": (METHODS, "protocol", 1.5),
+                 "eps1": (("gal",), "protocol_eps", 1.1)}
 OPTIMIZERS = {"gd": "GD", "lookahead": "Lookahead(GD)", "rmsprop": "RMSProp", "adam": "Adam", "adabound": "AdaBound"}
 
 # classification: experiment -> (data.name, model.name, optim.name); run names <experiment>-<method>-s<seed>
@@ -224,19 +227,22 @@ def make_runs(root: Path, profile: str = "smoke", skip: tuple = (), profiles: di
     profiles, run_ids = profiles or {}, run_ids or {}
     made = {}
     for ds in DATASETS:
-        for method in METHODS:
-            for seed in SEEDS:
-                name = f"{ds}-{method}-s{seed}"
-                if name in skip:
-                    continue
-                config = {"task": {"name": "regression", "epochs": 15}, "data": {"name": ds},
-                          "method": {"name": method, **({"ratio": 0.01, "scale": 1.0} if method == "gal" else {})},
-                          "seed": seed}
-                metrics = {src: value(ds, method, key, seed) for key, src in METRICS.items()}
-                history = [{"epoch": e, "train_loss": 1.0 / e, "val_mae": 2.0 / e} for e in (1, 2, 3)]
-                made[name] = write_run(root, "regression", name, config, metrics, history,
-                                       run_ids.get(name, f"id-{name}"), f"train_regression@{ds}-{method}-{seed}",
-                                       profiles.get(name, profile))
+        for variant, (methods, stage, factor) in PROTOCOL_RUNS.items():
+            for method in methods if ds == "boston" or not variant else ():
+                for seed in SEEDS:
+                    name = "-".join([ds, method, *([variant] if variant else []), f"s{seed}"])
+                    if name in skip:
+                        continue
+                    config = {"task": {"name": "regression", "epochs": 5 if "epochs" in variant else 15},
+                              "data": {"name": ds}, "seed": seed,
+                              "method": {"name": method, **({"ratio": 1 if "eps" in variant else 0.01, "scale": 1.0}
+                                                            if method == "gal" else {})}}
+                    metrics = {src: factor * value(ds, method, key, seed) for key, src in METRICS.items()}
+                    history = [{"epoch": e, "train_loss": 1.0 / e, "test_mae": metrics["test_mae"] * (4 - e),
+                                **({"accepted": 1 - 0.1 * e} if method == "gal" else {})} for e in (1, 2, 3)]
+                    made[name] = write_run(root, "regression", name, config, metrics, history,
+                                           run_ids.get(name, f"id-{name}"), f"{stage}@{ds}-{method}-{seed}",
+                                           profiles.get(name, profile), {"variant": variant})
     for opt, label in OPTIMIZERS.items():
         for method in METHODS:
             name = f"{opt}-{method}"
@@ -306,12 +312,14 @@ def values_of(ds: str, method: str, metric: str) -> np.ndarray:
 
 FIGURES = ["fig4_toy3d", "fig5_val_loss", "fig6_remainder_cosine", "fig7_sensitivity", "fig8a_update_policies",
            "fig8b_adjusted_better"]
-SPEC_NAMES = ["Table I", "Table II", "Table III", "Table IV", "Table V", "Table VI", "Table VII", "Table VIII",
-              "Fig. 4", "Fig. 5", "Fig. 6", "Fig. 7", "Fig. 8a", "Fig. 8b"]
+SPEC_NAMES = ["Table I", "Table II", "Table III", "Table IV", "Table V", "Protocol study", "Protocol curves",
+              "Table VI", "Table VII", "Table VIII", "Fig. 4", "Fig. 5", "Fig. 6", "Fig. 7", "Fig. 8a", "Fig. 8b"]
 OUTPUTS = [f"tables/{t}.{ext}" for t in ("table1", "table2", "table3", "table4", "table5", "table6", "table7", "table8",
                                          "claims")
            for ext in ("md", "csv", "tex")]
 OUTPUTS += [f"figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf", "csv")] + ["index.md", "provenance.json"]
+OUTPUTS += [f"tables/protocol_study.{ext}" for ext in ("md", "csv", "tex")]
+OUTPUTS += [f"figures/protocol_curves.{ext}" for ext in ("png", "pdf", "csv")]
 
 
 def _log_run(client, exp: str, name: str, metrics: dict, history: list[dict]) -> str:
@@ -507,10 +515,16 @@ def test_missing_runs_skip_only_their_spec(tmp_path, monkeypatch, capsys):
     assert out[1:] == [
         "report: skipped Table V: missing runs under runs/regression: boston/gal seed=3 (data.name=boston); "
         "california/baseline seed=0 (data.name=california); make them with `dvc repro train_regression`",
+        *(f"report: skipped {name}: missing runs under runs/regression: Boston ours/gal seed=3 (data.name=boston); "
+          "make them with `dvc repro train_regression`" for name in ("Protocol study", "Protocol curves")),
+        "report: skipped Table V at d = 1: 14 GAL run(s) predate h's statistics (e.g. runs/regression/boston-gal-s0); "
+        "make them with `dvc repro train_regression`",  # these records have no adjuster_grad_norm column
         "report: skipped Fig. 4: missing runs under runs/toy3d: adam/gal seed=0 (optimizer=adam); make them with "
-        "`dvc repro toy3d`"]
+        "`dvc repro toy3d`",
+        "report: skipped Precision study: no runs under runs/precision; make them with `dvc repro precision`"]
     index_md = Path("reports/index.md").read_text()
-    assert "**Not rendered, their runs are missing: Table V, Fig. 4.**" in index_md
+    assert ("**Not rendered, their runs are missing: Table V, Protocol study, Protocol curves, Table V at d = 1, Fig. 4, "
+            "Precision study.**") in index_md
     note = index_md.split("## Table V\n")[1].split("\n## ")[0]
     assert "Skipped: its runs are missing" in note and "data.name in {boston, diabetes, california} x " \
         "method.name in {baseline, gal}" in note and "boston/gal seed=3" in note
@@ -674,7 +688,8 @@ def test_missing_classification_runs_are_named(tmp_path, monkeypatch, capsys):
     assert "report: skipped Table VII: missing runs under runs/classification: ImageNet/gal seed=2 " \
            "(experiment=imagenet_resnet50); make them with `dvc repro train_imagenet`" in out
     skipped = [line.removeprefix("report: skipped ").split(":")[0] for line in out.splitlines()[1:]]
-    assert skipped == ["Table II", "Table III", "Table VII", "Fig. 5"]  # Figs. 6, 8b: GAL runs only, 2 seeds
+    assert skipped == ["Table II", "Table III", "Table V at d = 1", "Table VII", "Fig. 5",  # Figs. 6, 8b: GAL runs
+                       "Precision study"]  # only, 2 seeds; Table V at d = 1, Precision study: no such records here
     assert Path("reports/tables/table1.md").is_file() and Path("reports/figures/fig4_toy3d.png").is_file()
 
 
@@ -909,7 +924,8 @@ def test_missing_ablation_runs_are_named(tmp_path, monkeypatch, capsys):
            "(experiment=cifar100_sgd); Lookahead/s: no value but the preset's (variants scale<x>); make them with " \
            "`dvc repro train_cifar ablate_scale`" in out
     skipped = [line.removeprefix("report: skipped ").split(":")[0] for line in out.splitlines()[1:]]
-    assert skipped == ["Table II", "Table VI", "Table VII", "Table VIII", "Fig. 5", "Fig. 7", "Fig. 8a", "Fig. 8b"]
+    assert skipped == ["Table II", "Table V at d = 1", "Table VI", "Table VII", "Table VIII", "Fig. 5",
+                       "Precision study", "Fig. 7", "Fig. 8a", "Fig. 8b"]  # d = 1, precision: no such records here
     note = Path("reports/index.md").read_text().split("## Table VI\n")[1].split("\n## ")[0]
     assert "Skipped: its runs are missing" in note and "Make them with `dvc repro train_cifar`" in note
 

@@ -6,8 +6,8 @@ for what the classification specs share) + one line below + its paper numbers in
 pipelines/report/paper.yaml. A spec whose runs are missing is skipped with a note in index.md; runs that are
 present but inconsistent make the report fail.
 """
-from pipelines.report.specs import (fig4, fig5, fig6, fig7, fig8a, fig8b, table1, table2, table3, table4, table5,
-                                    table6, table7, table8)
+from pipelines.report.specs import (fig4, fig5, fig6, fig7, fig8a, fig8b, precision, protocol, table1, table2, table3,
+                                    table4, table5, table6, table7, table8, width_one)
 
 SPECS = [
     table1.SPEC,
@@ -15,12 +15,16 @@ SPECS = [
     table3.SPEC,
     table4.SPEC,
     table5.SPEC,
+    protocol.SPEC,      # the protocol study beside Table V
+    protocol.FIGURE,
+    width_one.SPEC,     # h's gradient and movement at output width 1, beside Table V
     table6.SPEC,
     table7.SPEC,
     table8.SPEC,
     fig4.SPEC,
     fig5.SPEC,
     fig6.SPEC,
+    precision.SPEC,     # float32 vs float64 on GAL's remainder at each paper setting, beside Fig. 6
     fig7.SPEC,
     fig8a.SPEC,
     fig8b.SPEC,

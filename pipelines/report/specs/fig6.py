@@ -3,7 +3,8 @@ runs (ResNet-50; EfficientNet-B2 too when its runs exist), mean over seeds (±st
 - remainder: |L(z-δ) - L + <δ, g>|, the first-order Taylor remainder of the trial step δ = lr s (g + â) at the
   output z, with g = dL/dz and â the adjustment (the first-order term averaged as method.remainder says);
 - cosine: cos(g, â), between the plain gradient and the adjustment, averaged over the output rows.
-Numbers: each curve's final value (mean and std over seeds)."""
+Numbers: each curve's final value (mean and std over seeds). Beside them, what the precision study (specs/
+precision.py) says about these settings: whether float32 resolves this remainder at all."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pipelines.report import classification as cls
 from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.render import markdown, pm
 from pipelines.report.selection import select
+from pipelines.report.specs.precision import rounding_note
 
 MODELS = (cls.Setting("ResNet-50", {"experiment": "imagenet_resnet50"}, "ImageNet, RMSProp", stage="train_imagenet"),
           cls.Setting("EfficientNet-B2", {"experiment": "imagenet_efficientnet_b2"}, "ImageNet",
@@ -54,7 +56,7 @@ class GalStatsFigure:
                                  *(f"final {text} (mean ± std)" for _, text, _ in self.columns)], rows=rows)
         md = (f"![{self.name}: GAL's remainder and cos(g, â) per epoch]({files[0]})\n\n"
               f"[{self.name} as PDF]({files[1]}). Final value of each curve (GAL runs, over seeds):\n\n"
-              + markdown(layout))
+              + markdown(layout) + "\n" + rounding_note(ctx, [str(s.where["experiment"]) for s in shown]) + "\n")
         return Rendered(name=self.name, slug=self.slug, kind=self.kind, profile=profile, numbers=numbers,
                         markdown=md, files=files)
 
