@@ -59,6 +59,13 @@ class ClusterConfig:
     folder: str = "logs/submitit"  # job scripts, pickles and logs, on a file system every node sees
 
 
+# a cluster.yaml value, by its default's type (None: an optional name): its check and what to write instead
+_VALUES = {int: (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+           list: (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of shell lines"),
+           dict: (lambda v: isinstance(v, dict), "a mapping"),
+           str: (lambda v: isinstance(v, str) and bool(v), "a name")}
+
+
 def launcher() -> str:
     name = os.environ.get("GAL_LAUNCHER", "local") or "local"
     if name not in LAUNCHERS:
@@ -85,13 +92,10 @@ def load_config(root: Path, kind: str) -> ClusterConfig:
         raise ConfigError(f"{path}: unknown key {extra[0]}; known: {', '.join(known)}")
     for key, value in raw.items():
         default = getattr(ClusterConfig(), key)
-        kind_ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                   list: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-                   dict: lambda v: isinstance(v, dict),
-                   str: lambda v: isinstance(v, str) and bool(v)}[type(default) if default is not None else str]
-        if not (value is None and default is None) and not kind_ok(value):
-            want = {int: "a positive integer", list: "a list of shell lines", dict: "a mapping",
-                    str: "a name"}[type(default) if default is not None else str]
+        if value is None and default is None:  # an optional setting left out
+            continue
+        valid, want = _VALUES[type(default) if default is not None else str]
+        if not valid(value):
             raise ConfigError(f"{path}: {key}={value!r}: use {want}")
     config = ClusterConfig(**raw)
     if kind == "slurm" and not config.partition:
