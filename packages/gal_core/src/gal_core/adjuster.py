@@ -56,9 +56,9 @@ def float32_spacing(value: Tensor) -> Tensor:
 
 def _added_grad_norm(params: list[Tensor], before: list[Tensor | None], like: Tensor) -> Tensor:
     """Norm of what one backward call added to ``params``' .grad (``before``: the grads it found)."""
-    parts = [torch.linalg.vector_norm(p.grad if b is None else p.grad - b).to(like.dtype)
-             for p, b in zip(params, before) if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(parts)) if parts else torch.zeros_like(like)
+    added = [p.grad if b is None else p.grad - b for p, b in zip(params, before) if p.grad is not None]
+    # one fused (foreach) norm over all of h's tensors, not a kernel per tensor: this runs every step
+    return nn.utils.get_total_norm(added).to(like.dtype) if added else torch.zeros_like(like)
 
 
 def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
