@@ -345,9 +345,11 @@ class ProtocolCurves:
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
             ax = axes[1, col]
-            for p in study.protocols[next(ds for ds, g in TABLE.groups.items() if g == group)]:
+            protocols = study.protocols[next(ds for ds, g in TABLE.groups.items() if g == group)]
+            for i, p in enumerate(protocols):  # past 10 protocols the colours repeat: the line style does not
                 epochs, mean, std = cls.curve(p.runs["gal"], ACCEPTED)
-                cls.band(ax, epochs, mean, std, label=p.name, lw=1.2)
+                cls.band(ax, epochs, mean, std, label=p.name, lw=1.2, color=f"C{i % 10}",
+                         ls=("-", "--", ":")[i // 10 % 3])
             ax.set(title=f"{group}: safeguard acceptance (GAL)", xlabel="epoch", ylabel="fraction accepted",
                    ylim=(-0.03, 1.03))
             ax.legend(fontsize=6, ncol=2)
