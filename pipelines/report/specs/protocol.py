@@ -323,9 +323,12 @@ class ProtocolCurves:
     def _plot(self, study: Study, panels: dict[str, dict[str, Protocol]], files) -> None:
         plt = cls.pyplot()
         n = len(panels)
-        fig, axes = plt.subplots(2, n, figsize=(max(4.6 * n, 6.4), 7.0), squeeze=False,
-                                 gridspec_kw={"left": 0.1, "right": 0.98, "bottom": 0.07, "top": 0.88,
+        fig, axes = plt.subplots(2, n, figsize=(max(4.6 * n, 6.4), 8.0), squeeze=False,
+                                 gridspec_kw={"left": 0.1, "right": 0.98, "bottom": 0.18, "top": 0.9,
                                               "wspace": 0.25, "hspace": 0.35})
+        # one style per protocol name across the datasets (past 10 the colours repeat: the line style does not)
+        names = list(dict.fromkeys(p.name for ps in study.protocols.values() for p in ps))
+        styles = {name: {"color": f"C{i % 10}", "ls": ("-", "--", ":")[i // 10 % 3]} for i, name in enumerate(names)}
         for col, (group, shown) in enumerate(panels.items()):
             ax = axes[0, col]
             ends = []
@@ -345,15 +348,16 @@ class ProtocolCurves:
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
             ax = axes[1, col]
-            protocols = study.protocols[next(ds for ds, g in TABLE.groups.items() if g == group)]
-            for i, p in enumerate(protocols):  # past 10 protocols the colours repeat: the line style does not
+            for p in study.protocols[next(ds for ds, g in TABLE.groups.items() if g == group)]:
                 epochs, mean, std = cls.curve(p.runs["gal"], ACCEPTED)
-                cls.band(ax, epochs, mean, std, label=p.name, lw=1.2, color=f"C{i % 10}",
-                         ls=("-", "--", ":")[i // 10 % 3])
+                cls.band(ax, epochs, mean, std, label=p.name, lw=1.2, **styles[p.name])
             ax.set(title=f"{group}: safeguard acceptance (GAL)", xlabel="epoch", ylabel="fraction accepted",
                    ylim=(-0.03, 1.03))
-            ax.legend(fontsize=6, ncol=2)
             ax.grid(alpha=0.3)
+        # the protocols' legend once, under the acceptance row: per panel it covered the curves
+        shown = {label: handle for ax in axes[1] for handle, label in zip(*ax.get_legend_handles_labels())}
+        fig.legend(list(shown.values()), list(shown), loc="lower center", ncol=min(4, len(shown)), fontsize=7,
+                   title="GAL under protocol", title_fontsize=7, frameon=False)
         fig.suptitle(f"Protocol study (profile {study.profile}): ours solid, closest to the paper's\n"
                      f"baselines dashed; mean ± std over seeds", fontsize=10)
         cls.save(fig, files)
