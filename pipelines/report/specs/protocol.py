@@ -355,9 +355,9 @@ class ProtocolCurves:
                    ylim=(-0.03, 1.03))
             ax.grid(alpha=0.3)
         # the protocols' legend once, under the acceptance row: per panel it covered the curves
-        shown = {label: handle for ax in axes[1] for handle, label in zip(*ax.get_legend_handles_labels())}
-        if shown:
-            fig.legend(list(shown.values()), list(shown), loc="lower center", ncol=min(4, len(shown)), fontsize=7,
+        entries = {label: handle for ax in axes[1] for handle, label in zip(*ax.get_legend_handles_labels())}
+        if entries:
+            fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=min(4, len(entries)), fontsize=7,
                        title="GAL under protocol", title_fontsize=7, frameon=False)
         fig.suptitle(f"Protocol study (profile {study.profile}): ours solid, closest to the paper's\n"
                      f"baselines dashed; mean ± std over seeds", fontsize=10)
