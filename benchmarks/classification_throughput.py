@@ -1,4 +1,4 @@
-"""Training throughput of the project's classification trainer (pipelines/tasks/classification.py): images/s
+"""Training throughput of the project's classification trainer (pipelines/tasks/classification/task.py): images/s
 of plain training and of GAL training, and GAL's overhead, on the real config and code path (issue 4).
 
 CPU (small, runs here):  python -m benchmarks.classification_throughput --batch 16 --steps 2 --pairs 3
@@ -77,8 +77,8 @@ def compose_config(experiment: str, root: Path, args: argparse.Namespace) -> Dic
 
 
 def build_trainers(args: argparse.Namespace, root: Path) -> dict:
-    from pipelines.tasks import launch
-    from pipelines.tasks.classification import Classification
+    from pipelines.training import launch
+    from pipelines.tasks.classification.task import Classification
 
     cfgs = {method: compose_config(experiment, root, args) for method, experiment in METHODS.items()}
     cfg = cfgs["plain"]

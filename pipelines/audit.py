@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import UserError, run_cli
+from pipelines.errors import TrackingError, UserError, run_cli
 from pipelines.report import stats
 from pipelines.report.records import ReportError, RunRecord, load_run
 
@@ -101,17 +101,17 @@ def patch_files(patch: str) -> list[str]:
 
 def _print_changes(run: RunRecord, show_diff: bool, problems: list[str]) -> None:
     """A dirty run's uncommitted changes: files changed, untracked files, the patch's path (and text)."""
-    from pipelines import tracking
+    from pipelines.tracking import record
 
     sha = run.meta.get("git_diff_sha256")
     if sha is None:
         print("      (no diff recorded: the run predates diff recording)")
         return
-    shown = f"{run.dir}/{tracking.DIFF_FILE}"
+    shown = f"{run.dir}/{record.DIFF_FILE}"
     try:
-        patch = (run.path / tracking.DIFF_FILE).read_bytes()
+        patch = (run.path / record.DIFF_FILE).read_bytes()
     except OSError:
-        problems.append(f"{run.dir}: run.json records a git diff but {tracking.DIFF_FILE} is missing; "
+        problems.append(f"{run.dir}: run.json records a git diff but {record.DIFF_FILE} is missing; "
                         "rerun that run")
         print(f"      patch: {shown} (missing)")
         return
@@ -128,18 +128,18 @@ def _print_changes(run: RunRecord, show_diff: bool, problems: list[str]) -> None
 
 def _tracking_uri(meta: dict[str, Any], override: str | None) -> str:
     """--tracking-uri, else MLFLOW_TRACKING_URI, else the run's recorded URI, else the project default."""
-    from pipelines import tracking
+    from pipelines.tracking import store
 
     recorded = meta.get("tracking_uri")
     if recorded and "***" in recorded:  # a redacted password: only the caller can supply the real URI
         recorded = None
-    return override or os.environ.get("MLFLOW_TRACKING_URI") or recorded or tracking.tracking_uri()
+    return override or os.environ.get("MLFLOW_TRACKING_URI") or recorded or store.tracking_uri()
 
 
 def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_override: str | None = None,
           show_diff: bool = False) -> int:
     """Print the trace of one number; 0 if MLflow agrees with the run records and the reported value."""
-    from pipelines import tracking
+    from pipelines.tracking import store
 
     metric, op = entry["metric"], entry["op"]
     value = math.nan if entry["value"] is None else float(entry["value"])
@@ -196,8 +196,8 @@ def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_overri
         except ReportError:
             recorded = None
         try:
-            values = tracking.logged_metrics(meta.get("mlflow_run_id"), _tracking_uri(meta, tracking_override))
-        except tracking.TrackingError as err:
+            values = store.logged_metrics(meta.get("mlflow_run_id"), _tracking_uri(meta, tracking_override))
+        except TrackingError as err:
             problems.append(f"{run_dir}: {err}")
             print(f"    {metric}: run record {_show(recorded)}; MLflow: unreadable")
             continue

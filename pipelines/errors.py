@@ -21,6 +21,14 @@ class UserError(RuntimeError):
         super().__init__(" ".join(str(message).split()))
 
 
+class RunError(UserError):
+    """An expected failure of a training run (missing or unreadable input, a model that cannot be built)."""
+
+
+class TrackingError(UserError):
+    """Tracking failed, or a run may not continue its checkpoint; one line saying what happened and what to do."""
+
+
 class ConfigError(UserError):
     """A bad or incomplete setting, found before any compute."""
 

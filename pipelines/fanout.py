@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipelines.errors import ConfigError, UserError, report
-from pipelines.tasks import cluster
+from pipelines.training import cluster
 
 TRAIN = "pipelines.train"
 LOGS = Path("logs/fanout")

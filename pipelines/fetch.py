@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import gzip
-import hashlib
 import http.client
 import os
 import posixpath
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from pipelines.atomic import replace_dir, temp_dir_beside
 from pipelines.errors import UserError
+from pipelines.hashing import digest
 
 try:
     from tqdm import tqdm
@@ -46,15 +46,6 @@ CORRUPT = (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError, zli
 
 class FetchError(UserError):
     """A fetch or extract failed; the message is one line saying what happened and what to do."""
-
-
-def digest(path: Path, algorithm: str) -> str:
-    """Hex digest of a file, read in chunks (datasets do not fit in memory)."""
-    h = hashlib.new(algorithm, usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _parse_checksum(checksum: str) -> tuple[str, str]:

@@ -28,9 +28,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipelines.errors import ConfigError, run_cli
-from pipelines.tasks.detr.box_ops import l1_and_giou
-from pipelines.tasks.method import build_adjuster
-from pipelines.tracking import RunTracker
+from pipelines.tasks.detection.detr.box_ops import l1_and_giou
+from pipelines.training.method import build_adjuster
+from pipelines.tracking.run import RunTracker
 
 CONF = Path(__file__).parent / "conf"
 CONFIG = CONF / "task" / "precision.yaml"

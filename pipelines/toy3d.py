@@ -21,8 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 from gal_core.optim import build_optimizer
 from pipelines.errors import ConfigError, run_cli
 from pipelines.surface import surface
-from pipelines.tasks.method import build_adjuster
-from pipelines.tracking import RunTracker
+from pipelines.training.method import build_adjuster
+from pipelines.tracking.run import RunTracker
 
 CONFIG = Path(__file__).parent / "conf" / "task" / "toy3d.yaml"
 METHODS = ("baseline", "gal")

@@ -1,7 +1,7 @@
 """One training run: `python -m pipelines.train experiment=boston_gal seed=0 profile=smoke [key=value ...]`.
 
 Hydra composes pipelines/conf/train.yaml with the overrides; the task module named by `task.name` in
-pipelines/tasks/ runs it on the shared runner (pipelines/tasks/runner.py) and records it through
+pipelines/tasks/<name>/task.py runs it on the shared runner (pipelines/training/runner.py) and records it through
 pipelines.tracking.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def preflight(argv: list[str]) -> None:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    task = importlib.import_module(f"pipelines.tasks.{cfg.task.name}")
+    task = importlib.import_module(f"pipelines.tasks.{cfg.task.name}.task")
     sys.exit(run_cli(f"train {cfg.task.name}", lambda: task.run(cfg)))
 
 

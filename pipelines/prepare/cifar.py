@@ -41,7 +41,8 @@ from typing import NamedTuple
 import numpy as np
 
 from pipelines.atomic import replace_dir, write_atomic, write_if_changed
-from pipelines.fetch import MIRROR_ENV, digest, extract, fetch
+from pipelines.fetch import MIRROR_ENV, extract, fetch
+from pipelines.hashing import digest
 from pipelines.prepare import fixtures
 from pipelines.errors import ConfigError
 from pipelines.prepare.stage import PrepareError, hydra_entry, run_stage

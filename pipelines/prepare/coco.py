@@ -9,7 +9,7 @@ downloads resume after an interruption and each zip's md5 is checked before anyt
 writes three small zips in the exact COCO layout into data/fixtures/coco/ (pipelines.prepare.fixtures.coco_zips)
 and fetches them through the same mirror code path, verified by the md5s of the generated files.
 
-Prepared format, data/processed/coco/ (read by the detection task, pipelines/tasks/coco_data.py):
+Prepared format, data/processed/coco/ (read by the detection task, pipelines/tasks/detection/data.py):
     train2017/<id:012d>.jpg, val2017/<id:012d>.jpg   the JPEGs, byte for byte as in the zips
     annotations/instances_train2017.json             COCO's own files, untouched (the captions and keypoints
     annotations/instances_val2017.json               files of the annotations zip are left out)

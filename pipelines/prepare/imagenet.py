@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.atomic import replace_dir, temp_dir_beside, write_atomic, write_if_changed
-from pipelines.fetch import CORRUPT, FetchError, check_member, digest, tar_kind
+from pipelines.fetch import CORRUPT, FetchError, check_member, tar_kind
+from pipelines.hashing import digest
 from pipelines.prepare import fixtures
 from pipelines.errors import ConfigError
 from pipelines.prepare.stage import PrepareError, hydra_entry, run_stage

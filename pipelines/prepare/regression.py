@@ -33,7 +33,8 @@ from typing import NamedTuple
 import numpy as np
 
 from pipelines.atomic import write_atomic, write_if_changed
-from pipelines.fetch import MIRROR_ENV, FetchError, digest, extract, fetch
+from pipelines.fetch import MIRROR_ENV, FetchError, extract, fetch
+from pipelines.hashing import digest
 from pipelines.prepare import fixtures
 from pipelines.errors import ConfigError
 from pipelines.prepare.stage import PrepareError, hydra_entry, run_stage

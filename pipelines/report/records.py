@@ -16,8 +16,7 @@ from typing import Any, Iterable
 import yaml
 
 from pipelines.errors import UserError
-
-FILES = ("config.yaml", "metrics.json", "run.json", "history.csv")
+from pipelines.tracking.record import RECORD_FILES
 
 
 class ReportError(UserError):
@@ -156,7 +155,7 @@ class RunRecord:
 
 def load_run(path: Path) -> RunRecord:
     """One run directory; ReportError if a file of the record is missing or unreadable."""
-    missing = [name for name in FILES if not (path / name).is_file()]
+    missing = [name for name in RECORD_FILES if not (path / name).is_file()]
     if missing:
         raise ReportError(f"incomplete run record {display_path(path)}: no {', '.join(missing)}")
     try:

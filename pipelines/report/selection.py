@@ -4,6 +4,10 @@ A run belongs to a setting (a row, panel or line) by its config.yaml (dotted key
 never by its directory's name or position. By default only a preset's own runs (variant "") are taken; a
 setting with ``variant="eps0.001"`` takes the runs made off the preset under that name instead.
 
+A spec that takes whichever values were run off a preset (a sensitivity axis, a protocol study) finds them by
+config too: ``preset_config`` is the config of the preset's own runs, ``changed`` the keys in which a run's
+config differs from it; a run belongs to a study by the keys it changes, never by how its name spells them.
+
 Absent runs (none at all, a setting or method without runs, a seed one method lacks, too few seeds) raise
 MissingRuns: the report skips the spec with a note. Present but inconsistent runs (mixed profiles, two runs
 for one seed, runs of one cell whose configs differ) raise ReportError: the report refuses.
@@ -19,10 +23,13 @@ from pipelines.report.model import Context
 from pipelines.report.records import MissingRuns, ReportError, RunRecord, check_one_profile
 
 # Config keys the runs of one cell may differ in: the seed, where files live, and where and on how many
-# processes a run went (trainer.*). The same keys that never make a run's variant (pipelines/tasks/
+# processes a run went (trainer.*). The same keys that never make a run's variant (pipelines/training/
 # identity.py, not imported: the report imports no training module), so any other difference is refused.
 FREE_KEYS = ("seed", "root")
 FREE_PREFIXES = ("trainer.",)
+# Config keys that are no change a run makes off its preset: the profile is checked on its own
+# (check_one_profile refuses a run of another profile rather than taking it for a variant)
+NOT_CHANGES = ("profile",)
 
 Cells = dict[tuple[str, str], list[RunRecord]]
 
@@ -115,10 +122,43 @@ def may_differ(key: str) -> bool:
     return key in FREE_KEYS or key.startswith(FREE_PREFIXES)
 
 
+def config_of(run: RunRecord) -> dict[str, Any]:
+    """``run``'s config (dotted keys) apart from the free keys."""
+    return {k: v for k, v in run.flat.items() if not may_differ(k)}
+
+
+def preset_config(runs: Sequence[RunRecord]) -> dict[str, Any]:
+    """The config of the preset ``runs`` (one setting and method) were made from, apart from the free keys and
+    the profile: its own runs' (run.json variant "") where ``runs`` hold some, else per key the value most of
+    ``runs`` share (a run off a preset changes a few keys, so the preset's value is the commonest); a key most of
+    them lack is left out."""
+    own = [run for run in runs if not run.variant] or list(runs)
+    configs = [config_of(run) for run in own]
+    reference: dict[str, Any] = {}
+    for key in dict.fromkeys(k for config in configs for k in config if k not in NOT_CHANGES):
+        values = {_text(config, key): config.get(key) for config in configs}
+        text, _ = Counter(_text(config, key) for config in configs).most_common(1)[0]  # ties: the first run's
+        if text is not None:
+            reference[key] = values[text]
+    return reference
+
+
+def changed(run: RunRecord, reference: dict[str, Any]) -> list[str]:
+    """The config keys, sorted, in which ``run`` differs from ``reference`` (``preset_config``), the free keys
+    and the profile aside: [] for the preset's own runs, e.g. ["method.ratio"] for a run that changes eps alone."""
+    config = {k: v for k, v in config_of(run).items() if k not in NOT_CHANGES}
+    return sorted(k for k in {*config, *reference} if config.get(k, ...) != reference.get(k, ...))
+
+
+def _text(config: dict[str, Any], key: str) -> str | None:
+    """A value as counted: its JSON (None where the key is absent)."""
+    return json.dumps(config[key], sort_keys=True, default=str) if key in config else None
+
+
 def check_same_config(name: str, runs: list[RunRecord]) -> None:
     """ReportError naming the odd run and its first differing keys unless ``runs`` (aggregated into one
     number) share their config apart from the free keys. The config most of them share is the reference."""
-    configs = [{k: v for k, v in run.flat.items() if not may_differ(k)} for run in runs]
+    configs = [config_of(run) for run in runs]
     texts = [json.dumps(config, sort_keys=True, default=str) for config in configs]
     counts = Counter(texts)
     ref = max(range(len(runs)), key=lambda i: counts[texts[i]], default=0)  # ties: the lowest seed

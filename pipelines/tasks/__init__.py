@@ -1,6 +1,2 @@
-"""One module per task (build -> train -> evaluate) on the shared runner (pipelines/tasks/runner.py)."""
-from pipelines.errors import UserError
-
-
-class RunError(UserError):
-    """An expected failure of a run (missing input, bad setting): reported in one line."""
+"""One folder per task (regression, classification, detection), each a ``Task`` of the shared training
+runtime (pipelines/training/) and its data. A task imports the runtime, never another task."""

@@ -12,7 +12,7 @@ import pytest
 
 from pipelines import audit
 from pipelines.errors import UserError
-from pipelines.tracking import RunTracker
+from pipelines.tracking.run import RunTracker
 
 KEY = "Table V/Boston/GAL/MAE/mean"
 GAL = "runs/regression/boston-gal-s0"

@@ -11,7 +11,8 @@ from hydra import compose, initialize
 from timm.layers import Conv2dSame
 
 from gal_core import count_parameters
-from pipelines.tasks import classification, identity
+from pipelines.tasks.classification import task as classification
+from pipelines.training import identity
 
 PRESETS = [f"{data}_{optim}_{method}" for data in ("cifar10", "cifar100")
            for optim in ("sgd", "lookahead", "adabound") for method in ("baseline", "gal")]

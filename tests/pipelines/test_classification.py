@@ -20,8 +20,9 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.errors import UserError
 from pipelines.prepare import cifar
-from pipelines.tasks import classification, identity, launch
-from pipelines.tracking import TrackingError
+from pipelines.tasks.classification import task as classification
+from pipelines.training import identity, launch
+from pipelines.errors import TrackingError
 from tests.network import free_port
 from tests.pipelines.prepare_helpers import ROOT, prepare_config
 

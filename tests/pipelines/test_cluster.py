@@ -1,4 +1,4 @@
-"""The cluster path (pipelines/tasks/cluster.py) as far as a machine without Slurm allows: submitit's local
+"""The cluster path (pipelines/training/cluster.py) as far as a machine without Slurm allows: submitit's local
 executor runs the same job a Slurm node would (2 gloo tasks equal a 2-process torchrun run), a pre-empted
 job requeues itself and resumes into the same MLflow run, a rerun attaches to a live job, an outer
 allocation's environment does not leak into the job, and the Slurm batch script of a 2-node, 4-GPU run
@@ -22,7 +22,8 @@ from hydra import compose, initialize
 from mlflow.tracking import MlflowClient
 
 from pipelines.errors import ConfigError
-from pipelines.tasks import cluster, regression
+from pipelines.tasks.regression import task as regression
+from pipelines.training import cluster
 from tests.network import mlflow_server
 from tests.pipelines.test_classification import name_of, outcome, prepared, train_cmd  # noqa: F401
 from tests.pipelines.test_regression import record, write_boston
@@ -292,7 +293,7 @@ def test_submitit_local_refuses_several_nodes():
 LOADER = """
 import time
 from torch.utils.data import DataLoader, Dataset
-from pipelines.tasks.launch import worker_init
+from pipelines.training.launch import worker_init
 
 class StuckReads(Dataset):  # a worker blocked in I/O, where torch's own watchdog cannot look
     def __len__(self):

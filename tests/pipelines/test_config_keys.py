@@ -11,7 +11,9 @@ from omegaconf import OmegaConf
 
 from pipelines.errors import UserError
 from pipelines.prepare import cifar
-from pipelines.tasks import classification, identity, launch, regression, runner
+from pipelines.tasks.classification import task as classification
+from pipelines.tasks.regression import task as regression
+from pipelines.training import identity, launch, runner
 from tests.pipelines.prepare_helpers import prepare_config
 
 ALTERNATIVES = {"policy": "always", "remainder": "exact", "source": "uniform", "kind": "cnn", "activation": "relu",

@@ -22,8 +22,8 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.errors import UserError
 from pipelines.prepare import coco
-from pipelines.tasks import coco_data, detection
-from pipelines.tasks.detr import PostProcess
+from pipelines.tasks.detection import data as coco_data, task as detection
+from pipelines.tasks.detection.detr import PostProcess
 from tests.pipelines.prepare_helpers import ROOT, prepare_config
 
 RUN = "coco_detr_r50-gal-s0"

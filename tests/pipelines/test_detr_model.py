@@ -1,4 +1,4 @@
-"""DETR (pipelines/tasks/detr): DETR-R50's state-dict layout and trainable-parameter count, padded forward,
+"""DETR (pipelines/tasks/detection/detr): DETR-R50's state-dict layout and trainable-parameter count, padded forward,
 the Hungarian matcher against brute force, the criterion's split for GAL (matching held fixed, finite at
 negative sizes, empty batches, policy="never" equal to plain backward) and PostProcess."""
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torchvision
 from gal_core import GradientAdjuster
 
-from pipelines.tasks.detr import HungarianMatcher, PostProcess, SetCriterion, build_detr, pad_images
-from pipelines.tasks.detr.position_encoding import PositionEmbeddingSine
+from pipelines.tasks.detection.detr import HungarianMatcher, PostProcess, SetCriterion, build_detr, pad_images
+from pipelines.tasks.detection.detr.position_encoding import PositionEmbeddingSine
 
 TINY = dict(backbone="resnet18", num_classes=7, hidden_dim=32, nheads=2, enc_layers=1, dec_layers=3,
             dim_feedforward=64, dropout=0.0, num_queries=6)

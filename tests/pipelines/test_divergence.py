@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 from pipelines.errors import ConfigError
 from pipelines.prepare import cifar
 from pipelines.report.records import load_run
-from pipelines.tasks import identity, regression
+from pipelines.tasks.regression import task as regression
+from pipelines.training import identity
 from tests.pipelines.prepare_helpers import ROOT, prepare_config
 from tests.pipelines.test_regression import root  # noqa: F401 (the Boston fixture root, a pytest fixture)
 

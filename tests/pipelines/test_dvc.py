@@ -1,6 +1,6 @@
 """dvc.yaml cannot drift from the code: every stage's deps cover the project modules its entry point imports
 (transitively) and the config files it composes, and every training stage's outputs are the run record of
-the run name pipelines/tasks/identity.py gives its command."""
+the run name pipelines/training/identity.py gives its command."""
 from __future__ import annotations
 
 import ast
@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 
-from pipelines.tasks import identity
+from pipelines.training import identity
 from tests.pipelines.prepare_helpers import ROOT
 
 CONF = ROOT / "pipelines" / "conf"
@@ -85,7 +85,7 @@ def stage_needs(cmd: str) -> tuple[set[Path], str | None, list[str]]:
         config_name = "train"
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             task = compose("train", overrides=args).task.name
-        files.add(module_file(f"pipelines.tasks.{task}"))  # imported by name at run time
+        files.add(module_file(f"pipelines.tasks.{task}.task"))  # imported by name at run time
     elif module.startswith("pipelines.prepare."):
         config_name = "prepare"
     elif module == "pipelines.toy3d":

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.fetch import FetchError, digest, extract, fetch
+from pipelines.fetch import FetchError, extract, fetch
+from pipelines.hashing import digest
 
 PAYLOAD = os.urandom(50_000)  # incompressible, so truncating a compressed archive really loses data
 SHA256 = "sha256:" + hashlib.sha256(PAYLOAD).hexdigest()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize
 
-from pipelines.tasks import identity
+from pipelines.training import identity
 
 NOISE = ("method.source=uniform", "method.arch=null", "method.kind=null", "method.bias=null")
 

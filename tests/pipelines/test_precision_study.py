@@ -12,7 +12,7 @@ import yaml
 
 from pipelines import precision
 from pipelines.errors import ConfigError
-from pipelines.tasks.method import adjuster_movement, adjuster_snapshot, build_adjuster
+from pipelines.training.method import adjuster_movement, adjuster_snapshot, build_adjuster
 
 SETTINGS = "settings=[imagenet_resnet50,cifar10_sgd,coco_detr_r50,boston]"
 

@@ -13,7 +13,8 @@ from hydra import compose, initialize
 from mlflow.tracking import MlflowClient
 
 from pipelines.errors import ConfigError, UserError
-from pipelines.tasks import RunError, regression
+from pipelines.errors import RunError
+from pipelines.tasks.regression import task as regression
 from tests.pipelines.prepare_helpers import ROOT
 
 

@@ -21,8 +21,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from pipelines.tracking import RunTracker, TrackingError, check_tracking_server, data_checksum, logged_metrics, \
-    tracking_uri
+from pipelines.tracking.provenance import data_checksum
+from pipelines.tracking.run import RunTracker
+from pipelines.errors import TrackingError
+from pipelines.tracking.store import check_tracking_server, logged_metrics, tracking_uri
 from tests.network import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -357,7 +359,7 @@ def test_default_store_keeps_artifacts_at_the_root(env, monkeypatch):
 STAGE = """
 import os, sys
 from pipelines.errors import run_cli
-from pipelines.tracking import RunTracker
+from pipelines.tracking.run import RunTracker
 
 def main():
     with RunTracker("regression", "r", {"a": 1}, profile="smoke"):

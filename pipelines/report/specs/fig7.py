@@ -3,32 +3,33 @@ against eps (method.ratio), against s (method.scale) and against the adjuster's 
 (top row) and Lookahead (bottom row). Each point: mean ± std over seeds of the runs of one value; the paper's
 setting (the preset's own runs) is drawn apart, the baseline's error as a dashed line where its runs exist.
 
-A panel's points are the preset's runs and every variant of the preset that changes only that one key (run.json
-variant eps<x>, scale<x> or mlp-<widths>), whichever values were run: a panel needs the preset and one other."""
+A panel's points are the preset's runs and every run off the preset whose config changes only that one key
+(selection.changed against the preset's own runs: method.ratio, method.scale, or method.arch of an MLP adjuster;
+run.json variants eps<x>, scale<x>, mlp-<widths>), whichever values were run: a panel needs the preset and one
+other."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from pipelines.report import classification as cls
 from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.records import MissingRuns, RunRecord, check_one_profile
 from pipelines.report.render import markdown
-from pipelines.report.selection import select
+from pipelines.report.selection import changed, preset_config, select
 
 ARCHS = ("256", "256-64", "256-64-32", "256-64-32-16")   # the categories of the architecture axis, in order
-NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?"        # a value as run identity spells it (format .12g)
 
 
 @dataclass(frozen=True)
 class Axis:
     key: str           # key segment, e.g. "eps"
     title: str         # axis label
-    config: str        # config key of the x value
-    pattern: str       # run.json variants of this axis (fullmatch)
-    spelled: str       # the same in words
+    config: str        # config key of the x value: the one key its points change from the preset's config
+    spelled: str       # its runs' run.json variants, in words
     stage: str         # the dvc stage that makes them ("" : the optimiser's own, Optimiser.arch_stage)
     log: bool = True
+    keep: tuple[tuple[str, str], ...] = ()   # config values its points have, e.g. (("method.kind", "mlp"),)
+    values: tuple[str, ...] = ()             # the x values it takes, as x_text spells them (): any
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,10 @@ class Optimiser:
     arch_stage: str    # the dvc stage of its mlp-<widths> runs
 
 
-AXES = (Axis("eps", "ε (method.ratio)", "method.ratio", rf"eps{NUMBER}", "eps<x>", "ablate_eps"),
-        Axis("s", "s (method.scale)", "method.scale", rf"scale{NUMBER}", "scale<x>", "ablate_scale"),
-        Axis("architecture", "adjuster widths (MLP)", "method.arch",  # mlp-256,64 or mlp-256-64 (Table VIII)
-             rf"mlp-(?:{'|'.join(a.replace('-', '[-,]') for a in ARCHS)})", "mlp-<widths>", "", log=False))
+AXES = (Axis("eps", "ε (method.ratio)", "method.ratio", "eps<x>", "ablate_eps"),
+        Axis("s", "s (method.scale)", "method.scale", "scale<x>", "ablate_scale"),
+        Axis("architecture", "adjuster widths (MLP)", "method.arch", "mlp-<widths>", "", log=False,
+             keep=(("method.kind", "mlp"),), values=ARCHS))
 OPTIMISERS = (Optimiser("SGD", "cifar100_sgd", "ablate_adjuster"),  # SGD's widths: Table VIII's MLP runs
               Optimiser("Lookahead", "cifar100_lookahead", "ablate_lookahead_arch"))
 COLORS = {"SGD": "#1f77b4", "Lookahead": "#9467bd"}
@@ -51,6 +52,13 @@ def x_text(axis: Axis, run: RunRecord) -> str:
     """A run's value on ``axis`` as shown and keyed: 0.001, 5, 256-64-32."""
     value = run.get(axis.config)
     return "-".join(map(str, value)) if isinstance(value, list) else f"{float(value):g}"
+
+
+def on_axis(axis: Axis, run: RunRecord, preset: dict) -> bool:
+    """Whether ``run`` is a point of ``axis``: its config differs from the ``preset``'s (selection.preset_config)
+    in the axis's key alone, has the axis's ``keep`` values, and its x value is one the axis takes."""
+    return (changed(run, preset) == [axis.config] and all(str(run.flat.get(k)) == v for k, v in axis.keep)
+            and (not axis.values or x_text(axis, run) in axis.values))
 
 
 @dataclass
@@ -74,18 +82,20 @@ class SensitivityFigure:
 
     def _settings(self, ctx: Context) -> tuple[dict[str, cls.Setting], dict[tuple[str, str], list[cls.Setting]]]:
         """The presets (optimiser -> its setting) and (optimiser, axis) -> the settings of its other values: one
-        per run.json variant present that matches the axis."""
+        per run.json variant of the GAL runs whose config puts them on the axis (``on_axis``; the preset's
+        config: its own runs', else the one most of the optimiser's GAL runs share)."""
         presets = {o.label: cls.Setting(f"{o.label} preset", {"experiment": o.experiment}, "the paper's setting",
                                         stage="train_cifar") for o in OPTIMISERS}
         variants: dict[tuple[str, str], list[cls.Setting]] = {}
         runs = [r for r in ctx.runs(cls.TASK) if str(r.flat.get("method.name")) == "gal"]
         for o in OPTIMISERS:
-            found = sorted({r.variant for r in runs if str(r.flat.get("experiment")) == o.experiment})
+            own = [r for r in runs if str(r.flat.get("experiment")) == o.experiment]
+            preset = preset_config(own)
             for axis in AXES:
+                found = sorted({r.variant for r in own if r.variant and on_axis(axis, r, preset)})
                 variants[(o.label, axis.key)] = [
                     cls.Setting(f"{o.label} {v}", {"experiment": o.experiment}, f"variant {v}",
-                                stage=self._stage(o, axis), variant=v)
-                    for v in found if re.fullmatch(axis.pattern, v)]
+                                stage=self._stage(o, axis), variant=v) for v in found]
         return presets, variants
 
     def render(self, ctx: Context) -> Rendered:

@@ -2,19 +2,21 @@
 
 The paper gives the regression models and "Adam on CPU", nothing else; its baselines are far weaker than ours
 (California R² -0.61). The stages ``protocol`` and ``protocol_eps`` (params.yaml ``protocol_grids``) rerun
-baseline and GAL off our protocol, one choice at a time plus targeted points (run variants such as
-``epochs10``, ``scale_target-false``, ``lr0.0001``, ``batch_size1024``; GAL alone for ``eps<x>``, against our
-baseline). Per dataset this spec shows every protocol's baseline and GAL beside the paper's, names the protocol
-whose baseline comes closest to the paper's (``distance``), t-tests GAL against the baseline under it as Table V
-does, and hands the claims table each Table V claim re-checked there (claims.UnderProtocol). A second spec
-draws test MAE per epoch under our protocol and the closest one, and the safeguard's acceptance.
+baseline and GAL off our protocol, one choice at a time plus targeted points (overrides of STUDY_KEYS; run
+variants such as ``epochs10``, ``scale_target-false``, ``lr0.0001``, ``batch_size1024``; GAL alone for
+``method.ratio``, ``eps<x>``, against our baseline). A run is the study's when it is a run off the preset (run.json
+variant not "") whose config differs from our protocol's (the dataset and method's train_regression runs:
+selection.preset_config) in STUDY_KEYS alone (selection.changed); a protocol is the runs of one such point, shown
+under their run.json variant. Per dataset this spec shows every protocol's baseline and GAL beside the paper's,
+names the protocol whose baseline comes closest to the paper's (``distance``), t-tests GAL against the baseline
+under it as Table V does, and hands the claims table each Table V claim re-checked there (claims.UnderProtocol).
+A second spec draws test MAE per epoch under our protocol and the closest one, and the safeguard's acceptance.
 
 Closeness: the root mean square, over MAE, MSE and R², of (our baseline mean - the paper's baseline mean) / the
 paper's std over its runs: how many of the paper's own standard deviations away our baseline is."""
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,23 +27,30 @@ from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.paper import lookup
 from pipelines.report.records import MissingRuns, ReportError, RunRecord, check_one_profile
 from pipelines.report.render import fmt, fmt_p, markdown
-from pipelines.report.selection import Setting, select
+from pipelines.report.selection import Setting, changed, preset_config, select
 from pipelines.report.specs import table5
-from pipelines.report.specs.fig7 import NUMBER
 
 TASK = "regression"
 TABLE = table5.SPEC
 OURS = "ours"                    # our protocol: the presets' own runs (train_regression, Table V's)
-# The run variants the study makes (pipelines/tasks/identity.py spells them): its keys, one token each
-TOKEN = (rf"(?:epochs\d+|scale_features-(?:true|false)|scale_target-(?:true|false)|lr{NUMBER}|batch_size\d+"
-         rf"|eps{NUMBER})")
-STUDY = re.compile(rf"{TOKEN}(?:-{TOKEN})*")
+# The config keys the study changes (params.yaml protocol_grids' overrides): the protocol choices the paper
+# leaves open (conf/task/regression.yaml, optim/adam.yaml, data/<set>.yaml's batch) and GAL's eps
+STUDY_KEYS = frozenset({"task.epochs", "task.scale_features", "task.scale_target", "optim.lr", "data.train.batch_size",
+                        "method.ratio"})
 ACCEPTED = "accepted"            # history.csv: the fraction of steps the safeguard accepted, per epoch
-# h's movement per epoch where the task logs it (history.csv; pipelines/tasks/method.py): the mean norm of h's
+# h's movement per epoch where the task logs it (history.csv; pipelines/training/method.py): the mean norm of h's
 # gradient per step, and how far h's weights moved in the epoch (absolute, relative to their norm). Shown
 # when every GAL run of a protocol has them (older runs do not)
 H_COLUMNS = {"adjuster_grad_norm": "‖∇h‖", "adjuster_move": "‖Δh‖", "adjuster_move_rel": "‖Δh‖/‖h‖"}
 STAGES = {OURS: "train_regression", "points": "protocol", "eps": "protocol_eps"}
+
+
+def by_dataset_and_method(runs: list[RunRecord]) -> dict[tuple[str, str], list[RunRecord]]:
+    """(data.name, method.name) -> its runs, in order."""
+    out: dict[tuple[str, str], list[RunRecord]] = {}
+    for run in runs:
+        out.setdefault((str(run.flat.get("data.name")), str(run.flat.get("method.name"))), []).append(run)
+    return out
 
 
 def distance(ours: dict[str, float], paper: dict[str, dict[str, float]]) -> float:
@@ -77,13 +86,14 @@ class Study:
 
 
 def gather(name: str, ctx: Context) -> Study:
-    """Every dataset's protocols: our runs (Table V's) and the study's variants present under runs/regression.
+    """Every dataset's protocols: our runs (Table V's) and the study's points present under runs/regression.
     MissingRuns when the study has no runs at all, or a dataset with study runs lacks ours."""
-    found: dict[tuple[str, str], set[str]] = {}
-    for run in ctx.runs(TASK):
-        if STUDY.fullmatch(run.variant):
-            key = (str(run.flat.get("data.name")), run.variant)
-            found.setdefault(key, set()).add(str(run.flat.get("method.name")))
+    found: dict[tuple[str, str], set[str]] = {}  # (dataset, run.json variant) -> methods
+    for (ds, method), runs in by_dataset_and_method(ctx.runs(TASK)).items():
+        ours = preset_config(runs)  # our protocol's config: its runs', else the one most of these runs share
+        for run in runs:  # a run off the preset that changes no key outside the study's
+            if run.variant and STUDY_KEYS.issuperset(changed(run, ours)):
+                found.setdefault((ds, run.variant), set()).add(method)
     datasets = [ds for ds in TABLE.groups if any(d == ds for d, _ in found)]
     if not datasets:
         raise MissingRuns(name, f"runs under {ctx.task_dir(TASK)} made off the regression presets by the protocol "

@@ -1,12 +1,10 @@
-"""Regression (Table V): an MLP on a tabular set, trained with or without GAL, evaluated on a held-out split,
-on the shared runner (pipelines/tasks/runner.py): resumable per epoch like every task."""
+"""Regression (Table V): an MLP on a tabular set (data.py), trained with or without GAL, evaluated on a held-out
+split, on the shared runner (pipelines/training/runner.py): resumable per epoch like every task."""
 from __future__ import annotations
 
 import math
-import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -14,16 +12,10 @@ from torch import nn
 
 from gal_core import count_parameters
 from pipelines.errors import ConfigError
-from pipelines.tasks import RunError, runner
-from pipelines.tasks.method import (STEP_STATS, adjuster_movement, adjuster_snapshot, build_adjuster,
-                                    build_optimizer_for)
-
-
-def split(rows: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train/test indices from the seed alone, so baseline and GAL of one seed see the same split."""
-    order = np.random.default_rng(seed).permutation(rows)
-    n_test = max(1, round(rows * test_fraction))
-    return np.sort(order[n_test:]), np.sort(order[:n_test])
+from pipelines.tasks.regression.data import load, split, standardiser
+from pipelines.training import runner
+from pipelines.training.epoch import attach_method, load_method_state, method_state
+from pipelines.training.method import STEP_STATS, adjuster_movement, adjuster_snapshot, build_optimizer_for
 
 
 def mlp(features: int, hidden: list[int]) -> nn.Sequential:
@@ -33,35 +25,11 @@ def mlp(features: int, hidden: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(hidden[-1] if hidden else features, 1))
 
 
-def standardiser(values: np.ndarray, enabled: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std of the training values (identity when disabled); constant columns keep std 1."""
-    if not enabled:
-        return np.zeros(values.shape[1:]), np.ones(values.shape[1:])
-    std = values.std(axis=0)
-    return values.mean(axis=0), np.where(std > 0, std, 1.0)
-
-
 def regression_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     residual = pred - target
     mse = residual.pow(2).mean().item()
     total = (target - target.mean()).pow(2).mean().item()
     return {"mae": residual.abs().mean().item(), "mse": mse, "r2": 1.0 - mse / total if total > 0 else math.nan}
-
-
-def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    stage = f"dvc repro prepare@{path.stem}"
-    if not path.is_file():
-        raise RunError(f"{path} is missing: run `dvc repro` (its prepare stage makes it: {stage})")
-    try:
-        with np.load(path) as arrays:
-            X, y = arrays["X"].astype(np.float64), arrays["y"].astype(np.float64)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise RunError(f"cannot read {path} ({type(err).__name__}: {str(err)[:120]}); rerun its prepare "
-                       f"stage: {stage}") from None
-    if X.ndim != 2 or y.shape != (len(X),) or not (np.isfinite(X).all() and np.isfinite(y).all()):
-        raise RunError(f"{path} holds X {X.shape} and y {y.shape}, or non-finite values; rerun its prepare "
-                       f"stage: {stage}")
-    return X, y
 
 
 class Regression(runner.Task):
@@ -96,9 +64,7 @@ class Regression(runner.Task):
 
         torch.manual_seed(cfg.seed)
         self.model = mlp(X.shape[1], list(cfg.data.model.hidden)).to(self.device)
-        self.adjuster = build_adjuster(cfg.method, 1)
-        if self.adjuster is not None:
-            self.adjuster.to(self.device)
+        _, self.adjuster = attach_method(cfg.method, self.model, 1, procs)  # one process: no DDP
         self.optimizer = build_optimizer_for(cfg.optim, [{"params": list(self.model.parameters())}],
                                              self.adjuster, cfg.method)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -147,15 +113,10 @@ class Regression(runner.Task):
         return f"train_loss {row['train_loss']:.4f} test_mae {row['test_mae']:.4f}"
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(),
-                "adjuster": self.adjuster.state_dict() if self.adjuster is not None else {},
-                "optimizer": self.optimizer.state_dict(), "shuffle": self.shuffle.get_state()}
+        return {**method_state(self.model, self.adjuster, self.optimizer), "shuffle": self.shuffle.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        if self.adjuster is not None:
-            self.adjuster.load_state_dict(state["adjuster"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_method_state(state, self.model, self.adjuster, self.optimizer)
         self.shuffle.set_state(state["shuffle"].cpu())
 
 

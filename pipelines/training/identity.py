@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.errors import ConfigError
-from pipelines.tasks.method import NETWORK_KEYS
+from pipelines.training.method import NETWORK_KEYS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 NOT_IDENTITY = ("trainer", "root", "seed")  # top-level keys that never make a variant (seed is in the name)

@@ -3,16 +3,16 @@ GAL_LAUNCHER) or relaunch it under torchrun, set up processes and determinism, d
 run the epoch loop with per-epoch atomic checkpoints, and track the run (MLflow + run record) on rank 0
 with one progress line per epoch.
 
-A task supplies only what is its own, as a ``Task`` subclass (pipelines/tasks/classification.py and
-regression.py are the models): building the model, adjuster, optimiser and data in ``__init__``, one
+A task supplies only what is its own, as a ``Task`` subclass (pipelines/tasks/classification/task.py and
+regression/task.py are the models): building the model, adjuster, optimiser and data in ``__init__``, one
 training epoch, evaluation, the final metrics and its state. ``python -m pipelines.train`` calls
 ``runner.run(cfg, <the task module's TASK>)``.
 
-Resume: a rerun of the same config after a crash or kill continues from the last checkpoint in the same
-MLflow run and ends with the metrics of an uninterrupted run (bitwise on CPU with deterministic
-algorithms). Only rank 0 reads the checkpoint (only node 0 has it); it sends the tensors one by one with
-``dist.broadcast`` (on the GPU under NCCL) after a small skeleton of everything else, so no rank ever
-holds a pickled copy of the whole state.
+Resume (the rule: pipelines/CONTRACT.md, Resume): a rerun of the same config after a crash or kill continues
+from the last checkpoint in the same MLflow run and ends with the metrics of an uninterrupted run (bitwise on
+CPU with deterministic algorithms). Only rank 0 reads the checkpoint (only node 0 has it); it sends the
+tensors one by one with ``dist.broadcast`` (on the GPU under NCCL) after a small skeleton of everything else,
+so no rank ever holds a pickled copy of the whole state.
 
 Divergence: a NaN/inf in an epoch's row fails the run loudly (``trainer.on_divergence=fail``, the default: the
 tracker refuses it). With ``trainer.on_divergence=record`` it is a result: rank 0 finds it, every rank stops
@@ -23,8 +23,6 @@ rerun starts over instead of resuming towards the same divergence, and the proce
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import sys
 import time
@@ -36,8 +34,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.errors import ConfigError
-from pipelines.tasks import checkpoint, cluster, identity, launch, method
-from pipelines.tracking import RunTracker, check_tracking_server, first_nonfinite, tracking_uri
+from pipelines.training import checkpoint, cluster, identity, launch, method
+from pipelines.tracking.record import first_nonfinite
+from pipelines.tracking.resume import config_digest, decide
+from pipelines.tracking.run import RunTracker
+from pipelines.tracking.store import check_tracking_server, tracking_uri
 
 PROGRESS_SECONDS = 10.0  # at most one progress line this often (and always after the first and last epoch)
 
@@ -126,13 +127,6 @@ def diverged_on_rank0(row: dict[str, float], procs: launch.Processes) -> bool:
     return launch.all_reduce_sum(flag, procs).item() > 0
 
 
-def config_digest(config: dict) -> str:
-    """What a checkpoint must match to be resumed: the config without ``trainer`` (where and on how many
-    processes the run goes, which differs between nodes and does not change the results)."""
-    rest = {k: v for k, v in config.items() if k != "trainer"}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()
-
-
 # ------------------------------------------------------------------------------------------ the run
 def run(cfg: DictConfig, task: type[Task]) -> None:
     if cluster.launcher() != "local":  # submit a job that runs this again on its nodes, and wait for it
@@ -161,19 +155,17 @@ def run(cfg: DictConfig, task: type[Task]) -> None:
 def fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant: str) -> None:
     root = Path(cfg.root)
     name = identity.run_name(cfg, variant)
-    task = task_cls(cfg, procs)
     config = OmegaConf.to_container(cfg, resolve=True)
     # what actually ran, beside what was asked for (trainer.device=auto, gpus x nodes)
     config["trainer"].update(resolved_device=procs.device.type, world_size=procs.world)
-    config_sha = config_digest(config)
-    ckpt_path = root / "checkpoints" / task.name / name / "last.pt"
+    ckpt_path = root / "checkpoints" / task_cls.name / name / "last.pt"
     # rank 0 decides and sends the checkpoint: only node 0 has it, and other nodes' configs may differ (root)
     saved = checkpoint.load(ckpt_path) if procs.main else None
-    resumable = saved is not None and saved["config_sha"] == config_sha and saved["epoch"] < cfg.task.epochs
-    if saved is not None and not resumable:
-        why = "a finished run" if saved["config_sha"] == config_sha else "another config"
-        print(f"starting {name} over: {ckpt_path} holds {why}", flush=True)
-    saved = launch.broadcast_state(saved if resumable else None, procs)
+    decision = decide(saved, config, cfg.task.epochs, where=str(ckpt_path)) if procs.main else None
+    if saved is not None and not decision.resume:
+        print(f"starting {name} over: {ckpt_path} {decision.reason}", flush=True)
+    saved = launch.broadcast_state(saved if decision is not None and decision.resume else None, procs)
+    task = task_cls(cfg, procs)
     start, resume = 1, None
     if saved is not None:
         task.load_state_dict(saved["task"])
@@ -200,8 +192,8 @@ def fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant:
             if not procs.main:
                 continue
             tracker.log_epoch(epoch, row)  # refuses NaN/inf: with on_divergence=fail a diverged run fails loudly
-            checkpoint.save({"epoch": epoch, "config_sha": config_sha, "task": task.state_dict(),
-                             "tracker": tracker.state()}, ckpt_path)
+            checkpoint.save({"epoch": epoch, "config_sha": config_digest(config), "config": config,
+                             "task": task.state_dict(), "tracker": tracker.state()}, ckpt_path)
             if epoch in (start, cfg.task.epochs) or time.monotonic() - last_print >= PROGRESS_SECONDS:
                 print(f"epoch {epoch}/{cfg.task.epochs} {task.progress(row)}", flush=True)
                 last_print = time.monotonic()

@@ -4,13 +4,12 @@ trained with plain backward or with GAL, on one process or many (torchrun + DDP)
     python -m pipelines.train experiment=cifar100_sgd_gal seed=0 profile=paper [trainer.gpus=4]
 
 One epoch: step the timm scheduler, train on every global batch (GAL: ``adjuster.backward`` in place of
-``loss.backward``), update the EMA, evaluate. The runner (pipelines/tasks/runner.py) does the rest:
-processes, resume, checkpoints, tracking. Time per image (Table VII) = training-loop wall time of the epoch
+``loss.backward``), update the EMA, evaluate. The runner (pipelines/training/runner.py) does the rest:
+processes, resume, checkpoints, tracking; pipelines/training/epoch.py the epoch's bookkeeping. Time per image (Table VII) = training-loop wall time of the epoch
 / training images.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -19,11 +18,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from gal_core import count_parameters
-from pipelines.errors import ConfigError
-from pipelines.tasks import RunError, image_data, launch, runner
-from pipelines.tasks.image_data import sample_seed, seed_everything
-from pipelines.tasks.method import (STEP_STATS, adjuster_movement, adjuster_snapshot, build_adjuster,
-                                    build_optimizer_for)
+from pipelines.errors import ConfigError, RunError
+from pipelines.tasks.classification import data as image_data
+from pipelines.training import launch, runner
+from pipelines.training.epoch import (EpochMeter, adjuster_weights, attach_method, load_method_state, method_state,
+                                      steps_per_epoch)
+from pipelines.training.method import STEP_STATS, build_optimizer_for
+from pipelines.training.seeding import seed_everything
 
 GAL_STATS = (*STEP_STATS, "adjusted_better")
 
@@ -106,15 +107,7 @@ class Classification(runner.Task):
         self.model = build_model(cfg, self.classes).to(self.device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.adjuster = build_adjuster(cfg.method, self.classes, process_group=procs.group)
-        if self.adjuster is not None:
-            self.adjuster.to(self.device)
-        self.net = self.model
-        if procs.world > 1:
-            ids = [self.device.index] if cuda else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-            if self.adjuster is not None:
-                self.adjuster.wrap_ddp(device_ids=ids)
+        self.net, self.adjuster = attach_method(cfg.method, self.model, self.classes, procs)
         self.optimizer = build_optimizer_for(cfg.optim, model_param_groups(cfg, self.model), self.adjuster,
                                              cfg.method)
         self.scheduler = build_scheduler(cfg, self.optimizer)
@@ -141,41 +134,27 @@ class Classification(runner.Task):
         return final
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(),
-                "adjuster": self.adjuster.state_dict() if self.adjuster is not None else {},
-                "optimizer": self.optimizer.state_dict(),
+        return {**method_state(self.model, self.adjuster, self.optimizer),
                 "ema": self.ema.module.state_dict() if self.ema is not None else {},
                 "epoch_times": list(self.epoch_times)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        if self.adjuster is not None:
-            self.adjuster.load_state_dict(state["adjuster"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_method_state(state, self.model, self.adjuster, self.optimizer)
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"])
         self.epoch_times = list(state["epoch_times"])
 
     # -------------------------------------------------------------------------------- one epoch
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        cfg, procs = self.cfg, self.procs
+        cfg = self.cfg
         self.scheduler.step(epoch - 1)  # timm schedulers are functions of the (0-based) epoch
         self.net.train()
-        self.train_loader.sampler.set_epoch(epoch)
         smoothing = cfg.task.label_smoothing
-        steps = len(self.train_loader)
-        if cfg.task.max_steps is not None:
-            steps = min(cfg.task.max_steps, steps)
-        names = ("loss", *GAL_STATS) if self.adjuster is not None else ("loss",)
-        sums = torch.zeros(len(names), device=self.device, dtype=torch.float64)
+        columns = ("train_loss", *GAL_STATS) if self.adjuster is not None else ("train_loss",)
         lr = self.optimizer.param_groups[0]["lr"]
-        h_start = adjuster_snapshot(self.adjuster) if self.adjuster is not None else None  # h's movement
-        images_seen = 0
-        start = time.perf_counter()
-        for step, (images, labels) in enumerate(self.train_loader):
-            if step >= steps:
-                break
-            seed_everything(sample_seed(cfg.seed, epoch, step, procs.rank))  # dropout, erasing: resume-proof
+        meter = EpochMeter(columns, epoch, steps_per_epoch(self.train_loader, cfg.task.max_steps), cfg, self.procs,
+                           self.adjuster)
+        for images, labels in meter.batches(self.train_loader):  # each step seeded: dropout, erasing
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             x = self.preprocess(images, train=True)
@@ -191,25 +170,12 @@ class Classification(runner.Task):
                 per_sample = lambda z: F.cross_entropy(z.float(), labels, reduction="none",  # noqa: E731
                                                        label_smoothing=smoothing)
                 stats = self.adjuster.backward(logits, loss_fn, lr, per_sample_loss_fn=per_sample)
-                values = [getattr(stats, name) for name in names]  # batch-global when world > 1
+                values = [stats.loss, *(getattr(stats, name) for name in GAL_STATS)]  # batch-global
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update(self.model)
-            sums += torch.stack([v.to(torch.float64) for v in values])  # on the device: no sync per step
-            images_seen += len(labels) * procs.world
-            if procs.main and cfg.task.log_every and (step + 1) % cfg.task.log_every == 0:
-                rate = images_seen / (time.perf_counter() - start)
-                print(f"  epoch {epoch} step {step + 1}/{steps} ({rate:.1f} images/s)", flush=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - start
-        if self.adjuster is None:  # GAL's stats are batch-global already; the plain loss is per process
-            sums = launch.all_reduce_sum(sums, procs) / procs.world
-        means = (sums / max(steps, 1)).tolist()
-        row = {f"train_{n}" if n == "loss" else n: v for n, v in zip(names, means)}
-        row.update(lr=lr, time_per_image=elapsed / max(images_seen, 1), images_per_s=images_seen / elapsed)
-        if h_start is not None:
-            row.update(adjuster_movement(self.adjuster, h_start))
+            meter.add(values, len(labels))
+        row = meter.finish(lr, reduce=self.adjuster is None)
         self.epoch_times.append(row["time_per_image"])
         return row
 
@@ -239,8 +205,7 @@ class Classification(runner.Task):
         return {**self.evaluate_model(self.ema.module), **{f"raw_{k}": v for k, v in raw.items()}}
 
     def parameter_counts(self) -> dict[str, int]:
-        adjuster = count_parameters(self.adjuster, weights_only=True) if self.adjuster is not None else 0
-        return {"params_model": count_parameters(self.model), "params_adjuster": adjuster}
+        return {"params_model": count_parameters(self.model), "params_adjuster": adjuster_weights(self.adjuster)}
 
 
 def run(cfg: DictConfig) -> None:

@@ -1,61 +1,22 @@
-"""Image data for the classification task: datasets, samplers and loaders, and the on-device preprocessing.
+"""Image data for the classification task: datasets and loaders, and the on-device preprocessing.
 
 Loaders yield uint8 CHW batches; the device does the float work (resize, normalise, random erasing), as
 timm's prefetching loader does, so CPU workers only decode and augment. Determinism does not depend on the
-number of processes, workers or on resuming: every sample's augmentation is seeded by (seed, epoch, index),
-and the samplers give the same global batches for any world size (DistributedSampler's rank-strided split of
-one seeded permutation: global batch k is positions [kB, (k+1)B) of it on 1 process or on many).
+number of processes, workers or on resuming (pipelines/training/seeding.py).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from pipelines.tasks import RunError
-from pipelines.tasks.launch import worker_init
-
-
-def sample_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, the same on every platform and process."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-def seed_everything(seed: int) -> None:
-    """torch, python and numpy RNGs of this process (timm's augmentations use all three)."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-class EpochSampler(DistributedSampler):
-    """DistributedSampler yielding (index, epoch), so datasets can seed per sample even in persistent workers."""
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((index, self.epoch) for index in super().__iter__())
-
-
-class SeededDataset(Dataset):
-    """Wraps a dataset of (uint8 CHW image, label) whose transform draws random numbers: each item
-    (index, epoch) is produced under RNGs seeded from (seed, epoch, index)."""
-
-    def __init__(self, base: Dataset, seed: int):
-        self.base, self.seed = base, seed
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, item):
-        index, epoch = item if isinstance(item, tuple) else (item, 0)
-        seed_everything(sample_seed(self.seed, epoch, index))
-        return self.base[index]
+from pipelines.errors import RunError
+from pipelines.training.launch import worker_init
+from pipelines.training.seeding import EpochSampler, SeededDataset
 
 
 class CifarArrays(Dataset):

@@ -1,5 +1,5 @@
 """Object detection (Table IV): DETR on COCO 2017, trained with plain backward or with GAL on the boxes, on the
-shared runner (processes, resume, checkpoints and tracking are pipelines/tasks/runner.py's).
+shared runner (processes, resume, checkpoints and tracking are pipelines/training/runner.py's).
 
     python -m pipelines.train experiment=coco_detr_r50_gal seed=0 profile=paper trainer.gpus=4
 
@@ -15,20 +15,20 @@ clipping on the model and the optimiser step.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from gal_core import count_parameters
 from pipelines.errors import ConfigError
-from pipelines.tasks import coco_data, launch, runner
-from pipelines.tasks.detr import PostProcess, SetCriterion, build_detr
-from pipelines.tasks.image_data import sample_seed, seed_everything
-from pipelines.tasks.method import (STEP_STATS, adjuster_movement, adjuster_snapshot, build_adjuster,
-                                    build_optimizer_for)
+from pipelines.tasks.detection import data as coco_data
+from pipelines.tasks.detection.detr import PostProcess, SetCriterion, build_detr
+from pipelines.training import launch, runner
+from pipelines.training.epoch import (EpochMeter, adjuster_weights, attach_method, load_method_state, method_state,
+                                      steps_per_epoch)
+from pipelines.training.method import STEP_STATS, build_optimizer_for
+from pipelines.training.seeding import seed_everything
 
 GAL_STATS = STEP_STATS
 LOSS_TERMS = ("loss_ce", "loss_bbox", "loss_giou")
@@ -84,15 +84,7 @@ class Detection(runner.Task):
         model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
                      if k not in ("name", "smoke_backbone")}
         self.model = build_detr(num_classes=cfg.data.num_classes, **model_cfg).to(self.device)
-        self.adjuster = build_adjuster(cfg.method, 4, process_group=procs.group)
-        if self.adjuster is not None:
-            self.adjuster.to(self.device)
-        self.net = self.model
-        if procs.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-            if self.adjuster is not None:
-                self.adjuster.wrap_ddp(device_ids=ids)
+        self.net, self.adjuster = attach_method(cfg.method, self.model, 4, procs)  # GAL on the boxes
         self.optimizer = build_optimizer_for(cfg.optim, model_param_groups(self.model, cfg.task.lr_backbone),
                                              self.adjuster, cfg.method)
         for group in self.optimizer.param_groups:
@@ -113,8 +105,7 @@ class Detection(runner.Task):
 
     def parameter_counts(self) -> dict[str, int]:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        adjuster = count_parameters(self.adjuster, weights_only=True) if self.adjuster is not None else 0
-        return {"params_model": trainable, "params_adjuster": adjuster}
+        return {"params_model": trainable, "params_adjuster": adjuster_weights(self.adjuster)}
 
     def progress(self, row: dict[str, float]) -> str:
         return (f"train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} AP {row['val_AP']:.2f} "
@@ -126,15 +117,10 @@ class Detection(runner.Task):
         return final
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(),
-                "adjuster": self.adjuster.state_dict() if self.adjuster is not None else {},
-                "optimizer": self.optimizer.state_dict(), "epoch_times": list(self.epoch_times)}
+        return {**method_state(self.model, self.adjuster, self.optimizer), "epoch_times": list(self.epoch_times)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        if self.adjuster is not None:
-            self.adjuster.load_state_dict(state["adjuster"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_method_state(state, self.model, self.adjuster, self.optimizer)
         self.epoch_times = list(state["epoch_times"])
 
     # -------------------------------------------------------------------------------- one epoch
@@ -146,23 +132,16 @@ class Detection(runner.Task):
         return images, masks, targets
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        cfg, procs = self.cfg, self.procs
+        cfg = self.cfg
         for group in self.optimizer.param_groups:  # DETR's StepLR: x0.1 for every group after lr_drop epochs
             group["lr"] = group["initial_lr"] * (0.1 if epoch > cfg.task.lr_drop else 1.0)
         lr = self.optimizer.param_groups[0]["lr"]
         self.net.train()
         self.criterion.train()
-        self.train_loader.sampler.set_epoch(epoch)
-        steps = len(self.train_loader) if cfg.task.max_steps is None else min(cfg.task.max_steps,
-                                                                             len(self.train_loader))
-        names = ("loss", *LOSS_TERMS, *(GAL_STATS if self.adjuster is not None else ()))
-        sums = torch.zeros(len(names), device=self.device, dtype=torch.float64)
-        images_seen, start = 0, time.perf_counter()
-        h_start = adjuster_snapshot(self.adjuster) if self.adjuster is not None else None  # h's movement
-        for step, batch in enumerate(self.train_loader):
-            if step >= steps:
-                break
-            seed_everything(sample_seed(cfg.seed, epoch, step, procs.rank))  # dropout: resume-proof
+        columns = ("train_loss", *(f"train_{t}" for t in LOSS_TERMS), *(GAL_STATS if self.adjuster is not None else ()))
+        meter = EpochMeter(columns, epoch, steps_per_epoch(self.train_loader, cfg.task.max_steps), cfg, self.procs,
+                           self.adjuster)
+        for batch in meter.batches(self.train_loader):  # each step seeded: dropout
             images, masks, targets = self._batch(*batch)
             self.optimizer.zero_grad(set_to_none=True)
             parts = self.criterion(self.net(images, masks), targets)
@@ -175,22 +154,8 @@ class Detection(runner.Task):
             if cfg.task.clip_max_norm:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.task.clip_max_norm)
             self.optimizer.step()
-            values = [parts.terms["loss"], *(parts.terms[k] for k in LOSS_TERMS), *gal]
-            sums += torch.stack([torch.as_tensor(v, device=self.device).to(torch.float64) for v in values])
-            images_seen += len(targets) * procs.world
-            if procs.main and cfg.task.log_every and (step + 1) % cfg.task.log_every == 0:
-                print(f"  epoch {epoch} step {step + 1}/{steps} "
-                      f"({images_seen / (time.perf_counter() - start):.1f} images/s)", flush=True)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - start
-        sums = launch.all_reduce_sum(sums, procs) / procs.world  # per-process means, then over processes
-        means = (sums / max(steps, 1)).tolist()
-        row = {("train_loss" if n == "loss" else f"train_{n}" if n in LOSS_TERMS else n): v
-               for n, v in zip(names, means)}
-        row.update(lr=lr, time_per_image=elapsed / max(images_seen, 1), images_per_s=images_seen / elapsed)
-        if h_start is not None:
-            row.update(adjuster_movement(self.adjuster, h_start))
+            meter.add([parts.terms["loss"], *(parts.terms[k] for k in LOSS_TERMS), *gal], len(targets))
+        row = meter.finish(lr, reduce=True)  # per-process means, then over processes
         self.epoch_times.append(row["time_per_image"])
         return row
 

@@ -33,7 +33,7 @@ import yaml
 
 from pipelines.atomic import write_atomic
 from pipelines.errors import ConfigError, UserError, report
-from pipelines.tracking import check_tracking_server, tracking_uri
+from pipelines.tracking.store import check_tracking_server, tracking_uri
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
 CONFIG_FILE = "cluster.yaml"  # at the project root, git-ignored: cluster.example.yaml documents it
@@ -159,7 +159,7 @@ class TrainingJob:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         cfg = compose(self.argv)
         try:
-            importlib.import_module(f"pipelines.tasks.{cfg.task.name}").run(cfg)
+            importlib.import_module(f"pipelines.tasks.{cfg.task.name}.task").run(cfg)
         except UserError as err:
             print(f"train {cfg.task.name}: {err.prefix}{err}", file=sys.stderr, flush=True)
             return f"{err.prefix}{err}"

@@ -21,9 +21,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from pipelines.tasks import RunError
-from pipelines.tasks.image_data import EpochSampler, SeededDataset
-from pipelines.tasks.launch import worker_init
+from pipelines.errors import RunError
+from pipelines.training.launch import worker_init
+from pipelines.training.seeding import EpochSampler, SeededDataset
 
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6], reported in percent
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from pipelines.atomic import open_atomic
-from pipelines.tasks import RunError
+from pipelines.errors import RunError
 
 
 def save(state: dict[str, Any], path: Path) -> None:

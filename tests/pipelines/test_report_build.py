@@ -1,0 +1,86 @@
+"""The report stage (python -m pipelines.report) as a whole, on synthetic run records: every output written,
+provenance covering every rendered number, index.md, byte-identical reruns, and the report importing no
+training module."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.report import __main__ as report_cli
+from pipelines.report import index
+from pipelines.report.model import Rendered
+from tests.pipelines.report_fixtures import FIGURES, SEEDS, SPEC_NAMES, read_csv, site  # noqa: F401 (a fixture)
+
+
+OUTPUTS = [f"tables/{t}.{ext}" for t in ("table1", "table2", "table3", "table4", "table5", "table6", "table7", "table8",
+                                         "claims")
+           for ext in ("md", "csv", "tex")]
+OUTPUTS += [f"figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf", "csv")] + ["index.md", "provenance.json"]
+OUTPUTS += [f"tables/protocol_study.{ext}" for ext in ("md", "csv", "tex")]
+OUTPUTS += [f"figures/protocol_curves.{ext}" for ext in ("png", "pdf", "csv")]
+
+
+def test_every_output_exists(site):
+    for rel in OUTPUTS:
+        assert (site["out"] / rel).is_file(), rel
+    assert not [p for p in site["out"].iterdir() if p.name.startswith(".")]  # temp dirs cleaned up
+    assert not list(site["root"].glob(".reports.tmp-*"))
+
+
+def test_provenance_covers_every_rendered_number(site):
+    prov = json.loads((site["out"] / "provenance.json").read_text())
+    numbers = prov["numbers"]
+    rows = read_csv(site["out"] / "tables/table5.csv") + read_csv(site["out"] / "figures/fig4_toy3d.csv")
+    assert len(rows) == 3 * (2 * 3 * 3 + 3 * 2) + 10
+    for row in rows:
+        entry = numbers[row["key"]]
+        assert entry["value"] == pytest.approx(float(row["value"]), rel=1e-12)
+        assert entry["aggregation"] and entry["runs"] and entry["dvc_repro"]
+    entry = numbers["Table V/Boston/GAL/MAE/mean"]
+    assert entry["aggregation"].startswith("mean over 5 seeds of test_mae")
+    assert [r["dir"] for r in entry["runs"]] == [f"runs/regression/boston-gal-s{s}" for s in SEEDS]
+    assert [r["mlflow_run_id"] for r in entry["runs"]] == [site["ids"][f"boston-gal-s{s}"] for s in SEEDS]
+    assert entry["dvc_repro"] == [f"train_regression@boston-gal-{s}" for s in SEEDS]
+    assert all(r["git_commit"] for r in entry["runs"])
+    ttest = numbers["Table V/Boston/t-test/MAE/t"]
+    assert len(ttest["groups"]) == 2 and ttest["groups"][0][0] == "runs/regression/boston-baseline-s0"
+    assert "tables/claims.md" in ttest["files"] and "tables/table5.md" in ttest["files"]
+    assert prov["runs"]["runs/regression/boston-gal-s3"]["baseline"] == "runs/regression/boston-baseline-s3"
+    assert prov["profiles"] == {name: "smoke" for name in SPEC_NAMES}
+    for claim in read_csv(site["out"] / "tables/claims.csv"):  # the claims' numbers are Table V's
+        for key in claim["provenance_keys"].split("; "):
+            assert key in numbers, key
+
+
+def test_index_shows_everything_and_warns_about_smoke(site):
+    text = (site["out"] / "index.md").read_text()
+    assert text.splitlines()[0] == "# GAL reproduction: results (profile `smoke`)"
+    assert "SMOKE PROFILE" in text and "mean" in text and "nothing about the paper" in text
+    assert "![Fig. 4" in text and "(figures/fig4_toy3d.png)" in text
+    assert "| Dataset | Method | n |" in text and "## Claims" in text and "not reproduced" in text
+    real = [Rendered(name="Table V", slug="table5", kind="table", profile="regression", numbers=[], markdown="")]
+    assert index.smoke_banner(real) == "" and "`regression`" in index.profile_title(real)
+
+
+def test_rerun_gives_the_same_bytes(site, tmp_path, monkeypatch):
+    monkeypatch.chdir(site["root"])
+    again = tmp_path / "again"
+    assert report_cli.main(["--runs", "runs", "--out", str(again)]) == 0
+    for rel in OUTPUTS:
+        if rel != "index.md":  # index names the out dir's runs root the same way, but check it too below
+            assert (again / rel).read_bytes() == (site["out"] / rel).read_bytes(), rel
+    assert (again / "index.md").read_text() == (site["out"] / "index.md").read_text()
+
+
+def test_report_imports_no_training_module():
+    code = ("import sys, pipelines.report.__main__, pipelines.report.specs; "
+            "print([m for m in sys.modules if m.split('.')[0] == 'torch' or m == 'pipelines.toy3d' "
+            "or m.startswith('pipelines.tasks')])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
