@@ -35,7 +35,8 @@ class ConfigError(UserError):
     prefix = "bad config: "
 
 
-def report(stage: str, err: UserError) -> int:
+def print_error(stage: str, err: UserError) -> int:
+    """Print ``err`` as the stage's one line on stderr; the exit code of a user error."""
     print(f"{stage}: {err.prefix}{err}", file=sys.stderr)
     return USER_ERROR
 
@@ -47,6 +48,6 @@ def run_cli(stage: str, main: Callable[[], int | None]) -> int:
     try:
         return main() or 0
     except UserError as err:
-        return report(stage, err)
+        return print_error(stage, err)
     except OmegaConfBaseException as err:
-        return report(stage, ConfigError(str(err).splitlines()[0]))
+        return print_error(stage, ConfigError(str(err).splitlines()[0]))

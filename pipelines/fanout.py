@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipelines.errors import ConfigError, UserError, report
+from pipelines.errors import ConfigError, UserError, print_error
 from pipelines.training import cluster
 
 TRAIN = "pipelines.train"
@@ -82,10 +82,10 @@ def stale(names: list[str]) -> list[str]:
 
 def gpus_needed(cmd: str) -> int:
     """How many GPUs the run of ``cmd`` takes: trainer.gpus x trainer.nodes, none on the CPU."""
-    from pipelines.train import compose
+    from pipelines.config import compose
 
     argv = shlex.split(cmd)
-    trainer = compose(argv[argv.index(TRAIN) + 1:]).trainer
+    trainer = compose("train", argv[argv.index(TRAIN) + 1:]).trainer
     return 0 if str(trainer.device) == "cpu" else int(trainer.gpus) * int(trainer.nodes)
 
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return dvc("repro", *args.targets).returncode
     except UserError as err:
-        return report("fanout", err)
+        return print_error("fanout", err)
 
 
 if __name__ == "__main__":

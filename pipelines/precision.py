@@ -25,15 +25,13 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from pipelines.config import CONF, compose, load_file
 from pipelines.errors import ConfigError, run_cli
 from pipelines.tasks.detection.detr.box_ops import l1_and_giou
 from pipelines.training.method import build_adjuster
 from pipelines.tracking.run import RunTracker
 
-CONF = Path(__file__).parent / "conf"
-CONFIG = CONF / "task" / "precision.yaml"
 TASK = "precision"
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -86,17 +84,8 @@ class Setting:
 
 
 def load_config(overrides: list[str]) -> PrecisionConf:
-    """The YAML file merged with key=value overrides, type-checked; ConfigError on a bad key or value."""
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"expected key=value overrides, got {bad[0]!r}")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(PrecisionConf), OmegaConf.load(CONFIG),
-                              OmegaConf.from_dotlist(overrides))
-        cfg: PrecisionConf = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        raise ConfigError(str(err).splitlines()[0] + (f" (key {key})" if key else "")) from None
+    """conf/task/precision.yaml with key=value overrides, type-checked; ConfigError on a bad key or value."""
+    cfg: PrecisionConf = load_file(CONF / "task" / "precision.yaml", overrides, PrecisionConf)
     if not cfg.settings:
         raise ConfigError("settings is empty: name at least one paper setting, e.g. settings=[imagenet_resnet50]")
     if cfg.trials < 1 or cfg.smoke_trials < 1:
@@ -106,15 +95,10 @@ def load_config(overrides: list[str]) -> PrecisionConf:
 
 def compose_preset(setting: str) -> DictConfig:
     """``experiment=<setting>_gal`` at profile=paper: the paper's hyper-parameters as the project sets them."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("train", overrides=[f"experiment={setting}_gal", "profile=paper"])
-    except HydraException as err:
-        raise ConfigError(f"setting {setting!r}: no preset conf/experiment/{setting}_gal.yaml "
-                          f"({str(err).splitlines()[0]})") from None
+        return compose("train", [f"experiment={setting}_gal", "profile=paper"])
+    except ConfigError as err:
+        raise ConfigError(f"setting {setting!r}: no preset conf/experiment/{setting}_gal.yaml ({err})") from None
 
 
 def _positive(values: List[float], what: str) -> List[float]:

@@ -2,7 +2,7 @@
 
     python -m pipelines.toy3d [key=value ...]      e.g. optimizers=[gd] runs.gd.steps=20 profile=smoke
 
-Settings live in pipelines/conf/task/toy3d.yaml; overrides are OmegaConf dotlist items. A bad key or value
+Settings live in pipelines/conf/task/toy3d.yaml; key=value overrides (pipelines/config.py). A bad key or value
 prints one line on stderr and exits with code 2 before anything is written. Each optimiser x method is one
 tracked run, runs/toy3d/<optimizer>-<method>/ (history.csv: step, x, y, z and, for GAL, the accepted flag
 and remainder of the step that led to the point); the report stage draws Fig. 4 from them.
@@ -15,16 +15,15 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
 from gal_core.optim import build_optimizer
+from pipelines.config import CONF, load_file
 from pipelines.errors import ConfigError, run_cli
 from pipelines.surface import surface
 from pipelines.training.method import build_adjuster
 from pipelines.tracking.run import RunTracker
 
-CONFIG = Path(__file__).parent / "conf" / "task" / "toy3d.yaml"
 METHODS = ("baseline", "gal")
 
 
@@ -93,17 +92,8 @@ def run_path(cfg: Toy3dConf, run: RunConf, gal: bool) -> list[dict]:
 
 
 def load_config(overrides: list[str]) -> Toy3dConf:
-    """The YAML file merged with dotlist overrides, type-checked; ConfigError on any bad key or value."""
-    try:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"expected key=value overrides, got {bad[0]!r}")
-        cfg = OmegaConf.merge(OmegaConf.structured(Toy3dConf), OmegaConf.load(CONFIG),
-                              OmegaConf.from_dotlist(overrides))
-        cfg: Toy3dConf = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        raise ConfigError(str(err).splitlines()[0] + (f" (key {key})" if key else "")) from None
+    """conf/task/toy3d.yaml with key=value overrides, type-checked; ConfigError on any bad key or value."""
+    cfg: Toy3dConf = load_file(CONF / "task" / "toy3d.yaml", overrides, Toy3dConf)
     unknown = [name for name in cfg.optimizers if name not in cfg.runs]
     if unknown or not cfg.optimizers:
         raise ConfigError(f"optimizers must name runs among {sorted(cfg.runs)}, got {cfg.optimizers}")

@@ -3,11 +3,11 @@ leaves no outputs behind."""
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 from typing import Callable
 
-from pipelines.errors import ConfigError, UserError, report
+from pipelines.config import hydra_main
+from pipelines.errors import ConfigError, UserError, print_error
 
 
 class PrepareError(UserError):
@@ -40,7 +40,7 @@ def run_stage(name: str, prepare: Callable[[list[Path]], dict], summary: Callabl
         if isinstance(e, OmegaConfBaseException):
             e = ConfigError(str(e).splitlines()[0])
         if isinstance(e, UserError):
-            return report(f"prepare {name}", e)
+            return print_error(f"prepare {name}", e)
         raise  # a bug: the traceback is what helps
     print(f"prepare {name}: {summary(record)}")
     return 0
@@ -48,12 +48,4 @@ def run_stage(name: str, prepare: Callable[[list[Path]], dict], summary: Callabl
 
 def hydra_entry(run: Callable[..., int]) -> None:
     """``python -m pipelines.prepare.<x> data=<name> profile=<p>``: compose conf/prepare.yaml, then run."""
-    import hydra
-
-    conf = str(Path(__file__).resolve().parent.parent / "conf")  # absolute: Hydra resolves relative ones per caller
-
-    @hydra.main(version_base="1.3", config_path=conf, config_name="prepare")
-    def main(cfg) -> None:
-        sys.exit(run(cfg))
-
-    main()
+    hydra_main("prepare", "prepare", run)

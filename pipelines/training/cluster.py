@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from pipelines.atomic import write_atomic
-from pipelines.errors import ConfigError, UserError, report
+from pipelines.errors import ConfigError, UserError, print_error
 from pipelines.tracking.store import check_tracking_server, tracking_uri
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
@@ -151,13 +151,13 @@ class TrainingJob:
         """None when the run finished (or recorded its divergence); a user error's one line otherwise."""
         from submitit.helpers import TorchDistributedEnvironment
 
-        from pipelines.train import compose
+        from pipelines.config import compose
 
         os.chdir(self.cwd)
         os.environ["GAL_LAUNCHER"] = "local"  # this is the job: run here
         # each task keeps every GPU of its node visible and takes its local rank's (launch.setup)
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        cfg = compose(self.argv)
+        cfg = compose("train", self.argv)
         try:
             importlib.import_module(f"pipelines.tasks.{cfg.task.name}.task").run(cfg)
         except UserError as err:
@@ -247,6 +247,6 @@ def submit(cfg, task_cls, argv: list[str], run_name: str) -> int:
               f"logs in {folder}", file=sys.stderr)
         return 1
     if error:
-        return report(f"train {task_cls.name}", UserError(f"job {job.job_id}: {error}"))
+        return print_error(f"train {task_cls.name}", UserError(f"job {job.job_id}: {error}"))
     print(f"{run_name}: job {job.job_id} finished", flush=True)
     return 0

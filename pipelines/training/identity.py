@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipelines.config import compose
 from pipelines.errors import ConfigError
 from pipelines.training.method import NETWORK_KEYS
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 NOT_IDENTITY = ("trainer", "root", "seed")  # top-level keys that never make a variant (seed is in the name)
 VARIANT_MAX = 60
 # Short names of GAL's hyper-parameters (the paper's symbols where it has them).
@@ -42,19 +41,12 @@ def preset_overrides(cfg: DictConfig) -> list[str]:
 
 
 def compose_preset(cfg: DictConfig) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-
     overrides = preset_overrides(cfg)
     try:
-        if GlobalHydra.instance().is_initialized():  # inside @hydra.main or a test's initialize()
-            return compose("train", overrides=overrides)
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("train", overrides=overrides)
-    except HydraException as err:
-        raise ConfigError(f"no preset {overrides[0]} to name this run after ({str(err).splitlines()[0]}); "
-                          f"runs are named after conf/experiment/<setting>_<method>.yaml") from None
+        return compose("train", overrides)
+    except ConfigError as err:
+        raise ConfigError(f"no preset {overrides[0]} to name this run after ({err}); runs are named after "
+                          f"conf/experiment/<setting>_<method>.yaml") from None
 
 
 def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:

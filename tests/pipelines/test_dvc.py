@@ -1,11 +1,11 @@
 """dvc.yaml cannot drift from the code: every stage's deps cover the project modules its entry point imports
-(transitively) and the config files it composes, and every training stage's outputs are the run record of
-the run name pipelines/training/identity.py gives its command."""
+(transitively) and the config files it composes, every training stage's outputs are the run record of the
+run name pipelines/training/identity.py gives its command, and an edit to one task, the downloader or the
+report makes only the stages that run it stale."""
 from __future__ import annotations
 
-import ast
+import os
 import shlex
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -15,52 +15,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 
 from pipelines.training import identity
-from tests.pipelines.prepare_helpers import ROOT
+from tests.pipelines.import_graph import ROOT, closure, module_file
+from tests.workspace import copy_project
 
 CONF = ROOT / "pipelines" / "conf"
-PROJECT = ("pipelines", "gal_core", "benchmarks")
-GAL_CORE = ROOT / "packages" / "gal_core" / "src"
-
-
-def module_file(name: str) -> Path | None:
-    base = GAL_CORE if name.split(".")[0] == "gal_core" else ROOT
-    path = base.joinpath(*name.split("."))
-    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-@lru_cache(maxsize=None)
-def imports(path: Path) -> frozenset[Path]:
-    """Project files ``path`` imports (at any depth of the module, late imports too), with the packages'
-    __init__ files that importing them runs."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-        for name in names:
-            if name.split(".")[0] not in PROJECT:
-                continue
-            parts = name.split(".")
-            for i in range(1, len(parts) + 1):  # a.b.c runs a/__init__ and a/b/__init__ too
-                file = module_file(".".join(parts[:i]))
-                if file is not None:
-                    found.add(file)
-    return frozenset(found)
-
-
-def closure(files: set[Path]) -> set[Path]:
-    todo, seen = list(files), set()
-    while todo:
-        file = todo.pop()
-        if file not in seen:
-            seen.add(file)
-            todo.extend(imports(file))
-    return seen
 
 
 def composed_files(config_name: str, overrides: list[str]) -> set[Path]:
@@ -137,3 +95,59 @@ def test_training_stages_write_the_record_of_the_run_their_command_names(stages)
         outs = [o.def_path for o in stage.outs]
         assert outs and all(o.startswith(record) for o in outs), (stage.name, record, outs)
         assert {Path(o).name for o in outs} == {"config.yaml", "run.json", "metrics.json", "history.csv"}
+
+
+# ------------------------------------------------------------------ an edit re-runs only what it can change
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """A copy of the project whose every stage is recorded in dvc.lock as if it had run (outputs stand-ins,
+    `dvc commit`): `dvc status` then lists exactly the stages an edit makes stale, as after a real repro."""
+    repo = copy_project(tmp_path_factory.mktemp("recorded"))
+    cwd = os.getcwd()
+    os.chdir(repo)  # DVC's stage cache resolves paths against the working directory
+    try:
+        with Repo(str(repo)) as dvc:
+            for stage in dvc.index.stages:
+                for out in stage.outs:
+                    path = Path(out.fs_path)
+                    if not path.exists():
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        path.write_text(f"{stage.addressing}\n")
+            dvc.commit(None, force=True)
+            assert dvc.status() == {}
+        yield repo
+    finally:
+        os.chdir(cwd)
+
+
+def stale_after_editing(repo: Path, name: str) -> set[str]:
+    """The stages `dvc status` lists after a comment is appended to ``name`` (then the file is restored)."""
+    path = repo / name
+    text = path.read_text()
+    path.write_text(text + "# an edit\n")
+    try:
+        with Repo(str(repo)) as dvc:
+            return set(dvc.status())
+    finally:
+        path.write_text(text)
+
+
+def stage_group(stages: set[str]) -> set[str]:
+    return {s.split("@")[0] for s in stages}
+
+
+@pytest.mark.parametrize("edited, stale", [
+    ("pipelines/tasks/detection/task.py", {"train_detection"}),
+    ("pipelines/tasks/regression/data.py", {"train_regression", "protocol", "protocol_eps"}),
+    ("pipelines/tasks/classification/task.py", {"train_cifar", "train_imagenet", "ablate_noise", "ablate_raw_noise",
+                                                "ablate_adjuster", "ablate_policy", "ablate_eps", "ablate_scale",
+                                                "ablate_lookahead_arch"}),
+    ("pipelines/fetch.py", {"prepare", "prepare_cifar", "prepare_imagenet", "prepare_coco"}),
+    ("pipelines/report/build.py", {"report"}),
+])
+def test_an_edit_makes_stale_only_the_stages_that_run_the_edited_code(recorded, edited, stale):
+    found = stale_after_editing(recorded, edited)
+    assert stage_group(found) == stale
+    with Repo(str(recorded)) as dvc:  # every stage of a group: none is left out
+        expected = {s.addressing for s in dvc.index.stages if s.addressing.split("@")[0] in stale}
+    assert found == expected

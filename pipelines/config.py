@@ -1,0 +1,83 @@
+"""The one way an entry point that reads pipelines/conf/ takes its overrides: Hydra's, with errors in one line.
+
+    cfg = compose("train", ["experiment=boston_gal", "seed=0"])   # a ConfigError (one line) if bad
+    hydra_main("prepare", "prepare", run)   # `python -m ...`: Hydra's CLI (--cfg job, -m), bad overrides in one line
+    cfg = load_file(CONF / "task" / "toy3d.yaml", ["optimizers=[gd]"], Toy3dConf)  # a study's own flat file
+
+Overrides are key=value everywhere (lists as [a,b]); Hydra's also take group=option and +new_key=value. The
+studies (toy3d, precision) read one flat file of their own: composed by Hydra its keys would meet conf/'s
+groups (their `profile=` would select conf/profile/), so ``load_file`` merges the same key=value items into
+it and type-checks them against the study's dataclass.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines.errors import ConfigError, print_error
+
+CONF = Path(__file__).resolve().parent / "conf"
+
+
+def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    """conf/<config_name>.yaml with ``overrides``; ConfigError in one line for an unknown preset or key, a bad
+    value or a bad override."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside @hydra.main or a test's initialize()
+            return hydra_compose(config_name, overrides=list(overrides))
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return hydra_compose(config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load_file(path: Path, overrides: Sequence[str], schema: type) -> Any:
+    """The YAML file ``path`` with key=value ``overrides``, as an instance of the dataclass ``schema``;
+    ConfigError in one line for a bad key, value or override."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"expected key=value overrides, got {bad[0]!r}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def _one_line(err: Exception) -> str:
+    """Hydra's and OmegaConf's message without the config search path and OmegaConf's node details."""
+    text = str(err).split("Config search path")[0].replace("\t", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(
+        ("full_key:", "object_type=", "reference_type="))]
+    key = getattr(err, "full_key", None)
+    return " ".join(lines) + (f" (key {key})" if key and key not in text.split("full_key:")[0] else "")
+
+
+def hydra_main(config_name: str, stage: str, run: Callable[[DictConfig], int | None]) -> None:
+    """Run ``run(cfg)`` under Hydra's CLI on conf/<config_name>.yaml and exit with its code. The overrides are
+    composed once first, so a bad one is one line (exit 2) rather than Hydra's report; Hydra's own flags
+    (--cfg, --help, -m, ...) skip that."""
+    import hydra
+
+    argv = sys.argv[1:]
+    if not any(arg.startswith("-") for arg in argv):
+        try:
+            compose(config_name, argv)
+        except ConfigError as err:
+            sys.exit(print_error(stage, err))
+
+    @hydra.main(config_path=str(CONF), config_name=config_name, version_base="1.3")
+    def main(cfg: DictConfig) -> None:
+        sys.exit(run(cfg) or 0)
+
+    main()
