@@ -14,11 +14,7 @@ CPU with deterministic algorithms). Only rank 0 reads the checkpoint (only node 
 tensors one by one with ``dist.broadcast`` (on the GPU under NCCL) after a small skeleton of everything else,
 so no rank ever holds a pickled copy of the whole state.
 
-Divergence: a NaN/inf in an epoch's row fails the run loudly (``trainer.on_divergence=fail``, the default: the
-tracker refuses it). With ``trainer.on_divergence=record`` it is a result: rank 0 finds it, every rank stops
-after that epoch, the tracker writes the record of a diverged run (``RunTracker.log_diverged``: the finite
-epochs, metrics.json ``diverged_epoch``, MLflow run FAILED with tags), the checkpoint is deleted so that a
-rerun starts over instead of resuming towards the same divergence, and the process ends with exit code 0.
+Divergence: ``trainer.on_divergence`` (fail or record); the rule: pipelines/CONTRACT.md, Divergence.
 """
 from __future__ import annotations
 

@@ -143,6 +143,7 @@ def stage_group(stages: set[str]) -> set[str]:
                                                 "ablate_adjuster", "ablate_policy", "ablate_eps", "ablate_scale",
                                                 "ablate_lookahead_arch"}),
     ("pipelines/fetch.py", {"prepare", "prepare_cifar", "prepare_imagenet", "prepare_coco"}),
+    ("pipelines/prepare/coco.py", {"prepare_coco"}),
     ("pipelines/report/build.py", {"report"}),
 ])
 def test_an_edit_makes_stale_only_the_stages_that_run_the_edited_code(recorded, edited, stale):

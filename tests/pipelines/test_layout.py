@@ -10,7 +10,7 @@ import pytest
 from tests.pipelines.import_graph import ROOT, closure, imports
 
 PIPELINES = ROOT / "pipelines"
-TASKS = sorted(p.name for p in (PIPELINES / "tasks").iterdir() if (p / "task.py").is_file())
+TASKS = sorted(p.name for p in (PIPELINES / "tasks").iterdir() if p.is_dir() and p.name != "__pycache__")
 
 
 def files_under(folder: str) -> list[Path]:
@@ -22,8 +22,12 @@ def imported(files: list[Path]) -> set[str]:
     return {str(f.relative_to(PIPELINES)) for file in files for f in imports(file) if PIPELINES in f.parents}
 
 
-def test_the_tasks_are_the_three_folders():
-    assert TASKS == ["classification", "detection", "regression"]
+def test_every_task_folder_holds_its_task_and_its_data():
+    assert {"classification", "detection", "regression"} <= set(TASKS)
+    for task in TASKS:
+        folder = PIPELINES / "tasks" / task
+        assert {"__init__.py", "task.py", "data.py"} <= {f.name for f in folder.iterdir()}, task
+        assert "def run(cfg" in (folder / "task.py").read_text(), f"{task}/task.py has no run(cfg) for pipelines.train"
 
 
 @pytest.mark.parametrize("task", TASKS)
