@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.report import classification
+from pipelines.report import over_seeds
 from pipelines.report.model import Context
 from tests.pipelines.report_fixtures import (CLS_SEEDS, FIGURES, abl_error, abl_values, by_key, cls_last, cls_values,
-                                             ours, read_csv, site, surface)  # noqa: F401 (site: a fixture)
+                                             ours, read_csv, surface)
 
 
 def test_fig4_numbers_and_figure(site):
@@ -84,8 +84,8 @@ def test_fig7_points_and_preset_marker(site, tmp_path, monkeypatch):
     assert f"| Lookahead | s | 0.5 | variant scale0.5 | 2 | {ours(abl_values('cifar100_lookahead', 'scale0.5'))} |" in md
 
     figures = []  # the plotted figure: the preset's marker sits at the preset's mean, the others in x order
-    save = classification.save
-    monkeypatch.setattr(classification, "save", lambda fig, files: (figures.append(fig), save(fig, files)))
+    save = over_seeds.save
+    monkeypatch.setattr(over_seeds, "save", lambda fig, files: (figures.append(fig), save(fig, files)))
     monkeypatch.chdir(site["root"])
     (tmp_path / "figures").mkdir()
     fig7.SPEC.render(Context(runs_root=Path("runs"), out=tmp_path))

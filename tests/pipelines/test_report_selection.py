@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.report import classification
+from pipelines.report import over_seeds
 from pipelines.report.model import Context
 from pipelines.report.records import MissingRuns, ReportError
 from pipelines.report.selection import Setting, select
@@ -23,15 +23,15 @@ def test_classification_selection(tmp_path):
     made = make_runs(tmp_path / "runs", profiles={"cifar10_sgd-baseline-s2": "paper"})
     with pytest.raises(ReportError, match=r"Fig\. 5: runs come from mixed profiles: paper \(1 runs, e\.g\. "
                                           r".*runs/classification/cifar10_sgd-baseline-s2\); smoke"):
-        select("Fig. 5", Context(runs_root=tmp_path / "runs", out=tmp_path / "out"), classification.TASK,
-               classification.PER_DATASET, ("baseline", "gal"))
+        select("Fig. 5", Context(runs_root=tmp_path / "runs", out=tmp_path / "out"), over_seeds.TASK,
+               over_seeds.PER_DATASET, ("baseline", "gal"))
     shutil.rmtree(made["cifar10_sgd-baseline-s2"])
     for name, path in made.items():
         if name.startswith("imagenet_efficientnet_b2-gal"):
             shutil.rmtree(path)
     ctx = Context(runs_root=tmp_path / "runs", out=tmp_path / "out")
     spec = fig6.SPEC
-    cells, profile = select(spec.name, ctx, classification.TASK, spec.settings, (spec.method,), optional=spec.optional)
+    cells, profile = select(spec.name, ctx, over_seeds.TASK, spec.settings, (spec.method,), optional=spec.optional)
     assert sorted(cells) == [("ResNet-50", "gal")] and profile == "smoke"
     assert [r.get("seed") for r in cells[("ResNet-50", "gal")]] == list(CLS_SEEDS)
     for name, path in made.items():

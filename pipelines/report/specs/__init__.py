@@ -1,7 +1,7 @@
 """The tables and figures the report renders, in the order index.md shows them.
 
 Adding a table or figure = one module here defining SPEC (see pipelines/report/model.py for the interface;
-pipelines/report/comparison.py for the baseline-vs-GAL-over-seeds kind, pipelines/report/classification.py
+pipelines/report/comparison.py for the baseline-vs-GAL-over-seeds kind, pipelines/report/over_seeds.py
 for what the classification specs share) + one line below + its paper numbers in
 pipelines/report/paper.yaml. A spec whose runs are missing is skipped with a note in index.md; runs that are
 present but inconsistent make the report fail.

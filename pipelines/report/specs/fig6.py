@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.report import classification as cls
+from pipelines.report import over_seeds
 from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.render import markdown, pm
 from pipelines.report.selection import select
 from pipelines.report.specs.precision import rounding_note
 
-MODELS = (cls.Setting("ResNet-50", {"experiment": "imagenet_resnet50"}, "ImageNet, RMSProp", stage="train_imagenet"),
-          cls.Setting("EfficientNet-B2", {"experiment": "imagenet_efficientnet_b2"}, "ImageNet",
+MODELS = (over_seeds.Setting("ResNet-50", {"experiment": "imagenet_resnet50"}, "ImageNet, RMSProp", stage="train_imagenet"),
+          over_seeds.Setting("EfficientNet-B2", {"experiment": "imagenet_efficientnet_b2"}, "ImageNet",
                       stage="train_imagenet"))
 
 
@@ -25,7 +25,7 @@ class GalStatsFigure:
     name: str = "Fig. 6"
     slug: str = "fig6_remainder_cosine"
     kind: str = "figure"
-    settings: tuple[cls.Setting, ...] = MODELS
+    settings: tuple[over_seeds.Setting, ...] = MODELS
     optional: tuple[str, ...] = ("EfficientNet-B2",)   # shown when its GAL runs exist
     # history.csv column, its name in text, its name on the plot (matplotlib mathtext)
     columns: tuple[tuple[str, str, str], ...] = (
@@ -36,7 +36,7 @@ class GalStatsFigure:
     method_name: str = "GAL"
 
     def render(self, ctx: Context) -> Rendered:
-        cells, profile = select(self.name, ctx, cls.TASK, self.settings, (self.method,), optional=self.optional)
+        cells, profile = select(self.name, ctx, over_seeds.TASK, self.settings, (self.method,), optional=self.optional)
         shown = [s for s in self.settings if (s.label, self.method) in cells]
         numbers: list[Number] = []
         rows: list[list[str]] = []
@@ -45,7 +45,7 @@ class GalStatsFigure:
             runs = cells[(s.label, self.method)]
             row = [s.label, s.detail, str(len(runs))]
             for column, _, _ in self.columns:
-                nums = cls.final_numbers(self.name, [s.label, self.method_name], column, runs)
+                nums = over_seeds.final_numbers(self.name, [s.label, self.method_name], column, runs)
                 finals[(s.label, column)] = nums["mean"]
                 numbers += nums.values()
                 row.append(pm(nums["mean"].value, nums["std"].value))
@@ -61,7 +61,7 @@ class GalStatsFigure:
                         markdown=md, files=files)
 
     def _plot(self, cells, shown, finals, profile, files) -> None:
-        plt = cls.pyplot()
+        plt = over_seeds.pyplot()
         n = len(self.columns)
         fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.8), squeeze=False,
                                  gridspec_kw={"left": 0.09, "right": 0.98, "bottom": 0.13, "top": 0.84,
@@ -69,14 +69,14 @@ class GalStatsFigure:
         for ax, (column, _, ylabel) in zip(axes[0], self.columns):
             for s in shown:
                 runs = cells[(s.label, self.method)]
-                epochs, mean, std = cls.curve(runs, column)
-                cls.band(ax, epochs, mean, std, lw=1.8,
+                epochs, mean, std = over_seeds.curve(runs, column)
+                over_seeds.band(ax, epochs, mean, std, lw=1.8,
                          label=f"{s.label} ({len(runs)} seeds): final {finals[(s.label, column)].text}")
             ax.set(title=f"{ylabel} per epoch", xlabel="epoch", ylabel=f"{ylabel} (epoch mean)")
             ax.grid(alpha=0.3)
             ax.legend()
         fig.suptitle(f"{self.name}: GAL on ImageNet, mean ± std over seeds (profile {profile})")
-        cls.save(fig, files)
+        over_seeds.save(fig, files)
 
 
 SPEC = GalStatsFigure()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.report import classification as cls
+from pipelines.report import over_seeds
 from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.records import MissingRuns, RunRecord, check_one_profile
 from pipelines.report.render import markdown
@@ -63,10 +63,10 @@ def on_axis(axis: Axis, run: RunRecord, preset: dict) -> bool:
 
 @dataclass
 class Point:
-    setting: cls.Setting
+    setting: over_seeds.Setting
     axis: Axis
     x: str
-    outcome: cls.Outcome
+    outcome: over_seeds.Outcome
     preset: bool
 
 
@@ -75,26 +75,26 @@ class SensitivityFigure:
     name: str = "Fig. 7"
     slug: str = "fig7_sensitivity"
     kind: str = "figure"
-    column: str = cls.ERROR
+    column: str = over_seeds.ERROR
 
     def _stage(self, opt: Optimiser, axis: Axis) -> str:
         return axis.stage or opt.arch_stage
 
-    def _settings(self, ctx: Context) -> tuple[dict[str, cls.Setting], dict[tuple[str, str], list[cls.Setting]]]:
+    def _settings(self, ctx: Context) -> tuple[dict[str, over_seeds.Setting], dict[tuple[str, str], list[over_seeds.Setting]]]:
         """The presets (optimiser -> its setting) and (optimiser, axis) -> the settings of its other values: one
         per run.json variant of the GAL runs whose config puts them on the axis (``on_axis``; the preset's
         config: its own runs', else the one most of the optimiser's GAL runs share)."""
-        presets = {o.label: cls.Setting(f"{o.label} preset", {"experiment": o.experiment}, "the paper's setting",
+        presets = {o.label: over_seeds.Setting(f"{o.label} preset", {"experiment": o.experiment}, "the paper's setting",
                                         stage="train_cifar") for o in OPTIMISERS}
-        variants: dict[tuple[str, str], list[cls.Setting]] = {}
-        runs = [r for r in ctx.runs(cls.TASK) if str(r.flat.get("method.name")) == "gal"]
+        variants: dict[tuple[str, str], list[over_seeds.Setting]] = {}
+        runs = [r for r in ctx.runs(over_seeds.TASK) if str(r.flat.get("method.name")) == "gal"]
         for o in OPTIMISERS:
             own = [r for r in runs if str(r.flat.get("experiment")) == o.experiment]
             preset = preset_config(own)
             for axis in AXES:
                 found = sorted({r.variant for r in own if r.variant and on_axis(axis, r, preset)})
                 variants[(o.label, axis.key)] = [
-                    cls.Setting(f"{o.label} {v}", {"experiment": o.experiment}, f"variant {v}",
+                    over_seeds.Setting(f"{o.label} {v}", {"experiment": o.experiment}, f"variant {v}",
                                 stage=self._stage(o, axis), variant=v) for v in found]
         return presets, variants
 
@@ -103,11 +103,11 @@ class SensitivityFigure:
         lacking = [(f"{o.label}/{a.key}: no value but the preset's (variants {a.spelled})",
                     self._stage(o, a)) for o in OPTIMISERS for a in AXES if not variants[(o.label, a.key)]]
         settings = [*presets.values(), *(s for group in variants.values() for s in group)]
-        needs = (f"runs under {ctx.task_dir(cls.TASK)} with experiment in {{"
+        needs = (f"runs under {ctx.task_dir(over_seeds.TASK)} with experiment in {{"
                  f"{', '.join(o.experiment for o in OPTIMISERS)}}} x method.name=gal: the preset's own and at least "
                  "one other value per panel (variants eps<x>, scale<x>, mlp-<widths>)")
         try:
-            cells, _ = select(self.name, ctx, cls.TASK, settings, ("gal",))
+            cells, _ = select(self.name, ctx, over_seeds.TASK, settings, ("gal",))
         except MissingRuns as err:
             if not lacking:
                 raise
@@ -115,12 +115,12 @@ class SensitivityFigure:
             raise MissingRuns(self.name, needs, f"{err.missing}; {'; '.join(t for t, _ in lacking)}",
                               " ".join(["dvc repro", *dict.fromkeys(stages)])) from None
         if lacking:
-            raise MissingRuns(self.name, needs, f"missing runs under {ctx.task_dir(cls.TASK)}: "
+            raise MissingRuns(self.name, needs, f"missing runs under {ctx.task_dir(over_seeds.TASK)}: "
                               + "; ".join(t for t, _ in lacking),
                               " ".join(["dvc repro", *dict.fromkeys(s for _, s in lacking)]))
-        base_settings = [cls.Setting(f"{o.label} baseline", {"experiment": o.experiment}, stage="train_cifar")
+        base_settings = [over_seeds.Setting(f"{o.label} baseline", {"experiment": o.experiment}, stage="train_cifar")
                          for o in OPTIMISERS]
-        base_cells, _ = select(self.name, ctx, cls.TASK, base_settings, ("baseline",),
+        base_cells, _ = select(self.name, ctx, over_seeds.TASK, base_settings, ("baseline",),
                                optional=[s.label for s in base_settings])
         profile = check_one_profile(self.name, [r for c in (cells, base_cells) for runs in c.values() for r in runs],
                                     ctx.profile)
@@ -128,7 +128,7 @@ class SensitivityFigure:
         numbers: list[Number] = []
         rows: list[list[str]] = []
         panels: dict[tuple[str, str], list[Point]] = {}
-        baselines_out: dict[str, cls.Outcome] = {}
+        baselines_out: dict[str, over_seeds.Outcome] = {}
         for o in OPTIMISERS:
             preset = presets[o.label]
             for axis in AXES:
@@ -136,7 +136,7 @@ class SensitivityFigure:
                 for s in [preset, *variants[(o.label, axis.key)]]:
                     runs = cells[(s.label, "gal")]
                     x = x_text(axis, runs[0])
-                    out = cls.outcome([self.name, o.label, axis.key, x], runs, key=self.column, column=self.column,
+                    out = over_seeds.outcome([self.name, o.label, axis.key, x], runs, key=self.column, column=self.column,
                                       fields={"optimiser": o.label, "axis": axis.key, "value": x})
                     points.append(Point(s, axis, x, out, s is preset))
                 points.sort(key=lambda p, axis=axis: float(p.x) if axis.log else
@@ -148,7 +148,7 @@ class SensitivityFigure:
                                  p.setting.detail, str(len(p.outcome.runs)), p.outcome.text])
             if (f"{o.label} baseline", "baseline") in base_cells:
                 runs = base_cells[(f"{o.label} baseline", "baseline")]
-                out = cls.outcome([self.name, o.label, "baseline"], runs, key=self.column, column=self.column,
+                out = over_seeds.outcome([self.name, o.label, "baseline"], runs, key=self.column, column=self.column,
                                   fields={"optimiser": o.label, "axis": "baseline", "value": ""})
                 baselines_out[o.label] = out
                 numbers += out.numbers
@@ -169,11 +169,11 @@ class SensitivityFigure:
               + markdown(layout))
         baselines = {}
         for o in OPTIMISERS:  # the preset's runs against the baseline's, the other values' against the preset's
-            base = {r.get(cls.SEED_KEY): r for r in base_cells.get((f"{o.label} baseline", "baseline"), [])}
-            own = {r.get(cls.SEED_KEY): r for r in cells[(presets[o.label].label, "gal")]}
+            base = {r.get(over_seeds.SEED_KEY): r for r in base_cells.get((f"{o.label} baseline", "baseline"), [])}
+            own = {r.get(over_seeds.SEED_KEY): r for r in cells[(presets[o.label].label, "gal")]}
             baselines.update({r.dir: base[seed].dir for seed, r in own.items() if seed in base})
-            baselines.update({r.dir: own[r.get(cls.SEED_KEY)].dir for a in AXES for s in variants[(o.label, a.key)]
-                              for r in cells[(s.label, "gal")] if r.get(cls.SEED_KEY) in own})
+            baselines.update({r.dir: own[r.get(over_seeds.SEED_KEY)].dir for a in AXES for s in variants[(o.label, a.key)]
+                              for r in cells[(s.label, "gal")] if r.get(over_seeds.SEED_KEY) in own})
         return Rendered(name=self.name, slug=self.slug, kind=self.kind, profile=profile, numbers=numbers,
                         markdown=md, files=files, baselines=baselines)
 
@@ -181,7 +181,7 @@ class SensitivityFigure:
         import numpy as np
         from matplotlib.ticker import NullFormatter
 
-        plt = cls.pyplot()
+        plt = over_seeds.pyplot()
         fig, axes = plt.subplots(len(OPTIMISERS), len(AXES), figsize=(4.4 * len(AXES), 3.7 * len(OPTIMISERS)),
                                  squeeze=False, gridspec_kw={"left": 0.06, "right": 0.98, "bottom": 0.1,
                                                              "top": 0.9, "wspace": 0.25, "hspace": 0.5})
@@ -202,7 +202,7 @@ class SensitivityFigure:
                         ax.plot(x, 0.97, "x", ms=9, mew=2, color="#d62728", transform=ax.get_xaxis_transform(),
                                 ls="", label=f"{p.x}: {p.outcome.text}")
                 if o.label in baselines and baselines[o.label].finished:
-                    ax.axhline(baselines[o.label].mean, ls="--", color=cls.COLORS["baseline"], lw=1.3,
+                    ax.axhline(baselines[o.label].mean, ls="--", color=over_seeds.COLORS["baseline"], lw=1.3,
                                label=f"baseline: {baselines[o.label].text}")
                 if axis.log:
                     ax.set_xscale("log")
@@ -215,7 +215,7 @@ class SensitivityFigure:
                 ax.legend(fontsize=7)
         fig.suptitle(f"{self.name}: sensitivity of GAL, CIFAR-100 (EfficientNet-B1), mean ± std over seeds "
                      f"(profile {profile})")
-        cls.save(fig, files)
+        over_seeds.save(fig, files)
 
 
 SPEC = SensitivityFigure()

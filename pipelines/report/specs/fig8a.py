@@ -6,15 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.report import classification as cls
+from pipelines.report import over_seeds
 from pipelines.report.model import Claim, Context, Layout, Number, Rendered
 from pipelines.report.render import markdown
 from pipelines.report.selection import select
 
 
-def policy(value: str, label: str, detail: str) -> cls.Setting:
+def policy(value: str, label: str, detail: str) -> over_seeds.Setting:
     preset = value == "safeguard"
-    return cls.Setting(label, {"experiment": "cifar100_sgd", "method.policy": value}, detail,
+    return over_seeds.Setting(label, {"experiment": "cifar100_sgd", "method.policy": value}, detail,
                        stage="train_cifar" if preset else "ablate_policy", variant="" if preset else f"policy-{value}")
 
 
@@ -32,26 +32,26 @@ class PolicyFigure:
     name: str = "Fig. 8a"
     slug: str = "fig8a_update_policies"
     kind: str = "figure"
-    column: str = cls.ERROR
+    column: str = over_seeds.ERROR
 
     def render(self, ctx: Context) -> Rendered:
         preset, others = POLICIES[0], POLICIES[1:]
-        cells, profile = select(self.name, ctx, cls.TASK, POLICIES, ("gal",), optional=[s.label for s in others])
-        cls.require_one(self.name, ctx, others, cells, "EfficientNet-B1 on CIFAR-100 (SGD) with another update policy")
+        cells, profile = select(self.name, ctx, over_seeds.TASK, POLICIES, ("gal",), optional=[s.label for s in others])
+        over_seeds.require_one(self.name, ctx, others, cells, "EfficientNet-B1 on CIFAR-100 (SGD) with another update policy")
         shown = [s for s in POLICIES if (s.label, "gal") in cells]
         numbers: list[Number] = []
         rows: list[list[str]] = []
-        outcomes: dict[str, cls.Outcome] = {}
+        outcomes: dict[str, over_seeds.Outcome] = {}
         for s in shown:
             runs = cells[(s.label, "gal")]
-            out = cls.outcome([self.name, s.label], runs, key=self.column, column=self.column,
+            out = over_seeds.outcome([self.name, s.label], runs, key=self.column, column=self.column,
                               fields={"policy": s.label, "method.policy": s.where["method.policy"]})
             outcomes[s.label] = out
             numbers += out.numbers
             rows.append([s.label, s.where["method.policy"], s.detail, str(len(runs)), out.text])
         claims: list[Claim] = []
         for s in shown[1:]:
-            claim, nums = cls.versus(self.name, s.label, f"{preset.label} beats {s.label}",
+            claim, nums = over_seeds.versus(self.name, s.label, f"{preset.label} beats {s.label}",
                                      (s.label, outcomes[s.label]), (preset.label, outcomes[preset.label]),
                                      [self.name, "t-test", f"{preset.label} vs {s.label}", self.column])
             claims.append(claim)
@@ -63,20 +63,20 @@ class PolicyFigure:
                  "a diverged run has no final error (the row gives the epoch) and no line"]
         absent = [s for s in POLICIES if s not in shown]
         if absent:
-            notes.append(cls.left_out_note(absent))
+            notes.append(over_seeds.left_out_note(absent))
         layout = Layout(columns=["Policy (Alg. 1)", "method.policy", "Update", "n",
                                  f"final {self.column} (mean ± std)"], rows=rows, notes=notes)
         md = (f"![{self.name}: top-1 test error per epoch per update policy]({files[0]})\n\n"
               f"[{self.name} as PDF]({files[1]}). Final top-1 test error (%) of each policy (over seeds):\n\n"
               + markdown(layout))
-        seeds = {r.get(cls.SEED_KEY): r for r in cells[(preset.label, "gal")]}
-        baselines = {r.dir: seeds[r.get(cls.SEED_KEY)].dir for s in shown[1:] for r in cells[(s.label, "gal")]
-                     if r.get(cls.SEED_KEY) in seeds}
+        seeds = {r.get(over_seeds.SEED_KEY): r for r in cells[(preset.label, "gal")]}
+        baselines = {r.dir: seeds[r.get(over_seeds.SEED_KEY)].dir for s in shown[1:] for r in cells[(s.label, "gal")]
+                     if r.get(over_seeds.SEED_KEY) in seeds}
         return Rendered(name=self.name, slug=self.slug, kind=self.kind, profile=profile, numbers=numbers,
                         markdown=md, files=files, claims=claims, baselines=baselines)
 
     def _plot(self, shown, outcomes, profile, files) -> None:
-        plt = cls.pyplot()
+        plt = over_seeds.pyplot()
         fig, ax = plt.subplots(figsize=(5.8, 4.2), gridspec_kw={"left": 0.12, "right": 0.97, "bottom": 0.12,
                                                                 "top": 0.86})
         for s in shown:
@@ -85,15 +85,15 @@ class PolicyFigure:
             if not out.finished:  # every run diverged: nothing to draw but the legend entry
                 ax.plot([], [], color=color, lw=1.8, label=f"{s.label}: {out.text}")
                 continue
-            epochs, mean, std = cls.curve(out.finished, self.column)
-            cls.band(ax, epochs, mean, std, color=color, lw=2.2 if s is POLICIES[0] else 1.6,
+            epochs, mean, std = over_seeds.curve(out.finished, self.column)
+            over_seeds.band(ax, epochs, mean, std, color=color, lw=2.2 if s is POLICIES[0] else 1.6,
                      label=f"{s.label} ({len(out.runs)} seed{'s' * (len(out.runs) != 1)}): final {out.text}")
         ax.set(xlabel="epoch", ylabel="top-1 test error (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_title(f"{self.name}: update policies, CIFAR-100 (EfficientNet-B1, SGD)\n"
                      f"mean ± std over seeds (profile {profile})", fontsize=10)
-        cls.save(fig, files)
+        over_seeds.save(fig, files)
 
 
 SPEC = PolicyFigure()

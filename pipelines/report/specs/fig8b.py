@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.report import classification as cls
+from pipelines.report import over_seeds
 from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.render import markdown, pm
 from pipelines.report.selection import select
@@ -17,20 +17,20 @@ class FractionFigure:
     name: str = "Fig. 8b"
     slug: str = "fig8b_adjusted_better"
     kind: str = "figure"
-    settings: tuple[cls.Setting, ...] = (cls.CIFAR10_SGD, cls.CIFAR100_SGD, cls.IMAGENET_R50)  # lines
+    settings: tuple[over_seeds.Setting, ...] = (over_seeds.CIFAR10_SGD, over_seeds.CIFAR100_SGD, over_seeds.IMAGENET_R50)  # lines
     column: str = "adjusted_better"
     ylabel: str = "samples where the adjusted step is better"
     method: str = "gal"
     method_name: str = "GAL"
 
     def render(self, ctx: Context) -> Rendered:
-        cells, profile = select(self.name, ctx, cls.TASK, self.settings, (self.method,))
+        cells, profile = select(self.name, ctx, over_seeds.TASK, self.settings, (self.method,))
         numbers: list[Number] = []
         rows: list[list[str]] = []
         finals: dict[str, Number] = {}
         for s in self.settings:
             runs = cells[(s.label, self.method)]
-            nums = cls.final_numbers(self.name, [s.label, self.method_name], self.column, runs)
+            nums = over_seeds.final_numbers(self.name, [s.label, self.method_name], self.column, runs)
             finals[s.label] = nums["mean"]
             numbers += nums.values()
             rows.append([s.label, s.detail, str(len(runs)), pm(nums["mean"].value, nums["std"].value)])
@@ -44,20 +44,20 @@ class FractionFigure:
                         markdown=md, files=files)
 
     def _plot(self, cells, finals, profile, files) -> None:
-        plt = cls.pyplot()
+        plt = over_seeds.pyplot()
         fig, ax = plt.subplots(figsize=(5.6, 4.0), gridspec_kw={"left": 0.13, "right": 0.97, "bottom": 0.12,
                                                                 "top": 0.86})
         for s in self.settings:
             runs = cells[(s.label, self.method)]
-            epochs, mean, std = cls.curve(runs, self.column)
-            cls.band(ax, epochs, mean, std, lw=1.8,
+            epochs, mean, std = over_seeds.curve(runs, self.column)
+            over_seeds.band(ax, epochs, mean, std, lw=1.8,
                      label=f"{s.label} ({s.detail}, {len(runs)} seeds): final {finals[s.label].text}")
         ax.set(xlabel="epoch", ylabel=self.ylabel, ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
         ax.legend()
         ax.set_title(f"{self.name}: GAL's adjusted update better than the plain one\n"
                      f"mean ± std over seeds (profile {profile})", fontsize=10)
-        cls.save(fig, files)
+        over_seeds.save(fig, files)
 
 
 SPEC = FractionFigure()

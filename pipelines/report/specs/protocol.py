@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.report import classification as cls
+from pipelines.report import over_seeds
 from pipelines.report import stats
 from pipelines.report.claims import UnderProtocol
 from pipelines.report.model import Context, Layout, Number, Rendered
@@ -331,7 +331,7 @@ class ProtocolCurves:
                         markdown=md, files=files, baselines=baselines)
 
     def _plot(self, study: Study, panels: dict[str, dict[str, Protocol]], files) -> None:
-        plt = cls.pyplot()
+        plt = over_seeds.pyplot()
         n = len(panels)
         fig, axes = plt.subplots(2, n, figsize=(max(4.6 * n, 6.4), 8.0), squeeze=False,
                                  gridspec_kw={"left": 0.1, "right": 0.98, "bottom": 0.18, "top": 0.9,
@@ -344,8 +344,8 @@ class ProtocolCurves:
             ends = []
             for style, (name, p) in zip(("-", "--"), shown.items()):
                 for method, runs in p.runs.items():
-                    epochs, mean, std = cls.curve(runs, self.column)
-                    cls.band(ax, epochs, mean, std, ls=style, color=cls.COLORS[method],
+                    epochs, mean, std = over_seeds.curve(runs, self.column)
+                    over_seeds.band(ax, epochs, mean, std, ls=style, color=over_seeds.COLORS[method],
                              label=f"{TABLE.methods[method]}, {name}")
                     ends.append(mean[-1])
             for method, ls in (("Baseline", ":"), ("GAL", "-.")):
@@ -359,8 +359,8 @@ class ProtocolCurves:
             ax.grid(alpha=0.3)
             ax = axes[1, col]
             for p in study.protocols[next(ds for ds, g in TABLE.groups.items() if g == group)]:
-                epochs, mean, std = cls.curve(p.runs["gal"], ACCEPTED)
-                cls.band(ax, epochs, mean, std, label=p.name, lw=1.2, **styles[p.name])
+                epochs, mean, std = over_seeds.curve(p.runs["gal"], ACCEPTED)
+                over_seeds.band(ax, epochs, mean, std, label=p.name, lw=1.2, **styles[p.name])
             ax.set(title=f"{group}: safeguard acceptance (GAL)", xlabel="epoch", ylabel="fraction accepted",
                    ylim=(-0.03, 1.03))
             ax.grid(alpha=0.3)
@@ -371,7 +371,7 @@ class ProtocolCurves:
                        title="GAL under protocol", title_fontsize=7, frameon=False)
         fig.suptitle(f"Protocol study (profile {study.profile}): ours solid, closest to the paper's\n"
                      f"baselines dashed; mean ± std over seeds", fontsize=10)
-        cls.save(fig, files)
+        over_seeds.save(fig, files)
 
 
 SPEC = ProtocolStudy()

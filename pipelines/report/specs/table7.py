@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipelines.report import classification as cls
+from pipelines.report import over_seeds
 from pipelines.report import stats
 from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.paper import lookup
@@ -23,20 +23,20 @@ class TimeTable:
     name: str = "Table VII"
     slug: str = "table7"
     kind: str = "table"
-    settings: tuple[cls.Setting, ...] = cls.PER_DATASET
+    settings: tuple[over_seeds.Setting, ...] = over_seeds.PER_DATASET
     methods: dict[str, str] = field(default_factory=lambda: {"baseline": "Baseline", "gal": "GAL"})
     metric: str = "time_per_image"   # metrics.json: training wall time per training image (s), mean over epochs
     key: str = "time"                # key segment and paper.yaml name
 
     def render(self, ctx: Context) -> Rendered:
-        cells, profile = select(self.name, ctx, cls.TASK, self.settings, tuple(self.methods))
+        cells, profile = select(self.name, ctx, over_seeds.TASK, self.settings, tuple(self.methods))
         numbers: list[Number] = []
         rows: list[list[str]] = []
         baselines: dict[str, str] = {}
 
         def number(label: str, row: str, op: str, groups: list[list[RunRecord]], text, paper=None) -> Number:
             value = stats.compute(op, [[r.latest(self.metric) for r in g] for g in groups])
-            seeds = ", ".join(str(r.get(cls.SEED_KEY)) for r in groups[0])
+            seeds = ", ".join(str(r.get(over_seeds.SEED_KEY)) for r in groups[0])
             num = Number(key=f"{self.name}/{label}/{row}/{self.key}/{op}", value=value, text=text(value), op=op,
                          metric=self.metric, groups=groups, paper=paper,
                          aggregation=stats.describe(op, self.metric, groups, unit="seeds") + f" (seeds {seeds})",

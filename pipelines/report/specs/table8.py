@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.report import classification as cls
+from pipelines.report import over_seeds
 from pipelines.report import stats
 from pipelines.report.model import Claim, Context, Layout, Number, Rendered
 from pipelines.report.paper import lookup
@@ -34,19 +34,19 @@ def spellings(kind: str, arch: tuple[int, ...]) -> list[str]:
     return [f"{kind}-{sep.join(map(str, arch))}" for sep in (",", "-")]
 
 
-def setting(kind: str, arch: tuple[int, ...], present: frozenset[str] = frozenset()) -> cls.Setting:
+def setting(kind: str, arch: tuple[int, ...], present: frozenset[str] = frozenset()) -> over_seeds.Setting:
     """A row's setting; its variant as spelled by the runs ``present`` (run.json variants), if any."""
     preset = (kind, arch) == PRESET
     names = spellings(kind, arch)
-    return cls.Setting(f"{kind.upper()} {widths(arch)}",
+    return over_seeds.Setting(f"{kind.upper()} {widths(arch)}",
                        {"experiment": "cifar100_sgd", "method.kind": kind, "method.arch": list(arch)},
                        kind.upper(), stage="train_cifar" if preset else STAGE,
                        variant="" if preset else next((v for v in names if v in present), names[0]))
 
 
-def settings(ctx: Context) -> tuple[cls.Setting, ...]:
+def settings(ctx: Context) -> tuple[over_seeds.Setting, ...]:
     """Every row's setting, in row order (MLP then CNN, widths growing)."""
-    present = frozenset(r.variant for r in ctx.runs(cls.TASK))
+    present = frozenset(r.variant for r in ctx.runs(over_seeds.TASK))
     return tuple(setting(kind, arch, present) for kind in ("mlp", "cnn") for arch in ARCHS)
 
 
@@ -60,11 +60,11 @@ class AdjusterTable:
 
     def render(self, ctx: Context) -> Rendered:
         preset, rows_settings = setting(*PRESET), settings(ctx)
-        cells, profile = select(self.name, ctx, cls.TASK, rows_settings, ("gal",),
+        cells, profile = select(self.name, ctx, over_seeds.TASK, rows_settings, ("gal",),
                                 optional=[s.label for s in rows_settings if s.label != preset.label])
         numbers: list[Number] = []
         rows: list[list[str]] = []
-        outcomes: dict[tuple[str, str], cls.Outcome] = {}
+        outcomes: dict[tuple[str, str], over_seeds.Outcome] = {}
         for s in rows_settings:
             if (s.label, "gal") not in cells:
                 continue
@@ -72,7 +72,7 @@ class AdjusterTable:
             runs = cells[(s.label, "gal")]
             paper = lookup(f"{self.name}/{kind}/{arch}") or {}
             paper_error = (paper.get(self.key) or {}).get("mean")
-            out = cls.outcome([self.name, kind, arch], runs, key=self.key, fields={"adjuster": kind, "widths": arch},
+            out = over_seeds.outcome([self.name, kind, arch], runs, key=self.key, fields={"adjuster": kind, "widths": arch},
                               paper=paper_error)
             outcomes[(kind, arch)] = out
             params = "-"
@@ -95,7 +95,7 @@ class AdjusterTable:
             if paper_mlp is not None and paper_cnn is not None and paper_mlp < paper_cnn:
                 mlp_wins.append(arch)  # the paper claims it only where its own numbers show it
                 if ("MLP", arch) in outcomes and ("CNN", arch) in outcomes:
-                    claim, nums = cls.versus(
+                    claim, nums = over_seeds.versus(
                         self.name, f"MLP vs CNN {arch}", f"an MLP adjuster beats a CNN one at widths {arch}",
                         ("CNN", outcomes[("CNN", arch)]), ("MLP", outcomes[("MLP", arch)]),
                         [self.name, "t-test", f"MLP vs CNN {arch}", self.key], paper=(paper_cnn, paper_mlp))
@@ -105,7 +105,7 @@ class AdjusterTable:
         others = [(arch, out) for (kind, arch), out in outcomes.items() if kind == "MLP" and arch != best]
         if others:  # the best MLP beats every other: it beats the strongest of them
             arch, rival = min(others, key=lambda item: (item[1].diverged_fraction, item[1].mean))
-            claim, nums = cls.versus(
+            claim, nums = over_seeds.versus(
                 self.name, f"MLP {best}",
                 f"MLP {best} is the best MLP adjuster (vs the best other one present, {arch})",
                 (f"MLP {arch}", rival), (f"MLP {best}", outcomes[("MLP", best)]),
@@ -114,9 +114,9 @@ class AdjusterTable:
             claims.append(claim)
             numbers += nums
 
-        preset_runs = {r.get(cls.SEED_KEY): r for r in cells[(preset.label, "gal")]}
-        baselines = {r.dir: preset_runs[r.get(cls.SEED_KEY)].dir for s in rows_settings if s.label != preset.label
-                     for r in cells.get((s.label, "gal"), []) if r.get(cls.SEED_KEY) in preset_runs}
+        preset_runs = {r.get(over_seeds.SEED_KEY): r for r in cells[(preset.label, "gal")]}
+        baselines = {r.dir: preset_runs[r.get(over_seeds.SEED_KEY)].dir for s in rows_settings if s.label != preset.label
+                     for r in cells.get((s.label, "gal"), []) if r.get(over_seeds.SEED_KEY) in preset_runs}
         notes = ["ours: final val_top1_err (CIFAR-100's test set), mean ± sample std (ddof=1) over seeds; n = runs "
                  "(seeds); a diverged run has no final error: its cell gives the epoch it diverged at",
                  f"Params: {self.params} (the adjuster's weights without biases, as the paper counts them; the same "
@@ -127,10 +127,10 @@ class AdjusterTable:
                  f"{best} is the best MLP (against the best other MLP row we have)"]
         absent = [s for s in rows_settings if (s.label, "gal") not in cells]
         if absent:
-            notes.append(cls.left_out_note(absent))
+            notes.append(over_seeds.left_out_note(absent))
         layout = Layout(
-            columns=["Adjuster", "Hidden widths", "n", "Params (ours)", "Params (paper)", f"{cls.ERROR_TITLE} (ours)",
-                     f"{cls.ERROR_TITLE} (paper)"],
+            columns=["Adjuster", "Hidden widths", "n", "Params (ours)", "Params (paper)", f"{over_seeds.ERROR_TITLE} (ours)",
+                     f"{over_seeds.ERROR_TITLE} (paper)"],
             rows=rows,
             caption="Table VIII: the adjuster's type and hidden widths, EfficientNet-B1 on CIFAR-100 with SGD: "
                     "adjuster parameters and top-1 test error (%), mean ± std over seeds",

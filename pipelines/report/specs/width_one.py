@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.report import classification as cls
+from pipelines.report import over_seeds
 from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.records import MissingRuns, RunRecord
 from pipelines.report.render import markdown
@@ -64,7 +64,7 @@ class WidthOneTable:
             row = [s.label if s is not CONTRAST or contrast_profile == profile
                    else f"{s.label}, profile {contrast_profile}", str(len(runs))]
             for column, _, digits in COLUMNS:
-                nums = cls.final_numbers(self.name, [s.label, "GAL"], column, runs, digits=12)
+                nums = over_seeds.final_numbers(self.name, [s.label, "GAL"], column, runs, digits=12)
                 numbers += nums.values()
                 means[(s.label, column)] = nums["mean"].value
                 for op, num in nums.items():

@@ -1,5 +1,5 @@
-"""What the classification specs beyond Tables I-III share (Table VII, Figs. 5, 6, 8b): the settings (which
-runs under runs/classification/ make one dataset's row, panel or line; chosen with selection.select),
+"""What the specs of runs over seeds share (Table VII, Figs. 5, 6, 8b, the protocol study): the settings (which
+runs make one dataset's row, panel or line; chosen with selection.select),
 per-epoch curves (mean ± std over seeds) from history.csv, and figure saving. For the ablations (Tables VI,
 VIII; Figs. 7, 8a): a setting's Outcome (final error over seeds, diverged runs told apart), the claims
 'A beats B' between two settings, and notes on the settings left out for want of runs.
