@@ -5,8 +5,9 @@ with one progress line per epoch.
 
 A task supplies only what is its own, as a ``Task`` subclass (pipelines/tasks/classification/task.py and
 regression/task.py are the models): building the model, adjuster, optimiser and data in ``__init__``, one
-training epoch, evaluation, the final metrics and its state. ``python -m pipelines.train`` calls
-``runner.run(cfg, <the task module's TASK>)``.
+training epoch, evaluation, the final metrics and its state; pipelines/training/epoch.py has the epoch's
+bookkeeping. ``python -m pipelines.train`` calls the task module's ``run(cfg)``, which calls
+``runner.run(cfg, <its Task>)``.
 
 Resume (the rule: pipelines/CONTRACT.md, Resume): a rerun of the same config after a crash or kill continues
 from the last checkpoint in the same MLflow run and ends with the metrics of an uninterrupted run (bitwise on
