@@ -21,7 +21,7 @@ from torch import nn
 from benchmarks.gal_overhead import interleaved
 from gal_core import GradientAdjuster
 from pipelines.tasks.detection.task import model_param_groups
-from pipelines.tasks.detection.detr import SetCriterion, build_detr
+from pipelines.tasks.detection.detr.detr import SetCriterion, build_detr
 
 
 def parse_args(argv=None) -> argparse.Namespace:

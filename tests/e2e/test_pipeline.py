@@ -18,6 +18,8 @@ from mlflow.tracking import MlflowClient
 from tests import network
 from tests.workspace import copy_project
 
+pytestmark = pytest.mark.slow  # the whole smoke pipeline: many minutes
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DATASETS, METHODS, SEEDS = ("boston", "diabetes", "california"), ("baseline", "gal"), range(5)

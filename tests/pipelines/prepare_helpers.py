@@ -1,4 +1,5 @@
-"""What the prepare-stage tests share: the stage config as the CLI composes it, and the CLI itself."""
+"""What the prepare-stage tests share: the stage config as the CLI composes it, the CLI itself, and the files a
+stage left."""
 from __future__ import annotations
 
 import os
@@ -21,6 +22,11 @@ def prepare_config(root: Path, *overrides: str):
         cfg = compose("prepare", overrides=list(overrides))
     cfg.root = str(root)
     return cfg
+
+
+def files_under(folder: Path) -> set[str]:
+    """Every file below ``folder``, as paths relative to it."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 
 
 def prepare_cli(module: str, cwd: Path, *args: str, mirror: Path | None = None,

@@ -1,8 +1,9 @@
 """What the report's tests share (tests/pipelines/test_report_*.py): synthetic run records of every task with
 known numbers (``make_runs``: Table V's regression runs and the protocol study's beside them, toy3d,
 classification, the ablations' variants of the CIFAR-100 GAL presets, some diverged, and detection), the values
-they hold, helpers to write and edit records, and ``site``: those runs with an MLflow store and reports/ rendered
-from them, made once per test session. A plain module the tests import (not a conftest)."""
+they hold, helpers to write and edit records, and ``make_site``: those runs with an MLflow store and reports/
+rendered from them (conftest.py's ``site`` fixture makes it once per test session). A plain module the tests
+import."""
 from __future__ import annotations
 
 import csv
@@ -13,7 +14,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 
 from pipelines.report import __main__ as report_cli
@@ -336,20 +336,9 @@ def _log_classification(client, exp: str, experiments: tuple[str, ...], ablation
     return ids
 
 
-_SITES: dict[str, dict] = {}
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """A working directory with runs/, an MLflow sqlite store holding every run, and reports/ rendered: made once
-    per test session and shared by the test modules that import this fixture (none of them changes it)."""
-    if "site" not in _SITES:
-        _SITES["site"] = _make_site(tmp_path_factory)
-    return _SITES["site"]
-
-
-def _make_site(tmp_path_factory) -> dict:
-    """The site ``site`` returns, made afresh."""
+def make_site(tmp_path_factory) -> dict:
+    """A working directory with runs/, an MLflow sqlite store holding every run, and reports/ rendered (the
+    ``site`` fixture of conftest.py)."""
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("site")

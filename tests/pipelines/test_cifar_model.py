@@ -7,20 +7,15 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from hydra import compose, initialize
 from timm.layers import Conv2dSame
 
 from gal_core import count_parameters
 from pipelines.tasks.classification import task as classification
 from pipelines.training import identity
+from tests.pipelines.train_helpers import train_config as config
 
 PRESETS = [f"{data}_{optim}_{method}" for data in ("cifar10", "cifar100")
            for optim in ("sgd", "lookahead", "adabound") for method in ("baseline", "gal")]
-
-
-def config(*overrides: str):
-    with initialize(config_path="../../pipelines/conf", version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 @pytest.mark.parametrize("preset", PRESETS)

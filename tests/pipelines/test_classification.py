@@ -3,106 +3,54 @@ uninterrupted run (same MLflow run), 2 DDP processes (gloo; on one node or two) 
 global batch, checkpoints load with weights_only=True, and bad inputs fail in one line without a run record."""
 from __future__ import annotations
 
-import csv
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize
 from mlflow.tracking import MlflowClient
 
-from pipelines.errors import UserError
-from pipelines.prepare import cifar
+from pipelines.errors import ConfigError, TrackingError, UserError
 from pipelines.tasks.classification import task as classification
-from pipelines.training import identity, launch
-from pipelines.errors import TrackingError
+from pipelines.training import launch, runner
 from tests.network import free_port
-from tests.pipelines.prepare_helpers import ROOT, prepare_config
+from tests.pipelines.train_helpers import (checkpoint_path, kill_at_first_checkpoint, outcome, run_name, start,
+                                           train, train_config, train_env, wait_for, with_data)
 
-TIMINGS = {"time_per_image", "images_per_s"}  # wall-clock: the only values allowed to differ between runs
+EXPERIMENT = "experiment=cifar10_sgd_gal"
 RUN = "cifar10_sgd-gal-s0"  # the smoke preset's own run (its data profile has 3 epochs)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """data/processed/cifar10 of the smoke profile (the fixture archive through the real prepare stage)."""
-    root = tmp_path_factory.mktemp("prepared")
-    assert cifar.run(prepare_config(root, "data=cifar10", "profile=smoke")) == 0
-    return root / "data" / "processed"
+TASK = "classification"
 
 
 @pytest.fixture
-def root(tmp_path, prepared, monkeypatch) -> Path:
-    shutil.copytree(prepared, tmp_path / "data" / "processed")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("DVC_STAGE", raising=False)
-    return tmp_path
+def root(tracked_root, prepared_cifar10) -> Path:
+    return with_data(tracked_root, prepared_cifar10)
 
 
-def train_cmd(root: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.train", "experiment=cifar10_sgd_gal", f"root={root}", *overrides]
+def config(root: Path, *overrides: str):
+    """The smoke preset for one epoch under ``root``, with ``overrides``."""
+    return train_config(EXPERIMENT, f"root={root}", "task.epochs=1", *overrides)
 
 
-def train(root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(root, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=600)
-
-
-def name_of(*overrides: str) -> str:
-    """The run name identity gives ``experiment=cifar10_sgd_gal`` with ``overrides``."""
-    cfg = config(Path("."), *overrides)
-    return identity.run_name(cfg, identity.variant(cfg))
-
-
-def checkpoint_path(root: Path, run: str = RUN) -> Path:
-    return root / "checkpoints" / "classification" / run / "last.pt"
-
-
-def outcome(root: Path, run: str = RUN) -> tuple[list[dict], dict, dict]:
-    """(history rows, final metrics, final model weights) without the wall-clock timings."""
-    record = root / "runs" / "classification" / run
-    with open(record / "history.csv") as f:
-        history = [{k: v for k, v in row.items() if k not in TIMINGS} for row in csv.DictReader(f)]
-    metrics = {k: v for k, v in json.loads((record / "metrics.json").read_text()).items() if k not in TIMINGS}
-    weights = torch.load(checkpoint_path(root, run), map_location="cpu", weights_only=True)["task"]["model"]
-    return history, metrics, weights
-
-
-def test_kill_and_resume_ends_bitwise_equal_in_the_same_mlflow_run(tmp_path, prepared):
-    roots = []
-    for name in ("straight", "killed"):
-        (tmp_path / name / "data").mkdir(parents=True)
-        shutil.copytree(prepared, tmp_path / name / "data" / "processed")
-        roots.append(tmp_path / name)
-    straight, killed = roots
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    env.pop("DVC_STAGE", None)
+@pytest.mark.slow
+def test_kill_and_resume_ends_bitwise_equal_in_the_same_mlflow_run(tmp_path, prepared_cifar10):
+    straight, killed = (with_data(tmp_path / name, prepared_cifar10) for name in ("straight", "killed"))
+    env = train_env(tmp_path)
     epochs = "task.epochs=3"
-    done = subprocess.run(train_cmd(straight, epochs), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = train(straight, EXPERIMENT, epochs, env=env)
     assert done.returncode == 0, done.stderr
 
-    proc = subprocess.Popen(train_cmd(killed, epochs), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while not checkpoint_path(killed).exists():  # SIGKILL right after the first checkpoint: epochs 2-3 left
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(checkpoint_path(killed), map_location="cpu", weights_only=True)["epoch"]
+    # SIGKILL right after the first checkpoint: epochs 2-3 left
+    kill_at_first_checkpoint(killed, EXPERIMENT, epochs, env=env, checkpoint=checkpoint_path(killed, TASK, RUN))
+    killed_at = torch.load(checkpoint_path(killed, TASK, RUN), map_location="cpu", weights_only=True)["epoch"]
     assert killed_at < 3 and not (killed / "runs" / "classification" / RUN).exists()
 
-    resumed = subprocess.run(train_cmd(killed, epochs), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    resumed = train(killed, EXPERIMENT, epochs, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {RUN} after epoch {killed_at}" in resumed.stdout
 
-    (h1, m1, w1), (h2, m2, w2) = outcome(straight), outcome(killed)
+    (h1, m1, w1), (h2, m2, w2) = outcome(straight, TASK, RUN), outcome(killed, TASK, RUN)
     assert [row["epoch"] for row in h2] == ["1", "2", "3"]
     assert h1 == h2 and m1 == m2
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
@@ -112,7 +60,8 @@ def test_kill_and_resume_ends_bitwise_equal_in_the_same_mlflow_run(tmp_path, pre
     assert len(runs) == 2 and client.get_run(run_id).info.status == "FINISHED"  # one per root: no third run
 
 
-def test_ddp_on_one_or_two_nodes_matches_one_process_on_the_same_global_batch(tmp_path, prepared):
+@pytest.mark.slow
+def test_ddp_on_one_or_two_nodes_matches_one_process_on_the_same_global_batch(tmp_path, prepared_cifar10):
     # GroupNorm model, no dropout: nothing depends on how the global batch is split between processes. eps 0.1:
     # at the preset's 0.001 the per-sample "adjusted better" comparisons are float-rounding ties.
     overrides = ("model.name=test_efficientnet_gn", "model.bn_momentum=null", "model.drop_rate=0", "task.epochs=2", "trainer.device=cpu",
@@ -120,34 +69,28 @@ def test_ddp_on_one_or_two_nodes_matches_one_process_on_the_same_global_batch(tm
     nodes = ("trainer.nodes=2", "trainer.gpus=1", f"trainer.rdzv_endpoint=127.0.0.1:{free_port()}")
     layouts = {"1 process": [("trainer.gpus=1",)], "2 processes": [("trainer.gpus=2",)],
                "2 nodes": [(*nodes, "trainer.node_rank=0"), (*nodes, "trainer.node_rank=1")]}
-    results, run = {}, name_of(*overrides, "task.epochs=2")
+    results, run = {}, run_name(config(tmp_path, *overrides))
     for layout, commands in layouts.items():
-        roots = [tmp_path / layout / f"node{i}" for i in range(len(commands))]  # one disk per node
-        for root in roots:
-            (root / "data").mkdir(parents=True)
-            shutil.copytree(prepared, root / "data" / "processed")
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{roots[0] / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-        start = lambda: [subprocess.Popen(train_cmd(root, *overrides, *command), cwd=ROOT, env=env,  # noqa: E731
-                                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                       for root, command in zip(roots, commands)]
+        roots = [with_data(tmp_path / layout / f"node{i}", prepared_cifar10)  # one disk per node
+                 for i in range(len(commands))]
+        env = train_env(roots[0], OMP_NUM_THREADS="1")
+        start_all = lambda: [start(root, EXPERIMENT, *overrides, *command, env=env)  # noqa: E731
+                             for root, command in zip(roots, commands)]
         if layout == "2 nodes":  # kill both nodes after the first checkpoint, which only node 0 has: resume
-            procs = start()
-            deadline = time.monotonic() + 300
-            while not checkpoint_path(roots[0], run).exists():
-                assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "no checkpoint"
-                time.sleep(0.02)
+            procs = start_all()
+            wait_for(checkpoint_path(roots[0], TASK, run), procs)
             for proc in procs:  # the stage processes only: their torchrun agents and workers must follow
                 proc.kill()
                 proc.communicate()
-            assert torch.load(checkpoint_path(roots[0], run), weights_only=True)["epoch"] == 1
-        procs = start()
+            assert torch.load(checkpoint_path(roots[0], TASK, run), weights_only=True)["epoch"] == 1
+        procs = start_all()
         outs = [proc.communicate(timeout=600)[0] for proc in procs]
         for proc, out in zip(procs, outs):
             assert proc.returncode == 0, out[-4000:]
         assert ("launching 2 processes" in outs[-1]) == (layout != "1 process")
         if layout == "2 nodes":
             assert f"resuming {run} after epoch 1" in outs[0]
-        results[layout] = outcome(roots[0], run)
+        results[layout] = outcome(roots[0], TASK, run)
         client = MlflowClient(env["MLFLOW_TRACKING_URI"])
         assert len(client.search_runs([client.get_experiment_by_name("classification").experiment_id])) == 1
         for other in roots[1:]:  # global rank 0 is on node 0: node 1 writes no record and no checkpoint
@@ -169,11 +112,10 @@ def test_ddp_on_one_or_two_nodes_matches_one_process_on_the_same_global_batch(tm
     assert hn == h2 and mn == m2 and all(torch.equal(wn[k], w2[k]) for k in w2)
 
 
-def test_bf16_autocast_and_channels_last_also_run_on_cpu(tmp_path, prepared):
+def test_bf16_autocast_and_channels_last_also_run_on_cpu(tmp_path, prepared_cifar10):
     # the GPU recipe's precision and layout (what "auto" picks on CUDA), forced on CPU: GAL steps with bf16
     # logits and channels_last weights and inputs, close to fp32 but not equal to it
-    (tmp_path / "data").mkdir()
-    shutil.copytree(prepared, tmp_path / "data" / "processed")
+    with_data(tmp_path, prepared_cifar10)
     rows = {}
     for precision, layout in (("fp32", False), ("bf16", True)):
         cfg = config(tmp_path, f"trainer.precision={precision}", f"trainer.channels_last={layout}",
@@ -193,19 +135,13 @@ def test_bf16_autocast_and_channels_last_also_run_on_cpu(tmp_path, prepared):
 
 
 # ------------------------------------------------------------------------------------------- failures
-def config(root: Path, *overrides: str):
-    with initialize(config_path="../../pipelines/conf", version_base="1.3"):
-        return compose("train", overrides=["experiment=cifar10_sgd_gal", f"root={root}", "task.epochs=1",
-                                           *overrides])
-
-
 def test_gal_and_baseline_record_their_metrics(root, capsys):
     for method in ("gal", "baseline"):
         classification.run(config(root, f"experiment=cifar10_sgd_{method}", "task.max_steps=2"))
     classification.run(config(root, "task.max_steps=2"))
     run = "cifar10_sgd-gal-epochs1-max_steps2-s0"
-    assert name_of("task.epochs=1", "task.max_steps=2") == run
-    assert f"starting {run} over: {checkpoint_path(root, run)} holds a finished run" in capsys.readouterr().out
+    assert run_name(config(root, "task.max_steps=2")) == run
+    assert f"starting {run} over: {checkpoint_path(root, TASK, run)} holds a finished run" in capsys.readouterr().out
     gal = root / "runs" / "classification" / run
     base = root / "runs" / "classification" / "cifar10_sgd-baseline-epochs1-max_steps2-s0"
     header = (gal / "history.csv").read_text().splitlines()[0].split(",")
@@ -219,10 +155,19 @@ def test_gal_and_baseline_record_their_metrics(root, capsys):
     assert gal_metrics["val_top1_acc"] == pytest.approx(100 - gal_metrics["val_top1_err"])
 
 
-@pytest.mark.parametrize("overrides, message", [
+@pytest.mark.parametrize("overrides, message", [  # refused by the data or the model as the run builds them
     (("task.batch_size=1000",), "task.batch_size=1000 is larger than the 200 training images"),
     (("model.name=no_such_net",), "model.name='no_such_net' is not a timm model"),
     (("model.name=test_efficientnet_gn",), "model.name='test_efficientnet_gn' takes no bn_momentum"),
+    (("data=cifar100",), "cifar100.json is missing: run the prepare stage of cifar100 first"),
+])
+def test_bad_settings_fail_in_one_line_without_a_record(root, overrides, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        classification.run(config(root, *overrides))
+    assert not (root / "runs").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [  # refused by the checks, before any data or model
     (("trainer.precision=fp16",), "trainer.precision='fp16': use auto, bf16 or fp32"),
     (("task.epochs=0",), "task.epochs=0: use an integer of at least 1"),
     (("task.batch_size=30", "trainer.gpus=4", "trainer.device=cpu"),
@@ -233,12 +178,17 @@ def test_gal_and_baseline_record_their_metrics(root, capsys):
     (("trainer.nodes=2",), "trainer.nodes=2 needs trainer.rdzv_endpoint=<host:port of node 0>"),
     (("trainer.nodes=2", "trainer.rdzv_endpoint=node0:29500", "trainer.node_rank=2"),
      "trainer.node_rank=2: use 0 to 1"),
-    (("data=cifar100",), "cifar100.json is missing: run the prepare stage of cifar100 first"),
 ])
-def test_bad_settings_fail_in_one_line_without_a_record(root, overrides, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        classification.run(config(root, *overrides))
-    assert not (root / "runs").exists()
+def test_bad_config_is_refused_by_the_checks_on_the_config_alone(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        runner.check(config(tmp_path, *overrides), classification.Classification)
+
+
+def test_a_bad_config_from_the_stage_command_is_one_line_exit_code_2_and_writes_nothing(tmp_path):
+    done = train(tmp_path, EXPERIMENT, "trainer.precision=fp16", env=train_env(tmp_path))
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "train classification: bad config: trainer.precision='fp16': use auto, bf16 or fp32"], done.stderr
+    assert not any(tmp_path.iterdir())  # no record, checkpoint or MLflow store
 
 
 def test_pretrained_weights_without_hub_access_say_what_to_do(root, monkeypatch):
@@ -250,7 +200,7 @@ def test_pretrained_weights_without_hub_access_say_what_to_do(root, monkeypatch)
 
 
 def test_corrupt_inputs_fail_clearly(root):
-    path = checkpoint_path(root, name_of("task.epochs=1"))
+    path = checkpoint_path(root, TASK, run_name(config(root)))
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="is unreadable .*; delete it to start the run over"):
@@ -271,7 +221,7 @@ def test_diverging_run_fails_and_keeps_no_record(root):
 
 def test_resume_on_other_trainer_settings_is_refused_in_one_line(root):
     classification.run(config(root, "task.epochs=2", "task.max_steps=2"))
-    path = checkpoint_path(root, name_of("task.epochs=2", "task.max_steps=2"))
+    path = checkpoint_path(root, TASK, run_name(config(root, "task.epochs=2", "task.max_steps=2")))
     saved = torch.load(path, weights_only=True)
     torch.save({**saved, "epoch": 1}, path)  # as if killed after epoch 1
     # same model state on another precision: resumable weights, but the MLflow params would misstate the run

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,19 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize
 from mlflow.tracking import MlflowClient
 
 from pipelines.errors import ConfigError
 from pipelines.tasks.regression import task as regression
 from pipelines.training import cluster
 from tests.network import mlflow_server
-from tests.pipelines.test_classification import name_of, outcome, prepared, train_cmd  # noqa: F401
-from tests.pipelines.test_regression import record, write_boston
-from tests.pipelines.test_regression import train_cmd as regression_cmd
+from tests.pipelines.test_regression import record
+from tests.pipelines.train_helpers import (ROOT, checkpoint_path, name_of, outcome, start, train, train_cmd,
+                                           train_config, train_env, wait_for, with_data, write_boston)
 
-ROOT = Path(__file__).resolve().parents[2]
 FOLDER = Path("logs/submitit")
+BOSTON = "experiment=boston_gal"
 
 
 def job_folder(root: Path, task: str, run: str) -> Path:
@@ -43,26 +41,23 @@ def runs_of(uri: str, experiment: str) -> list:
 
 
 def local_env(root: Path, **extra: str) -> dict:
-    env = {**os.environ, "GAL_LAUNCHER": "submitit-local", "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-           "GAL_CLUSTER_CONFIG": str(root / "cluster.yaml"), "OMP_NUM_THREADS": "1", **extra}
-    env.pop("DVC_STAGE", None)
-    return env
+    return train_env(root, **{"GAL_LAUNCHER": "submitit-local", "GAL_CLUSTER_CONFIG": str(root / "cluster.yaml"),
+                              "OMP_NUM_THREADS": "1", **extra})
 
 
-def test_two_submitit_tasks_equal_a_two_process_torchrun_run(tmp_path, prepared):  # noqa: F811
-    overrides = ("model.name=test_efficientnet_gn", "model.bn_momentum=null", "model.drop_rate=0", "task.epochs=2",
-                 "trainer.device=cpu", "method.ratio=0.1", "trainer.gpus=2")
+@pytest.mark.slow
+def test_two_submitit_tasks_equal_a_two_process_torchrun_run(tmp_path, prepared_cifar10):
+    overrides = ("experiment=cifar10_sgd_gal", "model.name=test_efficientnet_gn", "model.bn_momentum=null",
+                 "model.drop_rate=0", "task.epochs=2", "trainer.device=cpu", "method.ratio=0.1", "trainer.gpus=2")
     run = name_of(*overrides)
     results = {}
     for launcher in ("local", "submitit-local"):
-        root = tmp_path / launcher
-        shutil.copytree(prepared, root / "data" / "processed")
+        root = with_data(tmp_path / launcher, prepared_cifar10)
         env = local_env(root, GAL_LAUNCHER=launcher)
-        done = subprocess.run(train_cmd(root, *overrides), cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)
+        done = train(root, *overrides, env=env)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert ("launching 2 processes" in done.stdout) == (launcher == "local")  # the job needs no torchrun
-        results[launcher] = outcome(root, run)
+        results[launcher] = outcome(root, "classification", run)
         (mlflow_run,) = runs_of(env["MLFLOW_TRACKING_URI"], "classification")
         if launcher == "submitit-local":
             job = json.loads((job_folder(root, "classification", run) / "job.json").read_text())
@@ -72,22 +67,18 @@ def test_two_submitit_tasks_equal_a_two_process_torchrun_run(tmp_path, prepared)
     assert h1 == h2 and m1 == m2 and all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
+@pytest.mark.slow
 def test_a_preempted_job_requeues_and_resumes_into_the_same_mlflow_run(tmp_path):
     epochs, name = "task.epochs=8", "boston-gal-epochs8-s0"
     straight, preempted = tmp_path / "straight", tmp_path / "preempted"
     for root in (straight, preempted):
         write_boston(root, rows=3000)  # epochs long enough to signal the job mid-run
-    done = subprocess.run(regression_cmd(straight, epochs), cwd=ROOT, env=local_env(straight, GAL_LAUNCHER="local"),
-                          capture_output=True, text=True)
+    done = train(straight, BOSTON, epochs, env=local_env(straight, GAL_LAUNCHER="local"))
     assert done.returncode == 0, done.stderr
     env = local_env(preempted)
-    stage = subprocess.Popen(regression_cmd(preempted, epochs), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    folder, ckpt = job_folder(preempted, "regression", name), preempted / "checkpoints/regression" / name / "last.pt"
-    deadline = time.monotonic() + 300
-    while not ckpt.exists():
-        assert stage.poll() is None and time.monotonic() < deadline, stage.stdout.read()
-        time.sleep(0.01)
+    stage = start(preempted, BOSTON, epochs, env=env)
+    folder = job_folder(preempted, "regression", name)
+    wait_for(checkpoint_path(preempted, "regression", name), [stage])
     controller = json.loads((folder / "job.json").read_text())["job_id"]
     (task,) = subprocess.run(["pgrep", "-P", controller], capture_output=True, text=True).stdout.split()
     os.kill(int(task), signal.SIGUSR2)  # what Slurm sends signal_delay_s before the end
@@ -100,22 +91,20 @@ def test_a_preempted_job_requeues_and_resumes_into_the_same_mlflow_run(tmp_path)
     assert run.info.status == "FINISHED" and run.data.tags["job_id"] == controller
 
 
+@pytest.mark.slow
 def test_a_rerun_attaches_to_its_live_job_instead_of_submitting_another(tmp_path):
     root = tmp_path
     write_boston(root, rows=3000)
     epochs, name = "task.epochs=30", "boston-gal-epochs30-s0"  # about 20 s: still running at the rerun
     env = local_env(root)
-    first = subprocess.Popen(regression_cmd(root, epochs), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    first = subprocess.Popen(train_cmd(root, BOSTON, epochs), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)  # its job lives on
     folder = job_folder(root, "regression", name)
-    deadline = time.monotonic() + 120
-    while not (folder / "job.json").exists():
-        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
-        time.sleep(0.01)
+    wait_for(folder / "job.json", [first], limit=120)
     first.kill()  # the stage process only (dvc killed, a login session closed)
     first.wait()
     job = json.loads((folder / "job.json").read_text())["job_id"]
-    again = subprocess.run(regression_cmd(root, epochs), cwd=ROOT, env=env, capture_output=True, text=True)
+    again = train(root, BOSTON, epochs, env=env)
     assert again.returncode == 0, again.stderr
     assert f"attached to its submitit-local job {job}" in again.stdout and "submitted" not in again.stdout
     assert [p.name for p in folder.glob("*_submitted.pkl")] == [f"{job}_submitted.pkl"]
@@ -130,8 +119,7 @@ def test_a_live_job_with_other_overrides_is_refused_in_one_line(tmp_path):
         (folder / "job.json").write_text(json.dumps({"launcher": "submitit-local", "job_id": str(sleeper.pid),
                                                      "argv": ["experiment=boston_gal", "optim.lr=0.5"]}))
         write_boston(tmp_path)
-        done = subprocess.run(regression_cmd(tmp_path), cwd=ROOT, env=local_env(tmp_path), capture_output=True,
-                              text=True)
+        done = train(tmp_path, BOSTON, env=local_env(tmp_path))
     finally:
         sleeper.kill()
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
@@ -141,8 +129,7 @@ def test_a_live_job_with_other_overrides_is_refused_in_one_line(tmp_path):
 def test_an_outer_allocation_does_not_leak_into_the_job(tmp_path):
     write_boston(tmp_path)
     outer = {"SLURM_JOB_ID": "777", "SLURM_NODEID": "3", "SLURM_PROCID": "5", "RANK": "5", "WORLD_SIZE": "8"}
-    done = subprocess.run(regression_cmd(tmp_path), cwd=ROOT, env=local_env(tmp_path, **outer),
-                          capture_output=True, text=True)
+    done = train(tmp_path, BOSTON, env=local_env(tmp_path, **outer))
     assert done.returncode == 0, done.stderr
     trainer = yaml.safe_load((tmp_path / "runs/regression/boston-gal-s0/config.yaml").read_text())["trainer"]
     assert str(trainer["node_rank"]) == "0" and trainer["world_size"] == 1  # node_rank reads SLURM_NODEID
@@ -181,6 +168,7 @@ for id in ${last//,/ }; do echo "$id|$(cat "$FAKE_SLURM/$id" 2>/dev/null || echo
 }
 
 
+@pytest.mark.slow
 def test_a_stage_runs_as_a_slurm_job_and_its_mlflow_run_names_the_job(tmp_path, monkeypatch):
     bin_dir, state = tmp_path / "bin", tmp_path / "slurm"
     for directory in (bin_dir, state):
@@ -193,8 +181,7 @@ def test_a_stage_runs_as_a_slurm_job_and_its_mlflow_run_names_the_job(tmp_path, 
     with mlflow_server(tmp_path / "store") as uri:
         env = local_env(tmp_path, GAL_LAUNCHER="slurm", MLFLOW_TRACKING_URI=uri, FAKE_SLURM=str(state),
                         PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-        done = subprocess.run(regression_cmd(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=300)
+        done = train(tmp_path, BOSTON, env=env, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "submitted slurm job 4242" in done.stdout and "job 4242 finished" in done.stdout
         (run,) = runs_of(uri, "regression")
@@ -224,10 +211,8 @@ def slurm(tmp_path, monkeypatch):
 
 
 def trainer(gpus: int, nodes: int, device: str = "auto"):
-    with initialize(config_path="../../pipelines/conf", version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=cifar100_sgd_gal", f"trainer.gpus={gpus}",
-                                          f"trainer.nodes={nodes}", f"trainer.device={device}"])
-    return cfg.trainer
+    return train_config("experiment=cifar100_sgd_gal", f"trainer.gpus={gpus}", f"trainer.nodes={nodes}",
+                        f"trainer.device={device}").trainer
 
 
 def test_the_slurm_batch_script_of_a_2_node_4_gpu_run(slurm):
@@ -270,17 +255,15 @@ def test_bad_cluster_settings_are_refused_before_submitting(slurm, monkeypatch, 
         else:
             monkeypatch.setenv(key, value)
     write_boston(slurm)
-    with initialize(config_path="../../pipelines/conf", version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=boston_gal", f"root={slurm}"])
     with pytest.raises(ConfigError, match=re.escape(message)):
-        regression.run(cfg)
+        regression.run(train_config(BOSTON, f"root={slurm}"))
     assert not (slurm / "batch.sh").exists() and not (slurm / "runs").exists() and not (slurm / "logs").exists()
 
 
 def test_a_bad_cluster_setting_is_one_line_from_the_stage_command(slurm):
     (slurm / "cluster.yaml").write_text("partition: gpu\nnodes: 2\n")
     write_boston(slurm)
-    done = subprocess.run(regression_cmd(slurm), cwd=ROOT, env={**os.environ}, capture_output=True, text=True)
+    done = train(slurm, BOSTON)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("train regression: bad config: ") and "unknown key nodes" in done.stderr
 

@@ -2,19 +2,15 @@
 what the task builds (the adjuster, the optimiser and its hyper-parameters) or fails in one line."""
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import torch
-from hydra import compose, initialize
 from omegaconf import OmegaConf
 
 from pipelines.errors import UserError
-from pipelines.prepare import cifar
 from pipelines.tasks.classification import task as classification
 from pipelines.tasks.regression import task as regression
 from pipelines.training import identity, launch, runner
-from tests.pipelines.prepare_helpers import prepare_config
+from tests.pipelines.train_helpers import train_config, with_data
 
 ALTERNATIVES = {"policy": "always", "remainder": "exact", "source": "uniform", "kind": "cnn", "activation": "relu",
                 "name": "adamw", "adjuster_lr": 0.5, "arch": [8], "compute_dtype": "float64"}
@@ -47,21 +43,19 @@ def build(task_cls, cfg):
 
 
 def walk(task_cls, root, experiment: str, *extra: str):
-    with initialize(config_path="../../pipelines/conf", version_base="1.3"):
-        base = compose("train", overrides=[f"root={root}", f"experiment={experiment}", *extra])
-        reference = build(task_cls, base)
-        flat = OmegaConf.to_container(base, resolve=True)
-        outcomes = {}
-        for group in ("method", "optim"):
-            for key, value in flat[group].items():
-                new = changed(key, value)
-                text = "[" + ",".join(map(str, new)) + "]" if isinstance(new, list) else new
-                cfg = compose("train", overrides=[f"root={root}", f"experiment={experiment}", *extra,
-                                                   f"{group}.{key}={text}"])
-                try:
-                    outcomes[f"{group}.{key}"] = "changes" if build(task_cls, cfg) != reference else "IGNORED"
-                except UserError:
-                    outcomes[f"{group}.{key}"] = "refused"
+    base = train_config(f"root={root}", f"experiment={experiment}", *extra)
+    reference = build(task_cls, base)
+    flat = OmegaConf.to_container(base, resolve=True)
+    outcomes = {}
+    for group in ("method", "optim"):
+        for key, value in flat[group].items():
+            new = changed(key, value)
+            text = "[" + ",".join(map(str, new)) + "]" if isinstance(new, list) else new
+            cfg = train_config(f"root={root}", f"experiment={experiment}", *extra, f"{group}.{key}={text}")
+            try:
+                outcomes[f"{group}.{key}"] = "changes" if build(task_cls, cfg) != reference else "IGNORED"
+            except UserError:
+                outcomes[f"{group}.{key}"] = "refused"
     return outcomes
 
 
@@ -76,9 +70,8 @@ def test_regression_keys_act_or_are_refused(tmp_path):
     assert len(outcomes["boston_gal"]) == 17 and outcomes["boston_baseline"].keys() >= {"method.gal", "optim.lr"}
 
 
-def test_classification_keys_act_or_are_refused(tmp_path):
-    assert cifar.run(prepare_config(tmp_path, "data=cifar10", "profile=smoke")) == 0
-    shutil.rmtree(tmp_path / "data" / "raw")
+def test_classification_keys_act_or_are_refused(tmp_path, prepared_cifar10):
+    with_data(tmp_path, prepared_cifar10)
     for experiment in ("cifar10_sgd_gal", "cifar10_lookahead_baseline", "cifar10_adabound_gal"):
         outcomes = walk(classification.Classification, tmp_path, experiment, "task.max_steps=1")
         assert all(v != "IGNORED" for v in outcomes.values()), (experiment, outcomes)

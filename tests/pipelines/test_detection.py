@@ -5,50 +5,33 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from hydra import compose, initialize
 from mlflow.tracking import MlflowClient
 
-from pipelines.errors import UserError
-from pipelines.prepare import coco
+from pipelines.errors import ConfigError, UserError
 from pipelines.tasks.detection import data as coco_data, task as detection
-from pipelines.tasks.detection.detr import PostProcess
-from tests.pipelines.prepare_helpers import ROOT, prepare_config
+from pipelines.tasks.detection.detr.detr import PostProcess
+from pipelines.training import runner
+from tests.pipelines.train_helpers import (checkpoint_path, kill_at_first_checkpoint, outcome, train, train_config,
+                                           train_env, with_data)
 
+EXPERIMENT = "experiment=coco_detr_r50_gal"
 RUN = "coco_detr_r50-gal-s0"
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("coco")
-    assert coco.run(prepare_config(root, "data=coco", "profile=smoke")) == 0
-    return root / "data" / "processed"
-
-
-def with_data(root: Path, prepared: Path) -> Path:
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    shutil.copytree(prepared, root / "data" / "processed")
-    return root
+TASK = "detection"
 
 
 def config(root: Path, *overrides: str):
-    with initialize(config_path="../../pipelines/conf", version_base="1.3"):
-        return compose("train", overrides=["experiment=coco_detr_r50_gal", f"root={root}", *overrides])
+    return train_config(EXPERIMENT, f"root={root}", *overrides)
 
 
-def test_ground_truth_as_predictions_scores_ap_100_with_cocos_category_ids(tmp_path, prepared):
-    cfg = config(with_data(tmp_path, prepared))
+def test_ground_truth_as_predictions_scores_ap_100_with_cocos_category_ids(tmp_path, prepared_coco):
+    cfg = config(with_data(tmp_path, prepared_coco))
     _, val, annotations, _ = coco_data.datasets(cfg, tmp_path)
     per_image, ids = {}, set()
     for index in range(len(val)):
@@ -72,43 +55,17 @@ def test_ground_truth_as_predictions_scores_ap_100_with_cocos_category_ids(tmp_p
     assert ids and ids <= categories and max(ids) > len(categories)  # non-contiguous ids, not remapped
 
 
-def train_cmd(root: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "pipelines.train", "experiment=coco_detr_r50_gal", f"root={root}", *overrides]
-
-
-def outcome(root: Path) -> tuple[list[str], dict, dict]:
-    record = root / "runs" / "detection" / RUN
-    history = [",".join(c for i, c in enumerate(line.split(",")) if i not in timing_columns(record))
-               for line in (record / "history.csv").read_text().splitlines()]
-    metrics = {k: v for k, v in json.loads((record / "metrics.json").read_text()).items() if k != "time_per_image"}
-    weights = torch.load(root / "checkpoints" / "detection" / RUN / "last.pt", weights_only=True)["task"]["model"]
-    return history, metrics, weights
-
-
-def timing_columns(record: Path) -> set[int]:
-    header = (record / "history.csv").read_text().splitlines()[0].split(",")
-    return {i for i, name in enumerate(header) if name in ("time_per_image", "images_per_s")}
-
-
-def test_kill_and_resume_ends_bitwise_equal_in_the_same_mlflow_run(tmp_path, prepared):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    env.pop("DVC_STAGE", None)
-    straight, killed = (with_data(tmp_path / name, prepared) for name in ("straight", "killed"))
-    done = subprocess.run(train_cmd(straight), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+@pytest.mark.slow
+def test_kill_and_resume_ends_bitwise_equal_in_the_same_mlflow_run(tmp_path, prepared_coco):
+    env = train_env(tmp_path)
+    straight, killed = (with_data(tmp_path / name, prepared_coco) for name in ("straight", "killed"))
+    done = train(straight, EXPERIMENT, env=env)
     assert done.returncode == 0, done.stderr
-    checkpoint = killed / "checkpoints" / "detection" / RUN / "last.pt"
-    proc = subprocess.Popen(train_cmd(killed), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed = subprocess.run(train_cmd(killed), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    kill_at_first_checkpoint(killed, EXPERIMENT, env=env, checkpoint=checkpoint_path(killed, TASK, RUN))
+    resumed = train(killed, EXPERIMENT, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {RUN} after epoch" in resumed.stdout
-    (h1, m1, w1), (h2, m2, w2) = outcome(straight), outcome(killed)
+    (h1, m1, w1), (h2, m2, w2) = outcome(straight, TASK, RUN), outcome(killed, TASK, RUN)
     assert h1 == h2 and m1 == m2 and all(torch.equal(w1[k], w2[k]) for k in w1)
     assert {"val_AP", "val_AP50", "val_AP75", "val_APs", "val_APm", "val_APl", "params_adjuster"} <= set(m1)
     assert m1["params_adjuster"] == 4 * 64 + 64 * 16 + 16 * 4  # PAPER: "+1344"
@@ -143,24 +100,22 @@ def resized_to_squares(root: Path, side: int = 128) -> None:
         path.write_text(json.dumps(data))
 
 
-def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, prepared):
+@pytest.mark.slow
+def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, prepared_coco):
     # no dropout (its masks are drawn per rank); one image size throughout (see resized_to_squares)
     overrides = ("task.epochs=2", "model.dropout=0", "task.augment.scales=[128]", "task.augment.crop_size=null",
                  "task.augment.eval_size=128", "trainer.device=cpu")
     results = {}
     for gpus in (1, 2):
-        root = with_data(tmp_path / f"{gpus}", prepared)
+        root = with_data(tmp_path / f"{gpus}", prepared_coco)
         resized_to_squares(root)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-        env.pop("DVC_STAGE", None)
-        done = subprocess.run(train_cmd(root, *overrides, f"trainer.gpus={gpus}"), cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=600)
+        done = train(root, EXPERIMENT, *overrides, f"trainer.gpus={gpus}", env=train_env(root, OMP_NUM_THREADS="1"))
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert ("launching 2 processes" in done.stdout) == (gpus == 2)
         (record,) = (root / "runs" / "detection").iterdir()  # the variant's own name
         with (record / "history.csv").open() as f:
             history = list(csv.DictReader(f))
-        weights = torch.load(root / "checkpoints" / "detection" / record.name / "last.pt", weights_only=True)["task"]
+        weights = torch.load(checkpoint_path(root, TASK, record.name), weights_only=True)["task"]
         results[gpus] = history, weights["model"], weights["adjuster"]
     (h1, m1, a1), (h2, m2, a2) = results.values()
     for row1, row2 in zip(h1, h2, strict=True):
@@ -175,12 +130,13 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, prepared):
     assert all(torch.allclose(a1[k], a2[k], rtol=1e-4, atol=1e-5) for k in a1)
 
 
-def test_a_tiny_detr_with_gal_learns_to_detect_its_training_images(tmp_path, prepared):
+@pytest.mark.slow
+def test_a_tiny_detr_with_gal_learns_to_detect_its_training_images(tmp_path, prepared_coco):
     # Four training images (six objects of three categories, one image empty), evaluated on themselves: the
     # run's val_* columns are training-set AP. Random init needs the backbone trained at the model's lr (DETR's
     # 1e-5 is for ImageNet weights) and, from scratch at this size, 1e-3; no crops. Calibrated once: AP50 0
     # and loss 18.7 at epoch 1, AP50 46, AP 17 and loss 3.0 at epoch 200; the bounds are about half of that.
-    root = with_data(tmp_path, prepared)
+    root = with_data(tmp_path, prepared_coco)
     coco = root / "data" / "processed" / "coco"
     data = json.loads((coco / "annotations" / "instances_train2017.json").read_text())
     data["images"] = data["images"][:4]
@@ -190,11 +146,8 @@ def test_a_tiny_detr_with_gal_learns_to_detect_its_training_images(tmp_path, pre
         (coco / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
     shutil.rmtree(coco / "val2017")
     shutil.copytree(coco / "train2017", coco / "val2017")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    env.pop("DVC_STAGE", None)
-    done = subprocess.run(train_cmd(root, "task.epochs=200", "optim.lr=1e-3", "task.lr_backbone=1e-3",
-                                    "model.dropout=0", "task.augment.crop_size=null", "task.augment.scales=[128]"),
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = train(root, EXPERIMENT, "task.epochs=200", "optim.lr=1e-3", "task.lr_backbone=1e-3", "model.dropout=0",
+                 "task.augment.crop_size=null", "task.augment.scales=[128]", env=train_env(root), timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (record,) = (root / "runs" / "detection").iterdir()
     with (record / "history.csv").open() as f:
@@ -204,25 +157,40 @@ def test_a_tiny_detr_with_gal_learns_to_detect_its_training_images(tmp_path, pre
     assert float(last["val_AP50"]) > 22 and float(last["val_AP"]) > 8 and float(last["train_loss"]) < 7
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (("trainer.precision=bf16",), "task=detection trains in fp32"),
-    (("task.batch_size=3", "trainer.gpus=2", "trainer.device=cpu"), "must be divisible by the 2 processes"),
+@pytest.mark.parametrize("overrides, message", [  # refused by the data as the run reads it
     (("task.batch_size=100",), "task.batch_size=100 is larger than the 16 training images"),
-    (("method.arch=[0]",), "method: dim and hidden widths must be positive"),
-    (("task.augment.max_size=128",), "task.augment.max_size=128 must exceed every shorter-side size (largest: 128)"),
-    (("task.augment.crop_size=[96,64]",), "task.augment.crop_size=[96, 64] must be [min, max] with 0 < min <= max"),
 ])
-def test_bad_settings_fail_in_one_line_without_a_record(tmp_path, prepared, overrides, message):
-    root = with_data(tmp_path, prepared)
+def test_bad_settings_fail_in_one_line_without_a_record(tmp_path, prepared_coco, overrides, message):
+    root = with_data(tmp_path, prepared_coco)
     with pytest.raises(UserError, match=re.escape(message)):
         detection.run(config(root, *overrides))
     assert not (root / "runs").exists()
 
 
-def test_missing_or_corrupt_coco_names_the_stage_to_rerun(tmp_path, prepared):
+@pytest.mark.parametrize("overrides, message", [  # refused by the checks, before any data or model
+    (("trainer.precision=bf16",), "task=detection trains in fp32"),
+    (("task.batch_size=3", "trainer.gpus=2", "trainer.device=cpu"), "must be divisible by the 2 processes"),
+    (("method.arch=[0]",), "method: dim and hidden widths must be positive"),
+    (("task.augment.max_size=128",), "task.augment.max_size=128 must exceed every shorter-side size (largest: 128)"),
+    (("task.augment.crop_size=[96,64]",), "task.augment.crop_size=[96, 64] must be [min, max] with 0 < min <= max"),
+])
+def test_bad_config_is_refused_by_the_checks_on_the_config_alone(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        runner.check(config(tmp_path, *overrides), detection.Detection)
+
+
+def test_a_bad_config_from_the_stage_command_is_one_line_exit_code_2_and_writes_nothing(tmp_path):
+    done = train(tmp_path, EXPERIMENT, "trainer.precision=bf16", env=train_env(tmp_path))
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "train detection: bad config: task=detection trains in fp32 with the default memory layout (as DETR's own "
+        "code): use trainer.precision=fp32 trainer.channels_last=false"], done.stderr
+    assert not any(tmp_path.iterdir())  # no record, checkpoint or MLflow store
+
+
+def test_missing_or_corrupt_coco_names_the_stage_to_rerun(tmp_path, prepared_coco):
     with pytest.raises(UserError, match=r"coco.json is missing: run the prepare stage of coco"):
         detection.run(config(tmp_path))
-    root = with_data(tmp_path / "corrupt", prepared)
+    root = with_data(tmp_path / "corrupt", prepared_coco)
     (root / "data" / "processed" / "coco" / "annotations" / "instances_val2017.json").write_text("{not json")
     with pytest.raises(UserError, match=r"cannot read the prepared COCO files .*dvc repro prepare_coco"):
         detection.run(config(root))

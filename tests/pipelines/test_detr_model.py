@@ -13,7 +13,9 @@ import torch
 import torchvision
 from gal_core import GradientAdjuster
 
-from pipelines.tasks.detection.detr import HungarianMatcher, PostProcess, SetCriterion, build_detr, pad_images
+from pipelines.tasks.detection.detr.backbone import pad_images
+from pipelines.tasks.detection.detr.detr import PostProcess, SetCriterion, build_detr
+from pipelines.tasks.detection.detr.matcher import HungarianMatcher
 from pipelines.tasks.detection.detr.position_encoding import PositionEmbeddingSine
 
 TINY = dict(backbone="resnet18", num_classes=7, hidden_dim=32, nheads=2, enc_layers=1, dec_layers=3,

@@ -7,21 +7,16 @@ import csv
 import json
 import math
 import os
-import shutil
 import subprocess
-import sys
 
 import pytest
-from hydra import compose, initialize
 from mlflow.tracking import MlflowClient
 
 from pipelines.errors import ConfigError
-from pipelines.prepare import cifar
 from pipelines.report.records import load_run
 from pipelines.tasks.regression import task as regression
-from pipelines.training import identity
-from tests.pipelines.prepare_helpers import ROOT, prepare_config
-from tests.pipelines.test_regression import root  # noqa: F401 (the Boston fixture root, a pytest fixture)
+from tests.pipelines.train_helpers import run_name, train_config, train_env, with_data
+from tests.pipelines.train_helpers import train as train_command
 
 # Plain SGD at lr 1.5 on the Boston fixture: finite for two epochs, train_loss inf in epoch 3 (checked below).
 # (Adam's step is bounded by its lr: even at lr 1e10 the loss overflows within epoch 1, leaving no finite epoch.)
@@ -33,18 +28,16 @@ RUN_JSON = {"task", "run_name", "variant", "mlflow_run_id", "mlflow_experiment_i
 
 
 def config(root, *overrides, experiment="boston_baseline"):
-    with initialize(config_path="../../pipelines/conf", version_base="1.3"):
-        return compose("train", overrides=[f"root={root}", f"experiment={experiment}", *overrides])
+    return train_config(f"root={root}", f"experiment={experiment}", *overrides)
 
 
 def name_of(root, *overrides) -> str:
-    cfg = config(root, *overrides)
-    return identity.run_name(cfg, identity.variant(cfg))
+    return run_name(config(root, *overrides))
 
 
 def train(root, *overrides) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.train", f"root={root}", "experiment=boston_baseline",
-                           *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """The Boston baseline from the stage command, in this (the ``root`` fixture's) environment."""
+    return train_command(root, "experiment=boston_baseline", *overrides, timeout=300)
 
 
 def mlflow_runs(task: str = "regression") -> list:
@@ -56,24 +49,25 @@ def line(name: str, epoch: int, metric: str, value: str) -> str:
     return f"{name} diverged at epoch {epoch} ({metric} = {value}): recorded as a result (trainer.on_divergence=record)"
 
 
-def test_by_default_a_divergence_fails_loudly_without_a_record(root):
-    result = train(root, *DIVERGES)
+def test_by_default_a_divergence_fails_loudly_without_a_record(boston_root):
+    result = train(boston_root, *DIVERGES)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         "train regression: metric 'train_loss' is inf at epoch 3: the run diverged; lower the learning rate or "
         "check the data"]
-    assert not (root / "runs").exists()
+    assert not (boston_root / "runs").exists()
     assert [run.info.status for run in mlflow_runs()] == ["FAILED"]
 
 
-def test_a_recorded_divergence_is_a_whole_record_a_failed_mlflow_run_and_exit_code_0(root):
-    name = name_of(root, *DIVERGES)
-    result = train(root, *DIVERGES, RECORD)
+@pytest.mark.slow
+def test_a_recorded_divergence_is_a_whole_record_a_failed_mlflow_run_and_exit_code_0(boston_root):
+    name = name_of(boston_root, *DIVERGES)
+    result = train(boston_root, *DIVERGES, RECORD)
     assert result.returncode == 0, result.stderr
     assert line(name, 3, "train_loss", "inf") in result.stdout.splitlines()
     assert "epoch 3/5" not in result.stdout and result.stderr == ""
 
-    run_dir = root / "runs" / "regression" / name
+    run_dir = boston_root / "runs" / "regression" / name
     assert {"config.yaml", "history.csv", "metrics.json", "run.json"} <= {p.name for p in run_dir.iterdir()}
     assert json.loads((run_dir / "metrics.json").read_text()) == {"diverged_epoch": 3}
     with open(run_dir / "history.csv", newline="") as f:
@@ -92,12 +86,12 @@ def test_a_recorded_divergence_is_a_whole_record_a_failed_mlflow_run_and_exit_co
     assert run.data.metrics["diverged_epoch"] == 3.0  # metrics.json and MLflow agree (the audit's cross-check)
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
-    assert not (root / "checkpoints" / "regression" / name / "last.pt").exists()
+    assert not (boston_root / "checkpoints" / "regression" / name / "last.pt").exists()
 
     # a rerun of the same config starts over (no checkpoint to resume towards the same NaN) and records the
     # same result again, in a new MLflow run
     before = {p: (run_dir / p).read_text() for p in ("history.csv", "metrics.json")}
-    again = train(root, *DIVERGES, RECORD)
+    again = train(boston_root, *DIVERGES, RECORD)
     assert again.returncode == 0, again.stderr
     assert "resuming" not in again.stdout and line(name, 3, "train_loss", "inf") in again.stdout.splitlines()
     assert {p: (run_dir / p).read_text() for p in before} == before
@@ -106,9 +100,9 @@ def test_a_recorded_divergence_is_a_whole_record_a_failed_mlflow_run_and_exit_co
     assert json.loads((run_dir / "run.json").read_text())["mlflow_run_id"] == second.info.run_id
 
 
-def test_a_finished_run_with_record_is_an_ordinary_run(root):
-    regression.run(config(root, "task.epochs=2", RECORD))
-    record = load_run(root / "runs" / "regression" / name_of(root, "task.epochs=2"))
+def test_a_finished_run_with_record_is_an_ordinary_run(boston_root):
+    regression.run(config(boston_root, "task.epochs=2", RECORD))
+    record = load_run(boston_root / "runs" / "regression" / name_of(boston_root, "task.epochs=2"))
     assert record.diverged_epoch is None and "status" not in record.meta
     assert set(record.metrics) == {"test_mae", "test_mse", "test_r2"}
     assert [run.info.status for run in mlflow_runs()] == ["FINISHED"]
@@ -118,11 +112,11 @@ def test_a_finished_run_with_record_is_an_ordinary_run(root):
     (("optim.lr=1e10", "task.epochs=3"), 1, "train_loss", "inf"),  # Adam: overflows in the first epoch
     (("optim=sgd", "optim.lr=2", "task.epochs=3"), 2, "test_mse", "inf"),  # a finite train_loss, an inf test_mse
 ])
-def test_any_nonfinite_metric_at_any_epoch_is_recorded(root, capsys, overrides, epoch, metric, value):
-    regression.run(config(root, *overrides, RECORD))
-    name = name_of(root, *overrides)
+def test_any_nonfinite_metric_at_any_epoch_is_recorded(boston_root, capsys, overrides, epoch, metric, value):
+    regression.run(config(boston_root, *overrides, RECORD))
+    name = name_of(boston_root, *overrides)
     assert capsys.readouterr().out.splitlines()[-1] == line(name, epoch, metric, value)
-    run_dir = root / "runs" / "regression" / name
+    run_dir = boston_root / "runs" / "regression" / name
     record = load_run(run_dir)
     assert record.diverged_epoch == epoch and record.metrics == {"diverged_epoch": epoch}
     assert record.meta["diverged_metric"] == metric
@@ -131,25 +125,24 @@ def test_any_nonfinite_metric_at_any_epoch_is_recorded(root, capsys, overrides, 
     assert run.info.status == "FAILED" and run.data.tags["diverged_metric"] == metric
 
 
-def test_a_bad_on_divergence_is_one_line_before_any_compute(root):
+def test_a_bad_on_divergence_is_one_line_before_any_compute(boston_root):
     with pytest.raises(ConfigError, match=r"trainer.on_divergence='maybe': use fail or record"):
-        regression.run(config(root, "trainer.on_divergence=maybe"))
-    result = train(root, "trainer.on_divergence=maybe")
+        regression.run(config(boston_root, "trainer.on_divergence=maybe"))
+    result = train(boston_root, "trainer.on_divergence=maybe")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "train regression: bad config: trainer.on_divergence='maybe': use fail or record"]
-    assert not (root / "runs").exists() and not (root / "checkpoints").exists() and not (root / "mlflow.db").exists()
+    assert not (boston_root / "runs").exists() and not (boston_root / "checkpoints").exists()
+    assert not (boston_root / "mlflow.db").exists()
 
 
-def test_under_ddp_every_rank_stops_at_the_divergence_and_the_run_is_recorded(tmp_path):
+@pytest.mark.slow
+def test_under_ddp_every_rank_stops_at_the_divergence_and_the_run_is_recorded(tmp_path, prepared_cifar10):
     """2 gloo processes: rank 0 decides, the other rank stops with it (no hang in a collective), exit code 0."""
-    assert cifar.run(prepare_config(tmp_path, "data=cifar10", "profile=smoke")) == 0
-    shutil.rmtree(tmp_path / "data" / "raw")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-    env.pop("DVC_STAGE", None)
+    with_data(tmp_path, prepared_cifar10)
+    env = train_env(tmp_path, OMP_NUM_THREADS="1")
     overrides = ["experiment=cifar10_sgd_gal", "optim.lr=1e12", "method.ratio=0", "task.max_steps=3",
                  "task.epochs=3", "trainer.device=cpu", "trainer.gpus=2", RECORD]
-    result = subprocess.run([sys.executable, "-m", "pipelines.train", f"root={tmp_path}", *overrides], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = train_command(tmp_path, *overrides, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "launching 2 processes" in result.stdout and " diverged at epoch 1 (" in result.stdout
     (run_dir,) = (tmp_path / "runs" / "classification").iterdir()

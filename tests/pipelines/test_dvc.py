@@ -82,6 +82,7 @@ def test_every_stage_depends_on_what_it_imports_and_composes(stages):
     assert not missing, "deps missing in dvc.yaml:\n" + "\n".join(missing)
 
 
+@pytest.mark.slow  # composes every training stage's command
 def test_training_stages_write_the_record_of_the_run_their_command_names(stages):
     train = [s for s in stages if s.cmd.startswith("python -m pipelines.train ")]
     assert train
@@ -133,8 +134,10 @@ def stale_after_editing(repo: Path, name: str) -> set[str]:
         path.write_text(text)
 
 
+@pytest.mark.slow  # one dvc commit of every stage, then a dvc status per case: about a minute in all
 @pytest.mark.parametrize("edited, stale", [
     ("pipelines/tasks/detection/task.py", {"train_detection"}),
+    ("pipelines/tasks/detection/detr/transformer.py", {"train_detection"}),
     ("pipelines/tasks/regression/data.py", {"train_regression", "protocol", "protocol_eps"}),
     ("pipelines/tasks/classification/task.py", {"train_cifar", "train_imagenet", "ablate_noise", "ablate_raw_noise",
                                                 "ablate_adjuster", "ablate_policy", "ablate_eps", "ablate_scale",

@@ -39,6 +39,7 @@ def fanout(repo: Path, env: dict, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_three_rounds_of_four_stages_at_once_leave_a_complete_lock_and_one_run_each(repo):
     repo, env = repo
     for stages in ROUNDS.values():

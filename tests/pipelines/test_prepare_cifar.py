@@ -19,7 +19,7 @@ from pipelines.fetch import MIRROR_ENV
 from pipelines.prepare import cifar as C
 from pipelines.prepare import fixtures
 
-from .prepare_helpers import prepare_cli, prepare_config
+from .prepare_helpers import files_under, prepare_cli, prepare_config
 
 ARCHIVE = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
 FORMAT = {"cifar10": "cifar10_python", "cifar100": "cifar100_python"}
@@ -31,10 +31,6 @@ config = prepare_config
 
 def cli(cwd: Path, *args: str, mirror: Path | None = None) -> subprocess.CompletedProcess:
     return prepare_cli("pipelines.prepare.cifar", cwd, *args, mirror=mirror)
-
-
-def files_under(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 
 
 def members_of(data: bytes) -> dict[str, object]:

@@ -21,7 +21,7 @@ from pipelines.fetch import MIRROR_ENV
 from pipelines.prepare import coco as C
 from pipelines.prepare import fixtures
 
-from .prepare_helpers import CONF, prepare_cli, prepare_config
+from .prepare_helpers import CONF, files_under, prepare_cli, prepare_config
 
 ZIPS = {"annotations": "annotations_trainval2017.zip", "val": "val2017.zip", "train": "train2017.zip"}
 FIXTURE = {"train": 16, "val": 8, "seed": 0}  # data.fixture in conf/data/coco.yaml
@@ -32,10 +32,6 @@ config = prepare_config
 
 def cli(cwd: Path, *args: str, mirror: Path | None = None) -> subprocess.CompletedProcess:
     return prepare_cli("pipelines.prepare.coco", cwd, *args, mirror=mirror)
-
-
-def files_under(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
 
 
 def unzip(data: bytes) -> dict[str, bytes]:

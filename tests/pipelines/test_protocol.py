@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from scipy import stats
 
 from pipelines.report import __main__ as report_cli
@@ -21,6 +19,7 @@ from pipelines.report.specs import protocol
 from pipelines.training import identity
 from tests.pipelines.prepare_helpers import ROOT
 from tests.pipelines.report_fixtures import write_run
+from tests.pipelines.train_helpers import train_config
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 GRIDS = PARAMS["protocol_grids"]
@@ -31,10 +30,7 @@ GRID_PROFILE = {"smoke": "smoke", "regression": "regression"}
 
 
 def run_variant(overrides: list[str]) -> str:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(identity.CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-        return identity.variant(cfg)
+    return identity.variant(train_config(*overrides))
 
 
 @pytest.mark.parametrize("grid", sorted(GRIDS))

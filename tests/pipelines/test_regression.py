@@ -1,42 +1,22 @@
 """The regression task on the shared runner: deterministic runs, a split shared by baseline and GAL, one run
 directory per variant, kill-and-resume into the same MLflow run, and bad inputs refused in one line."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
-from hydra import compose, initialize
 from mlflow.tracking import MlflowClient
 
 from pipelines.errors import ConfigError, UserError
 from pipelines.errors import RunError
 from pipelines.tasks.regression import task as regression
-from tests.pipelines.prepare_helpers import ROOT
+from tests.pipelines.train_helpers import (checkpoint_path, kill_at_first_checkpoint, train, train_config, train_env,
+                                           write_boston)
 
-
-def write_boston(root, rows=80):
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(rows, 13))
-    y = X @ rng.normal(size=13) + 0.1 * rng.normal(size=rows) + 20
-    (root / "data" / "processed").mkdir(parents=True, exist_ok=True)
-    np.savez(root / "data" / "processed" / "boston.npz", X=X, y=y, feature_names=np.array(["f"] * 13))
-
-
-@pytest.fixture
-def root(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("DVC_STAGE", raising=False)
-    write_boston(tmp_path)
-    return tmp_path
+EXPERIMENT = "experiment=boston_gal"
 
 
 def config(root, *overrides, experiment="boston_gal"):
-    with initialize(config_path="../../pipelines/conf", version_base="1.3"):
-        return compose("train", overrides=[f"root={root}", f"experiment={experiment}", "task.epochs=3", *overrides])
+    return train_config(f"root={root}", f"experiment={experiment}", "task.epochs=3", *overrides)
 
 
 def record(root, name):
@@ -44,20 +24,20 @@ def record(root, name):
     return json.loads((run / "metrics.json").read_text()), (run / "history.csv").read_text()
 
 
-def test_same_seed_gives_identical_metrics_twice(root):
-    regression.run(config(root, "seed=1"))
-    first = record(root, "boston-gal-epochs3-s1")
-    regression.run(config(root, "seed=1"))
-    assert record(root, "boston-gal-epochs3-s1") == first
-    regression.run(config(root, "seed=2"))
-    assert record(root, "boston-gal-epochs3-s2")[0] != first[0]
+def test_same_seed_gives_identical_metrics_twice(boston_root):
+    regression.run(config(boston_root, "seed=1"))
+    first = record(boston_root, "boston-gal-epochs3-s1")
+    regression.run(config(boston_root, "seed=1"))
+    assert record(boston_root, "boston-gal-epochs3-s1") == first
+    regression.run(config(boston_root, "seed=2"))
+    assert record(boston_root, "boston-gal-epochs3-s2")[0] != first[0]
 
 
-def test_gal_and_baseline_runs_log_their_columns(root):
-    regression.run(config(root, experiment="boston_baseline"))
-    regression.run(config(root))
-    baseline_metrics, baseline_history = record(root, "boston-baseline-epochs3-s0")
-    gal_metrics, gal_history = record(root, "boston-gal-epochs3-s0")
+def test_gal_and_baseline_runs_log_their_columns(boston_root):
+    regression.run(config(boston_root, experiment="boston_baseline"))
+    regression.run(config(boston_root))
+    baseline_metrics, baseline_history = record(boston_root, "boston-baseline-epochs3-s0")
+    gal_metrics, gal_history = record(boston_root, "boston-gal-epochs3-s0")
     assert set(baseline_metrics) == set(gal_metrics) == {"test_mae", "test_mse", "test_r2"}
     assert set(baseline_history.splitlines()[0].split(",")) == {"epoch", "train_loss", "test_mae", "test_mse",
                                                                   "test_r2", "lr"}
@@ -66,16 +46,16 @@ def test_gal_and_baseline_runs_log_their_columns(root):
     assert len(gal_history.splitlines()) == 1 + 3
 
 
-def test_a_variant_gets_its_own_record_and_checkpoint_and_leaves_the_preset_run_alone(root):
-    regression.run(config(root))
-    preset = root / "runs" / "regression" / "boston-gal-epochs3-s0"
+def test_a_variant_gets_its_own_record_and_checkpoint_and_leaves_the_preset_run_alone(boston_root):
+    regression.run(config(boston_root))
+    preset = boston_root / "runs" / "regression" / "boston-gal-epochs3-s0"
     before = {p.name: p.read_bytes() for p in preset.iterdir()}
-    regression.run(config(root, "method.ratio=0.001"))
-    variant = root / "runs" / "regression" / "boston-gal-eps0.001-epochs3-s0"
+    regression.run(config(boston_root, "method.ratio=0.001"))
+    variant = boston_root / "runs" / "regression" / "boston-gal-eps0.001-epochs3-s0"
     assert {p.name: p.read_bytes() for p in preset.iterdir()} == before
     assert json.loads((variant / "run.json").read_text())["variant"] == "eps0.001-epochs3"
     assert (variant / "metrics.json").read_text() != before["metrics.json"].decode()
-    checkpoints = sorted(p.name for p in (root / "checkpoints" / "regression").iterdir())
+    checkpoints = sorted(p.name for p in (boston_root / "checkpoints" / "regression").iterdir())
     assert checkpoints == ["boston-gal-epochs3-s0", "boston-gal-eps0.001-epochs3-s0"]
 
 
@@ -86,30 +66,19 @@ def test_split_depends_on_the_seed_alone():
     assert not np.array_equal(regression.split(100, 0.2, seed=5)[1], test)
 
 
-def train_cmd(root, *overrides):
-    return [sys.executable, "-m", "pipelines.train", f"root={root}", "experiment=boston_gal", *overrides]
-
-
+@pytest.mark.slow
 def test_killed_and_rerun_ends_as_one_finished_mlflow_run_with_uninterrupted_metrics(tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    env.pop("DVC_STAGE", None)
+    env = train_env(tmp_path)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     for root in (straight, killed):
         write_boston(root, rows=3000)  # long enough epochs to kill one mid-run
     epochs = "task.epochs=6"
-    done = subprocess.run(train_cmd(straight, epochs), cwd=ROOT, env=env, capture_output=True, text=True)
+    done = train(straight, EXPERIMENT, epochs, env=env)
     assert done.returncode == 0, done.stderr
     name = "boston-gal-epochs6-s0"
-    ckpt = killed / "checkpoints" / "regression" / name / "last.pt"
-    proc = subprocess.Popen(train_cmd(killed, epochs), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while not ckpt.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed = subprocess.run(train_cmd(killed, epochs), cwd=ROOT, env=env, capture_output=True, text=True)
+    kill_at_first_checkpoint(killed, EXPERIMENT, epochs, env=env,
+                             checkpoint=checkpoint_path(killed, "regression", name))
+    resumed = train(killed, EXPERIMENT, epochs, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {name} after epoch" in resumed.stdout
     assert record(killed, name) == record(straight, name)
@@ -141,29 +110,28 @@ def test_killed_and_rerun_ends_as_one_finished_mlflow_run_with_uninterrupted_met
     (("trainer.gpus=2", "trainer.device=cpu"), "task=regression runs on one process"),
     (("trainer.precision=bf16",), "task=regression trains in fp32"),
 ])
-def test_bad_settings_are_refused_before_any_compute(root, overrides, message):
+def test_bad_settings_are_refused_before_any_compute(boston_root, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        regression.run(config(root, *overrides))
-    assert not (root / "runs").exists() and not (root / "checkpoints").exists()
+        regression.run(config(boston_root, *overrides))
+    assert not (boston_root / "runs").exists() and not (boston_root / "checkpoints").exists()
 
 
-def test_baseline_refuses_gal_settings(root):
+def test_baseline_refuses_gal_settings(boston_root):
     with pytest.raises(ConfigError, match=r"method.ratio has no effect without GAL"):
-        regression.run(config(root, "+method.ratio=0.1", experiment="boston_baseline"))
+        regression.run(config(boston_root, "+method.ratio=0.1", experiment="boston_baseline"))
 
 
-def test_missing_or_corrupt_data_names_the_stage_to_rerun(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_missing_or_corrupt_data_names_the_stage_to_rerun(tracked_root):
     with pytest.raises(RunError, match=r"boston.npz is missing: run `dvc repro` .*dvc repro prepare@boston"):
-        regression.run(config(tmp_path))
-    result = subprocess.run(train_cmd(tmp_path, "experiment=diabetes_gal"), cwd=ROOT, capture_output=True, text=True)
+        regression.run(config(tracked_root))
+    result = train(tracked_root, "experiment=diabetes_gal")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert "diabetes.npz is missing" in result.stderr and not (tmp_path / "runs").exists()
-    (tmp_path / "data" / "processed").mkdir(parents=True)
-    (tmp_path / "data" / "processed" / "boston.npz").write_bytes(b"PK\x03\x04 not a zip")
+    assert "diabetes.npz is missing" in result.stderr and not (tracked_root / "runs").exists()
+    (tracked_root / "data" / "processed").mkdir(parents=True)
+    (tracked_root / "data" / "processed" / "boston.npz").write_bytes(b"PK\x03\x04 not a zip")
     with pytest.raises(RunError, match=r"cannot read .*boston.npz .*rerun its prepare stage: dvc repro prepare@boston"):
-        regression.run(config(tmp_path))
-    assert not (tmp_path / "runs").exists()
+        regression.run(config(tracked_root))
+    assert not (tracked_root / "runs").exists()
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -173,11 +141,10 @@ def test_missing_or_corrupt_data_names_the_stage_to_rerun(tmp_path, monkeypatch)
     (("experiment=boston_gal", "nosuchkey=1"), "Could not override 'nosuchkey'"),
     (("experiment=boston_gal", "method.ratio=abc"), "method.ratio='abc': use a number"),
 ])
-def test_bad_command_lines_are_one_line_and_exit_code_2(root, overrides, message):
-    result = subprocess.run([sys.executable, "-m", "pipelines.train", f"root={root}", *overrides], cwd=ROOT,
-                            capture_output=True, text=True)
+def test_bad_command_lines_are_one_line_and_exit_code_2(boston_root, overrides, message):
+    result = train(boston_root, *overrides)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert message in result.stderr and not (root / "runs").exists()
+    assert message in result.stderr and not (boston_root / "runs").exists()
 
 
 def test_every_user_error_is_one_kind():

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from pipelines import audit
-from tests.pipelines.report_fixtures import (SEEDS, SPEC_NAMES, abl_values, cls_values, site,  # noqa: F401
-                                             value, values_of)
+from tests.pipelines.report_fixtures import SEEDS, SPEC_NAMES, abl_values, cls_values, value, values_of
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from pipelines.report import __main__ as report_cli
 from pipelines.report import index
 from pipelines.report.model import Rendered
-from tests.pipelines.report_fixtures import FIGURES, SEEDS, SPEC_NAMES, read_csv, site  # noqa: F401 (a fixture)
+from tests.pipelines.report_fixtures import FIGURES, SEEDS, SPEC_NAMES, read_csv
 
 
 OUTPUTS = [f"tables/{t}.{ext}" for t in ("table1", "table2", "table3", "table4", "table5", "table6", "table7", "table8",

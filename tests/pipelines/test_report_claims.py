@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from tests.pipelines.report_fixtures import abl_values, read_csv, site  # noqa: F401 (site: a fixture)
+from tests.pipelines.report_fixtures import abl_values, read_csv
 
 
 def test_claims_verdicts(site):

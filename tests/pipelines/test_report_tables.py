@@ -10,8 +10,7 @@ from scipy import stats
 
 from pipelines.report.model import Context
 from tests.pipelines.report_fixtures import (ABL_SEEDS, DATASETS, METHODS, METRICS, abl_error, abl_values, by_key,
-                                             cls_values, edit_run, make_runs, ours, read_csv, site,  # noqa: F401
-                                             values_of)
+                                             cls_values, edit_run, make_runs, ours, read_csv, values_of)
 
 
 def test_table5_means_and_stds_equal_numpy(site):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -78,18 +79,9 @@ def test_the_decision_is_frozen():
 
 
 # --------------------------------------------------------------------------- RunTracker applies the same rule
-@pytest.fixture(scope="module")
-def sqlite_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('store').as_posix()}/mlflow.db"
-
-
 @pytest.fixture(autouse=True)
-def env(monkeypatch, tmp_path, sqlite_uri):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
-    for var in ("DVC_ROOT", "DVC_STAGE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+def env(store_env) -> Path:
+    return store_env
 
 
 def killed_after_one_epoch() -> tuple[RunTracker, dict]:

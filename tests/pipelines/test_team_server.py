@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.network import mlflow_server
-from tests.pipelines.test_regression import write_boston
+from tests.pipelines.train_helpers import ROOT, train, train_env, write_boston
 
-ROOT = Path(__file__).resolve().parents[2]
 USER, PASSWORD = f"gal-admin-{secrets.token_hex(4)}", f"pw-{secrets.token_hex(12)}"
 
 
@@ -35,17 +32,17 @@ def server(tmp_path_factory):
         yield uri
 
 
-def train(root: Path, uri: str, password: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": USER,
-           "MLFLOW_TRACKING_PASSWORD": password, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}
-    env.pop("DVC_STAGE", None)
-    return subprocess.run([sys.executable, "-m", "pipelines.train", "experiment=boston_gal", f"root={root}",
-                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def team_env(root: Path, uri: str, password: str) -> dict:
+    """A stage's environment that logs to the team's server at ``uri`` as USER with ``password``."""
+    return train_env(root, MLFLOW_TRACKING_URI=uri, MLFLOW_TRACKING_USERNAME=USER, MLFLOW_TRACKING_PASSWORD=password,
+                     MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.2")
 
 
+@pytest.mark.slow
 def test_a_run_shows_in_mlflows_views_and_its_credentials_go_nowhere(server, tmp_path, monkeypatch):
     write_boston(tmp_path, rows=3000)  # a few seconds of training: system metrics get sampled
-    done = train(tmp_path, server, PASSWORD, "task.epochs=4", "trainer.system_metrics=true")
+    done = train(tmp_path, "experiment=boston_gal", "task.epochs=4", "trainer.system_metrics=true",
+                 env=team_env(tmp_path, server, PASSWORD))
     assert done.returncode == 0, done.stderr
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
@@ -74,7 +71,7 @@ def test_a_run_shows_in_mlflows_views_and_its_credentials_go_nowhere(server, tmp
 
 def test_a_wrong_password_fails_at_the_start_in_one_line(server, tmp_path):
     write_boston(tmp_path)
-    done = train(tmp_path, server, "not-the-password")
+    done = train(tmp_path, "experiment=boston_gal", env=team_env(tmp_path, server, "not-the-password"))
     assert done.returncode == 2 and done.stdout == "" and done.stderr.count("\n") == 1, done.stdout + done.stderr
     assert "refused the credentials (HTTP 401)" in done.stderr and "not-the-password" not in done.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()

@@ -36,20 +36,9 @@ EPOCHS = [{"train_loss": 1.0, "val_mae": 0.9}, {"train_loss": 0.5, "val_mae": 0.
 FINAL = {"test_mae": 0.41, "test_mse": 0.3, "test_r2": 0.8}
 
 
-@pytest.fixture(scope="module")
-def sqlite_uri(tmp_path_factory) -> str:
-    """One sqlite store for the module (creating one runs MLflow's migrations: seconds each)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('store').as_posix()}/mlflow.db"
-
-
 @pytest.fixture(autouse=True)
-def env(monkeypatch, tmp_path, sqlite_uri):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
-    for var in ("DVC_ROOT", "DVC_STAGE", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY",
-                "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+def env(store_env) -> Path:
+    return store_env
 
 
 @pytest.fixture(scope="module")

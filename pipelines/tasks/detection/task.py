@@ -23,7 +23,7 @@ from torch import nn
 
 from pipelines.errors import ConfigError
 from pipelines.tasks.detection import data as coco_data
-from pipelines.tasks.detection.detr import PostProcess, SetCriterion, build_detr
+from pipelines.tasks.detection.detr.detr import PostProcess, SetCriterion, build_detr
 from pipelines.training import launch, runner
 from pipelines.training.epoch import (EpochMeter, adjuster_weights, attach_method, load_method_state, method_state,
                                       steps_per_epoch)

@@ -1,6 +1,4 @@
-"""DETR for COCO detection, with its loss split for GAL (see detr.py's docstring)."""
-from .backbone import pad_images
-from .detr import DETR, DetrLoss, PostProcess, SetCriterion, build_detr
-from .matcher import HungarianMatcher
-
-__all__ = ["DETR", "DetrLoss", "HungarianMatcher", "PostProcess", "SetCriterion", "build_detr", "pad_images"]
+"""DETR for COCO detection, with its loss split for GAL (see detr.py's docstring), in DETR's own files:
+detr.py (model, criterion, post-processing), matcher.py, transformer.py, backbone.py, position_encoding.py,
+box_ops.py. Import from those modules: importing the package runs none of them (the precision study reads
+box_ops.py alone)."""
