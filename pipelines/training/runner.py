@@ -155,6 +155,7 @@ def fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant:
     config = OmegaConf.to_container(cfg, resolve=True)
     # what actually ran, beside what was asked for (trainer.device=auto, gpus x nodes)
     config["trainer"].update(resolved_device=procs.device.type, world_size=procs.world)
+    config_sha = config_digest(config)  # what its checkpoints say they hold
     ckpt_path = root / "checkpoints" / task_cls.name / name / "last.pt"
     # rank 0 decides and sends the checkpoint: only node 0 has it, and other nodes' configs may differ (root)
     saved = checkpoint.load(ckpt_path) if procs.main else None
@@ -189,7 +190,7 @@ def fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant:
             if not procs.main:
                 continue
             tracker.log_epoch(epoch, row)  # refuses NaN/inf: with on_divergence=fail a diverged run fails loudly
-            checkpoint.save({"epoch": epoch, "config_sha": config_digest(config), "config": config,
+            checkpoint.save({"epoch": epoch, "config_sha": config_sha, "config": config,
                              "task": task.state_dict(), "tracker": tracker.state()}, ckpt_path)
             if epoch in (start, cfg.task.epochs) or time.monotonic() - last_print >= PROGRESS_SECONDS:
                 print(f"epoch {epoch}/{cfg.task.epochs} {task.progress(row)}", flush=True)
