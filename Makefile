@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup test profile repro fanout bench ui lock clean
+.PHONY: setup test profile repro fanout preflight bench ui lock clean
 
 setup: $(STAMP)
 
@@ -18,14 +18,12 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml packages/gal_core/py
 test: setup
 	$(BIN)/python -m pytest
 
-# `make repro PROFILE=regression` (or fanout) switches the profile in params.yaml first, and the grids with it:
-# ablations (paper for `paper`, else smoke) and the Table V protocol study (smoke for `smoke`, else regression).
-profile:
+# `make repro PROFILE=regression` (or fanout) switches the profile in params.yaml first, and the grids with it
+# (pipelines/profile.py): ablations (paper for `paper`, else smoke) and the Table V protocol study (smoke for
+# `smoke`, else regression).
+profile: setup
 ifdef PROFILE
-	@test -f pipelines/conf/profile/$(PROFILE).yaml || { echo "error: no profile '$(PROFILE)'; choose one of: $$(ls pipelines/conf/profile | sed 's/.yaml//' | tr '\n' ' ')"; exit 2; }
-	sed -i -e 's/^profile: .*/profile: $(PROFILE)/' \
-	       -e 's/^ablations: .*/ablations: *$(if $(filter paper,$(PROFILE)),paper,smoke)_grid/' \
-	       -e 's/^protocols: .*/protocols: *$(if $(filter smoke,$(PROFILE)),smoke,regression)_protocol/' params.yaml
+	$(BIN)/python -m pipelines.profile $(PROFILE)
 endif
 
 repro: setup profile
@@ -36,6 +34,16 @@ repro: setup profile
 JOBS ?= 4
 fanout: setup profile
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipelines.fanout --jobs $(JOBS) $(STAGES)
+
+# Every training run of a profile at its real size for a few steps, before the GPU-hours are spent
+# (pipelines/preflight/): step time, memory, the device-hours each stage will take, and what fails. It plans
+# PROFILE from a copy of params.yaml: the workspace is left as it is. STAGES: DVC stages (default all).
+DEVICE ?= auto
+STEPS ?= 3
+WORLD ?= 1
+preflight: setup
+	$(BIN)/python -m pipelines.preflight --profile $(or $(PROFILE),paper) --device $(DEVICE) --steps $(STEPS) --world $(WORLD) \
+		$(if $(BATCH_PER_DEVICE),--batch-per-device $(BATCH_PER_DEVICE)) $(if $(filter 0,$(PRETRAINED)),--random-init) $(STAGES)
 
 bench: setup
 	$(BIN)/python -m benchmarks.gal_overhead

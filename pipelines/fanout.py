@@ -47,25 +47,27 @@ def dvc(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], **kwargs)
 
 
-def plan(targets: list[str]) -> tuple[list[str], list]:
-    """(the stages the training stages depend on, the training stages), for ``targets`` (all stages when
-    empty) and what they depend on."""
+def plan(targets: list[str], root: str = ".") -> tuple[list[str], list]:
+    """(the stages the training stages depend on, the training stages as (name, command)), for ``targets``
+    (all stages when empty) and what they depend on, in the DVC project at ``root``."""
     import networkx as nx
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    with Repo(".") as repo:
+    with Repo(root) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        try:
-            chosen = [s for t in targets for s in repo.stage.collect(t)] if targets else list(graph)
-        except DvcException as err:
-            raise ConfigError(f"no stage {str(err).splitlines()[0]}") from None
+        chosen = list(graph) if not targets else []
+        for target in targets:  # a target names a stage or stage group of root's dvc.yaml, wherever this runs
+            try:
+                chosen += repo.stage.collect(f"{Path(root) / 'dvc.yaml'}:{target}")
+            except DvcException:
+                raise ConfigError(f"no stage or stage group {target!r} in dvc.yaml") from None
         wanted = set(chosen).union(*(nx.descendants(graph, s) for s in chosen))
         training = [s for s in wanted if TRAIN in s.cmd]
         upstream = set().union(*(nx.descendants(graph, s) for s in training)) - set(training)
         order = {s: i for i, s in enumerate(repo.index.stages)}  # dvc.yaml's order
-        return ([s.addressing for s in sorted(upstream, key=order.get)],
-                [(s.addressing, s.cmd) for s in sorted(training, key=order.get)])
+        return ([s.name for s in sorted(upstream, key=order.get)],
+                [(s.name, s.cmd) for s in sorted(training, key=order.get)])
 
 
 def stale(names: list[str]) -> list[str]:

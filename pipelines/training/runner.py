@@ -16,10 +16,14 @@ tensors one by one with ``dist.broadcast`` (on the GPU under NCCL) after a small
 so no rank ever holds a pickled copy of the whole state.
 
 Divergence: ``trainer.on_divergence`` (fail or record); the rule: pipelines/CONTRACT.md, Divergence.
+
+Preflight: pipelines/training/rehearsal.py is this runner's mode that builds a run's Task as ``fit`` does and
+exercises it for a few steps with nothing recorded (``make preflight``).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import time
@@ -78,6 +82,13 @@ class Task(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def task_class(name: str) -> type[Task]:
+    """The Task that pipelines/tasks/<name>/task.py defines."""
+    module = importlib.import_module(f"pipelines.tasks.{name}.task")
+    return next(v for v in vars(module).values()
+                if isinstance(v, type) and issubclass(v, Task) and v.__module__ == module.__name__)
+
+
 # ------------------------------------------------------------------------------------------ checks
 def require_int(cfg: DictConfig, key: str, minimum: int) -> int:
     """cfg's integer at ``key``, refused in one line unless it is an integer of at least ``minimum``."""
@@ -124,7 +135,30 @@ def diverged_on_rank0(row: dict[str, float], procs: launch.Processes) -> bool:
     return launch.all_reduce_sum(flag, procs).item() > 0
 
 
+def resolved_config(cfg: DictConfig, procs: launch.Processes) -> dict[str, Any]:
+    """The run's config as recorded: what actually ran beside what was asked for (device=auto, gpus x nodes)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["trainer"].update(resolved_device=procs.device.type, world_size=procs.world)
+    return config
+
+
+def checkpoint_state(epoch: int, config_sha: str, config: dict, task: Task, tracker: dict) -> dict[str, Any]:
+    """What a checkpoint after ``epoch`` holds."""
+    return {"epoch": epoch, "config_sha": config_sha, "config": config, "task": task.state_dict(),
+            "tracker": tracker}
+
+
 # ------------------------------------------------------------------------------------------ the run
+def configure_torch(cfg: DictConfig) -> None:
+    """This process's torch settings for the run: CPU threads, deterministic algorithms or cuDNN autotuning."""
+    if cfg.task.threads:
+        torch.set_num_threads(cfg.task.threads)
+    if cfg.task.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    torch.use_deterministic_algorithms(bool(cfg.task.deterministic))
+    torch.backends.cudnn.benchmark = not cfg.task.deterministic
+
+
 def run(cfg: DictConfig, task: type[Task]) -> None:
     if cluster.launcher() != "local":  # submit a job that runs this again on its nodes, and wait for it
         check(cfg, task, here=False)
@@ -135,13 +169,7 @@ def run(cfg: DictConfig, task: type[Task]) -> None:
         check_tracking_server(tracking_uri())  # before any data is read
     if world > 1 and not launch.under_torchrun():
         sys.exit(launch.relaunch(cfg.trainer))
-    if cfg.task.threads:
-        torch.set_num_threads(cfg.task.threads)
-    if cfg.task.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
-        torch.use_deterministic_algorithms(True)
-    else:
-        torch.backends.cudnn.benchmark = True
+    configure_torch(cfg)
     procs = launch.setup(cfg.trainer)
     try:
         fit(cfg, task, procs, variant)
@@ -152,9 +180,7 @@ def run(cfg: DictConfig, task: type[Task]) -> None:
 def fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant: str) -> None:
     root = Path(cfg.root)
     name = identity.run_name(cfg, variant)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    # what actually ran, beside what was asked for (trainer.device=auto, gpus x nodes)
-    config["trainer"].update(resolved_device=procs.device.type, world_size=procs.world)
+    config = resolved_config(cfg, procs)
     config_sha = config_digest(config)  # what its checkpoints say they hold
     ckpt_path = root / "checkpoints" / task_cls.name / name / "last.pt"
     # rank 0 decides and sends the checkpoint: only node 0 has it, and other nodes' configs may differ (root)
@@ -190,8 +216,7 @@ def fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant:
             if not procs.main:
                 continue
             tracker.log_epoch(epoch, row)  # refuses NaN/inf: with on_divergence=fail a diverged run fails loudly
-            checkpoint.save({"epoch": epoch, "config_sha": config_sha, "config": config,
-                             "task": task.state_dict(), "tracker": tracker.state()}, ckpt_path)
+            checkpoint.save(checkpoint_state(epoch, config_sha, config, task, tracker.state()), ckpt_path)
             if epoch in (start, cfg.task.epochs) or time.monotonic() - last_print >= PROGRESS_SECONDS:
                 print(f"epoch {epoch}/{cfg.task.epochs} {task.progress(row)}", flush=True)
                 last_print = time.monotonic()
