@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,6 +56,7 @@ class Row:
     epochs: int = 0
     sizes: tuple[int, int] = (0, 0)  # the real dataset's training and evaluation images
     outcome: Outcome | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -125,9 +126,8 @@ def setting_for(run: PlannedRun, args, scratch: Path) -> Row:
     batch = (args.batch_per_device or real_batch) if loader else None
     setting = Setting(list(run.overrides), device, world, batch, args.batch_per_device if loader else None,
                       args.random_init, str(scratch))
-    row = Row(run, name, setting, real_world, real_batch, int(cfg.task.epochs), preflight_data.real_sizes(cfg.data))
-    row.outcome = Outcome(notes=notes)
-    return row
+    return Row(run, name, setting, real_world, real_batch, int(cfg.task.epochs), preflight_data.real_sizes(cfg.data),
+               notes=notes)
 
 
 def provide_data(rows: list[Row], args, scratch: Path) -> dict[str, str]:
@@ -150,6 +150,10 @@ def device_name(kind: str) -> str:
     if kind == "cuda":
         return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
     return f"CPU, {os.cpu_count()} cores ({platform.machine()})"
+
+
+def hours_text(hours: float) -> str:
+    return f"{hours:,.0f}" if hours >= 100 else f"{hours:.3g}"
 
 
 def columns(row: Row) -> dict[str, str]:
@@ -175,14 +179,13 @@ def columns(row: Row) -> dict[str, str]:
         cells["peak memory"] = (f"{m.peak_allocated / GiB:.2f} GiB ({m.peak_reserved / GiB:.2f} reserved)"
                                 if m.peak_allocated is not None else
                                 f"{m.peak_rss / GiB:.2f} GiB RSS" if m.peak_rss else "")
-        cells["checkpoint"] = f"{m.checkpoint_bytes / 1e6:.0f} MB, {m.checkpoint_s:.1f} s"
+        cells["checkpoint"] = f"{m.checkpoint_bytes / 1e6:.3g} MB, {m.checkpoint_s:.2g} s"
     hours = row.hours()
     if hours is not None:
-        cells["device-h/run"] = f"{hours:.3g}"
-        cells["device-h (all seeds)"] = f"{hours * row.run.seeds:.3g}"
+        cells["device-h/run"] = hours_text(hours)
+        cells["device-h (all seeds)"] = hours_text(hours * row.run.seeds)
     error = (o.error if o else None) or (f"diverged in the first steps: {row.nonfinite}" if row.nonfinite else None)
-    cells["status"] = "; ".join(["FAILED: " + error] if error else ["ok"]) + "".join(
-        f"; {n}" for n in (o.notes if o else []))
+    cells["status"] = "; ".join([f"FAILED: {error}" if error else "ok", *row.notes])
     return cells
 
 
@@ -204,12 +207,12 @@ def totals(rows: list[Row]) -> list[str]:
         for device in ("cuda", "cpu"):
             if (stage, device) in by_stage:
                 runs = sum(r.run.seeds for r in rows if r.run.stage == stage)
-                lines.append(f"| {stage} | {device} | {runs} | {by_stage[(stage, device)]:,.1f} |")
+                lines.append(f"| {stage} | {device} | {runs} | {hours_text(by_stage[(stage, device)])} |")
     for device in ("cuda", "cpu"):
         total = sum(h for (_, d), h in by_stage.items() if d == device)
         if total:
             lines.append(f"| **all** | {device} | {sum(r.run.seeds for r in rows if r.setting and r.setting.device == device)} "
-                         f"| **{total:,.1f}** |")
+                         f"| **{hours_text(total)}** |")
     return lines
 
 
@@ -228,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         sources = provide_data(rows, args, scratch)
         for k, row in enumerate(rows, 1):
             if row.setting is not None:
-                notes = row.outcome.notes
                 row.outcome = measure(row.setting, args.steps, scratch)
-                row.outcome.notes = notes + row.outcome.notes
             cells = columns(row)
             print(f"[{k}/{len(rows)}] {row.run.stage} {row.name}: {cells['status']}"
                   + (f" ({cells['step s']} s/step, {cells['peak memory']})" if row.ok else ""), flush=True)

@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,11 +58,12 @@ class Setting:
 
 @dataclass
 class Outcome:
+    """What rehearsing one run gave: a measurement, a one-line failure, or both (out of memory at the real
+    batch, measured at the largest that fits)."""
+
     measured: Measured | None = None
     error: str | None = None    # one line
     oom: bool = False
-    fits: int | None = None     # after out of memory: the largest per-device batch that ran
-    notes: list[str] = field(default_factory=list)
 
 
 def is_oom(err: BaseException) -> bool:
@@ -126,7 +127,7 @@ def measure(setting: Setting, steps: int, scratch: Path) -> Outcome:
         smaller = attempt(dataclasses.replace(setting, batch=batch), steps, scratch)
         if not smaller.oom:
             fits = f"the largest per-device batch that fits: {batch}" if smaller.error is None else smaller.error
-            return Outcome(measured=smaller.measured, oom=True, fits=batch if smaller.error is None else None,
+            return Outcome(measured=smaller.measured, oom=True,  # the row shows what ran at that batch
                            error=f"out of memory at per-device batch {setting.batch}; {fits}")
     return Outcome(oom=True, error=f"out of memory at per-device batch {setting.batch}, and at 1")
 

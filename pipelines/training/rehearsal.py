@@ -128,10 +128,13 @@ def rehearse(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, ste
             unit_s.append(time.perf_counter() - start)
             wait_s.append(0.0)
         epochs = steps
-    if diverged_on_rank0(row, procs):
-        metric, value = first_nonfinite(row) if procs.main else ("", 0.0)
-        return Measured(describe, "step" if loader is not None else "epoch", unit_s, wait_s, per_unit, 0.0, 0,
-                        None, None, None, 0, 0.0, nonfinite=f"{metric} = {value}") if procs.main else None
+    unit = "step" if loader is not None else "epoch"
+    if diverged_on_rank0(row, procs):  # what follows would only fail on the NaN
+        if not procs.main:
+            return None
+        metric, value = first_nonfinite(row)
+        return Measured(describe, unit, unit_s, wait_s, per_unit, 0.0, 0, None, None, None, 0, 0.0,
+                        nonfinite=f"{metric} = {value}")
 
     val_loader = getattr(task, "val_loader", None)
     if val_loader is not None:
@@ -154,7 +157,7 @@ def rehearse(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, ste
         return None
     cuda = device.type == "cuda"
     measured = Measured(
-        describe, "step" if loader is not None else "epoch", unit_s, wait_s, per_unit, eval_s, eval_images,
+        describe, unit, unit_s, wait_s, per_unit, eval_s, eval_images,
         torch.cuda.max_memory_allocated(device) if cuda else None,
         torch.cuda.max_memory_reserved(device) if cuda else None,
         None if cuda else peak_rss(), path.stat().st_size, checkpoint_s)

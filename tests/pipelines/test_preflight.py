@@ -133,7 +133,7 @@ def test_the_sample_runs_at_full_size_and_leaves_the_workspace_and_dvc_as_they_w
     assert len(rows) == len(SAMPLE), table
     for line in rows:
         cells = [c.strip() for c in line.split("|")[1:-1]]
-        assert "GiB RSS" in cells[9] and float(cells[11]) > 0, line  # peak memory, device-hours per run
+        assert "GiB RSS" in cells[9] and float(cells[11].replace(",", "")) > 0, line  # peak memory, device-hours per run
     assert "diabetes prepared" in table and "imagenet made on the fly" in table and "coco made on the fly" in table
     assert (repo / "reports" / "preflight.csv").read_text().count("\n") == len(SAMPLE) + 1
 
@@ -170,3 +170,19 @@ def test_the_profile_switch_selects_each_profiles_grids_and_make_profile_writes_
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2 and done.stderr.strip() == ("profile: bad config: no profile 'papr'; choose one of: "
                                                             "paper regression smoke")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_out_of_memory_on_cuda_is_a_row_with_the_largest_per_device_batch_that_fits(tmp_path):
+    from pipelines.preflight.data import provide
+
+    provide(compose("train", ["experiment=cifar100_sgd_gal"]).data, "paper", tmp_path / "none", tmp_path, 320, 100)
+    setting = Setting(["experiment=cifar100_sgd_gal", "profile=paper"], "cuda", 1, 320, None, True, str(tmp_path))
+    torch.cuda.set_per_process_memory_fraction(0.02)  # about 1.6 GB of an 80 GB card: batch 320 cannot fit
+    try:
+        outcome = measure(setting, 2, tmp_path)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert outcome.oom and "out of memory at per-device batch 320; the largest per-device batch that fits: " in outcome.error
+    fits = int(outcome.error.rsplit(" ", 1)[1])
+    assert 1 <= fits < 320 and outcome.measured.per_unit == fits
