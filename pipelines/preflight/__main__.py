@@ -54,6 +54,7 @@ class Row:
     real_world: int = 1
     real_batch: int | None = None
     epochs: int = 0
+    data: DictConfig | None = None   # the dataset it reads
     sizes: tuple[int, int] = (0, 0)  # the real dataset's training and evaluation images
     outcome: Outcome | None = None
     notes: list[str] = field(default_factory=list)
@@ -124,10 +125,11 @@ def setting_for(run: PlannedRun, args, scratch: Path) -> Row:
     loader = "batch_size" in cfg.task
     real_batch = cfg.task.batch_size // real_world if loader else None
     batch = (args.batch_per_device or real_batch) if loader else None
-    setting = Setting(list(run.overrides), device, world, batch, args.batch_per_device if loader else None,
-                      args.random_init, str(scratch))
-    return Row(run, name, setting, real_world, real_batch, int(cfg.task.epochs), preflight_data.real_sizes(cfg.data),
-               notes=notes)
+    setting = Setting(list(run.overrides), device, world, batch,
+                      (args.batch_per_device or cfg.task.eval_batch_size) if loader else None, args.random_init,
+                      str(scratch))
+    return Row(run, name, setting, real_world, real_batch, int(cfg.task.epochs), cfg.data,
+               preflight_data.real_sizes(cfg.data), notes=notes)
 
 
 def provide_data(rows: list[Row], args, scratch: Path) -> dict[str, str]:
@@ -136,12 +138,10 @@ def provide_data(rows: list[Row], args, scratch: Path) -> dict[str, str]:
     for row in rows:
         if row.setting is None:
             continue
-        cfg = compose("train", row.run.overrides)
         s = row.setting
-        train = args.steps * (s.batch or 1) * s.world
-        val = (s.eval_batch or cfg.task.get("eval_batch_size") or 1) * s.world
-        have = needs.setdefault(cfg.data.name, [cfg.data, 0, 0])
-        have[1], have[2] = max(have[1], train), max(have[2], val)
+        have = needs.setdefault(row.data.name, [row.data, 0, 0])
+        have[1] = max(have[1], args.steps * (s.batch or 1) * s.world)
+        have[2] = max(have[2], (s.eval_batch or 1) * s.world)
     return {name: preflight_data.provide(data, args.profile, Path("."), scratch, train, val)
             for name, (data, train, val) in needs.items()}
 

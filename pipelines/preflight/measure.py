@@ -4,8 +4,8 @@ real world size (the same launcher as training). Out of memory halves the per-de
 
 The changes, and only these: ``root`` (the scratch root holding the data), ``trainer.device``, ``trainer.gpus``
 (the processes it runs on here), ``trainer.nodes=1``, the global ``task.batch_size`` (the per-device batch
-times those processes), ``task.eval_batch_size`` when ``--batch-per-device`` sets it, and random init instead
-of pretrained weights with ``--random-init``.
+times those processes), ``task.eval_batch_size`` (the config's, or ``--batch-per-device``), and random init
+instead of pretrained weights with ``--random-init``.
 
     python -m torch.distributed.run --standalone --nproc_per_node=4 -m pipelines.preflight.measure spec.json
 """
@@ -40,7 +40,7 @@ class Setting:
     device: str                 # cpu | cuda
     world: int                  # processes it runs on here
     batch: int | None           # per-device training batch (None: a task without a loader)
-    eval_batch: int | None      # per-device evaluation batch (None: the config's)
+    eval_batch: int | None      # per-device evaluation batch (None: a task without a loader)
     random_init: bool
     root: str
 
