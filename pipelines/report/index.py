@@ -2,6 +2,7 @@
 when the runs come from the smoke profile, and a note for every spec skipped because its runs are missing."""
 from __future__ import annotations
 
+from pipelines.report import recipe
 from pipelines.report.model import Rendered, Skipped
 
 SMOKE = "smoke"
@@ -71,4 +72,7 @@ def render(items: list[Rendered | Skipped], claims_md: str, files: dict[str, lis
         parts.append(item.markdown + "\n")
     parts.append("## Claims\n\nFiles: [md](tables/claims.md) · [csv](tables/claims.csv) · "
                  "[tex](tables/claims.tex)\n\n" + claims_md)
+    parts.append("\n## The recipe\n\nWhere the paper's text, the authors' scripts and our presets could part: the "
+                 "value every paper preset composes to and its source (`pipelines/report/recipe.yaml`, checked "
+                 "against the presets by the tests).\n\n" + recipe.markdown())
     return "".join(parts)
