@@ -32,6 +32,7 @@ class RunConf:
     """Types of one optimiser's settings; the values come from the YAML file."""
 
     label: str = MISSING
+    seed: int = MISSING  # torch seed for h's initialisation
     optimizer: str = MISSING  # a gal_core.optim name
     lr: float = MISSING
     steps: int = MISSING
@@ -42,7 +43,7 @@ class RunConf:
 
 @dataclass
 class Toy3dConf:
-    seed: int = MISSING
+    h_init: str = MISSING  # xavier_uniform | default
     start: List[float] = MISSING
     arch: List[int] = MISSING
     remainder: str = MISSING
@@ -55,7 +56,14 @@ class Toy3dConf:
 def adjuster(cfg: Toy3dConf, run: RunConf):
     """GAL on the point (width 2), through the pipelines' one adjuster factory."""
     method = {"gal": True, "arch": list(cfg.arch), "ratio": run.ratio, "scale": run.scale, "remainder": cfg.remainder}
-    return build_adjuster(method, dim=2)
+    adj = build_adjuster(method, dim=2)
+    if cfg.h_init == "xavier_uniform":  # as the authors' toy script initialises h
+        for layer in adj.net.modules():
+            if isinstance(layer, torch.nn.Linear):
+                torch.nn.init.xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    torch.nn.init.zeros_(layer.bias)
+    return adj
 
 
 def _optimizer(run: RunConf, params: list) -> torch.optim.Optimizer:
@@ -68,7 +76,7 @@ def run_path(cfg: Toy3dConf, run: RunConf, gal: bool) -> list[dict]:
     point = torch.nn.Parameter(torch.tensor(cfg.start, dtype=torch.float32))
     params = [point]
     if gal:
-        torch.manual_seed(cfg.seed)  # every GAL run starts from the same h
+        torch.manual_seed(run.seed)  # the run's h, whatever ran before it
         adj = adjuster(cfg, run)
         params += list(adj.parameters())  # h trains in the same optimiser, at the same lr
     opt = _optimizer(run, params)
@@ -99,6 +107,8 @@ def load_config(overrides: list[str]) -> Toy3dConf:
         raise ConfigError(f"optimizers must name runs among {sorted(cfg.runs)}, got {cfg.optimizers}")
     if len(cfg.start) != 2:
         raise ConfigError(f"start must be a point (x, y), got {cfg.start}")
+    if cfg.h_init not in ("xavier_uniform", "default"):
+        raise ConfigError(f"h_init={cfg.h_init!r}: use xavier_uniform or default")
     for name in cfg.optimizers:
         run = cfg.runs[name]
         try:  # build everything once so a bad value fails here, before any run

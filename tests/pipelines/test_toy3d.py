@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipelines import toy3d
+from pipelines.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,14 +56,27 @@ def test_gal_with_ratio_zero_is_the_baseline(name):
     assert xyz(toy3d.run_path(cfg, run, gal=True)) == xyz(toy3d.run_path(cfg, run, gal=False))
 
 
-def test_seed_sets_h_and_nothing_else():
+def test_a_runs_seed_and_the_init_set_h_and_nothing_else():
     cfg = toy3d.load_config(["runs.gd.steps=20"])
     again = toy3d.load_config(["runs.gd.steps=20"])
-    other = toy3d.load_config(["runs.gd.steps=20", "seed=1"])
     first = toy3d.run_path(cfg, cfg.runs["gd"], gal=True)
     assert toy3d.run_path(again, again.runs["gd"], gal=True) == first
-    assert toy3d.run_path(other, other.runs["gd"], gal=True) != first
-    assert toy3d.run_path(other, other.runs["gd"], gal=False) == toy3d.run_path(cfg, cfg.runs["gd"], gal=False)
+    for change in ("runs.gd.seed=1", "h_init=default"):
+        other = toy3d.load_config(["runs.gd.steps=20", change])
+        assert toy3d.run_path(other, other.runs["gd"], gal=True) != first
+        assert toy3d.run_path(other, other.runs["gd"], gal=False) == toy3d.run_path(cfg, cfg.runs["gd"], gal=False)
+
+
+def test_h_starts_xavier_uniform_with_zero_biases_as_the_authors_toy():
+    cfg = toy3d.load_config([])
+    torch.manual_seed(cfg.runs["gd"].seed)
+    layers = [m for m in toy3d.adjuster(cfg, cfg.runs["gd"]).net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in layers] == [(2, 64), (64, 24), (24, 2)]
+    for m in layers:  # Xavier-uniform's bound: sqrt(6 / (fan_in + fan_out))
+        assert m.weight.abs().max() <= math.sqrt(6 / (m.in_features + m.out_features))
+        assert m.bias is None or not m.bias.any()
+    with pytest.raises(ConfigError, match="h_init='he'"):
+        toy3d.load_config(["h_init=he"])
 
 
 @pytest.fixture
