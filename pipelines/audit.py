@@ -141,7 +141,10 @@ def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_overri
     """Print the trace of one number; 0 if MLflow agrees with the run records and the reported value."""
     from pipelines.tracking import store
 
-    metric, op = entry["metric"], entry["op"]
+    metric, op, best = entry["metric"], entry["op"], entry.get("best_epoch")
+    # a value at each run's best epoch comes from both sides' per-epoch histories
+    columns = (best["by"], best["column"]) if best else ()
+    what = f"{metric} at the best epoch by {best['by']}" if best else metric
     value = math.nan if entry["value"] is None else float(entry["value"])
     paper = "" if entry.get("paper") is None else f"   (paper: {entry['paper']})"
     print(f"{key} = {entry['text']}{paper}")
@@ -192,21 +195,26 @@ def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_overri
             problems.append(f"{run_dir} now holds MLflow run {meta.get('mlflow_run_id')}, the report used "
                             f"{item.get('mlflow_run_id')}: the reports are stale; rerun python -m pipelines.report")
         try:  # metrics.json's value, else history.csv's last row's (as MLflow's latest value)
-            recorded: Any = run.latest(metric)
+            recorded: Any = (stats.at_best_epoch(best, {c: run.series(c) for c in columns}) if best
+                             else run.latest(metric))
         except ReportError:
             recorded = None
         try:
-            values = store.logged_metrics(meta.get("mlflow_run_id"), _tracking_uri(meta, tracking_override))
+            values = store.logged_metrics(meta.get("mlflow_run_id"), _tracking_uri(meta, tracking_override),
+                                          histories=columns)
         except TrackingError as err:
             problems.append(f"{run_dir}: {err}")
-            print(f"    {metric}: run record {_show(recorded)}; MLflow: unreadable")
+            print(f"    {what}: run record {_show(recorded)}; MLflow: unreadable")
             continue
-        mlflow_value = values.get(metric)
-        print(f"    {metric}: run record {_show(recorded)}; MLflow {_show(mlflow_value)}")
+        try:
+            mlflow_value = stats.at_best_epoch(best, values) if best else values.get(metric)
+        except (KeyError, ValueError):  # a history MLflow lacks
+            mlflow_value = None
+        print(f"    {what}: run record {_show(recorded)}; MLflow {_show(mlflow_value)}")
         if mlflow_value is None:
-            problems.append(f"{run_dir}: MLflow run {meta.get('mlflow_run_id')} has no metric {metric!r}")
+            problems.append(f"{run_dir}: MLflow run {meta.get('mlflow_run_id')} has no metric {what!r}")
         elif recorded is None or not stats.same(float(recorded), mlflow_value):
-            problems.append(f"{run_dir}: {metric} is {_show(recorded)} in metrics.json but {_show(mlflow_value)} "
+            problems.append(f"{run_dir}: {what} is {_show(recorded)} in {'history.csv' if best else 'metrics.json'} but {_show(mlflow_value)} "
                             f"in MLflow run {meta.get('mlflow_run_id')}")
         else:
             logged[run_dir] = mlflow_value
@@ -217,7 +225,7 @@ def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_overri
             problems.append(f"{op} recomputed from MLflow is {recomputed!r} but the report shows {value!r}: "
                             f"the reports are stale; rerun python -m pipelines.report")
         else:
-            print(f"MLflow cross-check: OK ({len(logged)} runs' {metric} match their run records; "
+            print(f"MLflow cross-check: OK ({len(logged)} runs' {what} match their run records; "
                   f"{op} recomputed from MLflow = {recomputed:.10g})")
             return 0
     print(f"MLflow cross-check: MISMATCH ({len(problems)} problem{'s' * (len(problems) != 1)})")

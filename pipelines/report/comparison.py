@@ -26,10 +26,35 @@ class Metric:
     better: str               # "lower" or "higher": what the paper counts as GAL being better
     label: str = ""           # display name (default: key), e.g. "R²"
     digits: int = 4           # decimals shown
+    epoch: str = "final"      # "final": metrics.json (the last epoch); "best": at the run's best epoch (BestEpoch)
+    history: str = ""         # epoch="best": history.csv's column (default: source)
+    complement: bool = False  # epoch="best": 100 minus that column (an accuracy read from an error column)
 
     @property
     def title(self) -> str:
         return self.label or self.key
+
+
+@dataclass(frozen=True)
+class BestEpoch:
+    """How the authors' scripts pick a run's best epoch: the best value of one history.csv column over epochs
+    (the CIFAR script's "Best err", timm's best top-1). Chosen on the evaluation set itself, so optimistic."""
+
+    column: str = "val_top1_err"
+    better: str = "lower"
+
+    def spec(self, metric: Metric) -> dict | None:
+        """stats.at_best_epoch's rule for ``metric`` (None: its final value), as provenance records it."""
+        if metric.epoch == "final":
+            return None
+        return {"by": self.column, "better": self.better, "column": metric.history or metric.source,
+                "complement": metric.complement}
+
+    def value(self, run: RunRecord, metric: Metric) -> float:
+        spec = self.spec(metric)
+        if spec is None:
+            return run.metric(metric.source)
+        return stats.at_best_epoch(spec, {c: run.series(c) for c in (spec["by"], spec["column"])})
 
 
 @dataclass(frozen=True)
@@ -73,6 +98,7 @@ class ComparisonTable:
     params: Params | None = None          # a parameter-count column before the metrics (Table III)
     references: bool = False              # append paper.yaml's <name>/reference rows, marked as quoted
     min_seeds: int = 2                    # std and t need two runs per method
+    best_epoch: BestEpoch = field(default_factory=BestEpoch)  # for metrics with epoch="best"
     kind: str = "table"
 
     # ---- selecting and checking the runs --------------------------------------------------------------
@@ -97,14 +123,18 @@ class ComparisonTable:
             """One number: ``op`` of ``metric`` over ``groups``, keyed <table>/<group>/<row>/<metric>/<op>;
             ``show`` formats it (default by op), ``paper`` is the paper's value (default: paper.yaml at the key)."""
             key = "/".join([self.name, group_name, row, metric.key, op])
-            value = stats.compute(op, [[r.metric(metric.source) for r in g] for g in groups])
+            value = stats.compute(op, [[self.best_epoch.value(r, metric) for r in g] for g in groups])
             text = (show or {"n": lambda v: str(int(v)), "t": lambda v: fmt(v, 2), "p": fmt_p}.get(
                 op, lambda v: fmt(v, metric.digits)))(value)
             fields = {self.group_title.lower(): group_name, "method": row, "metric": metric.key, "stat": op}
             seeds = ", ".join(str(r.get(self.seed_key)) for r in groups[0])
-            how = stats.describe(op, metric.source, groups, unit="seeds") + f" ({self.seed_key}s {seeds})"
+            what = metric.source if metric.epoch == "final" else (
+                f"{'100 - ' * metric.complement}{metric.history or metric.source} at each run's best epoch by "
+                f"{self.best_epoch.column}")
+            how = stats.describe(op, what, groups, unit="seeds") + f" ({self.seed_key}s {seeds})"
             num = Number(key=key, value=value, text=text, op=op, metric=metric.source, groups=groups,
-                         aggregation=how, paper=lookup(key) if paper is None else paper, fields=fields)
+                         aggregation=how, paper=lookup(key) if paper is None else paper, fields=fields,
+                         best_epoch=self.best_epoch.spec(metric))
             numbers.append(num)
             return num
 
@@ -149,6 +179,11 @@ class ComparisonTable:
         if self.params is not None:
             notes.append(f"{self.params.label}: mean over seeds of {self.params.model} (+ {self.params.extra} where "
                          f"non-zero), in millions, truncated as the paper prints them")
+        if any(m.epoch == "best" for m in self.metrics):
+            notes.append(f"best epoch: each run's epoch of best {self.best_epoch.column} on the evaluation set, as the "
+                         "authors' scripts report it (the paper's numbers); optimistic, since the set that picks the "
+                         "epoch also scores it. Final epoch: the run's last. The claims judge the best-epoch values, "
+                         "like with like")
         if self.references:
             notes.append("quoted rows: results the paper cites from other work, shown as the paper prints them; "
                          "neither the paper nor this project reran them")

@@ -38,6 +38,7 @@ class Number:
     aggregation: str                  # how it was made, in words
     paper: Any = None                 # the paper's value at the same key, if it reports one
     fields: dict[str, str] = field(default_factory=dict)  # CSV columns, e.g. dataset/method/metric/stat
+    best_epoch: dict | None = None    # a run's value at its best epoch (stats.at_best_epoch), not its latest
 
     @property
     def runs(self) -> list[RunRecord]:

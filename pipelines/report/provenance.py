@@ -7,7 +7,8 @@ dirs, MLflow run ids, git commits) and the `dvc repro` targets that remake them.
          "groups": [[run dir, ...], ...],            # op's inputs (t and p: [baseline runs, GAL runs])
          "runs": [{"dir", "mlflow_run_id", "git_commit", "git_dirty", "stage"}, ...],
          "dvc_repro": [stage, ...],                  # `dvc repro <stage>` remakes each run
-         "files": [file, ...]},                      # where the number is rendered
+         "files": [file, ...],                       # where the number is rendered
+         "best_epoch": {"by", "better", "column", "complement"}},  # only for a value at each run's best epoch
        ...},
      "runs": {run dir: {"mlflow_run_id", "mlflow_experiment_id", "tracking_uri", "stage", "git_commit",
                         "git_dirty", "data_checksums", "baseline": matching baseline run dir or null}}}
@@ -54,6 +55,8 @@ def build(rendered: list[Rendered], files: dict[str, list[str]]) -> dict[str, An
                 "dvc_repro": stages,
                 "files": files.get(item.name, []),
             }
+            if number.best_epoch is not None:
+                numbers[number.key]["best_epoch"] = number.best_epoch
     return {"profiles": {item.name: item.profile for item in rendered}, "numbers": numbers,
             "runs": dict(sorted(runs.items()))}
 

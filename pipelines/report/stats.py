@@ -12,6 +12,9 @@ The report computes every number through ``compute`` and records the op in prove
   larger (for MAE/MSE: GAL is better), as in the paper's Table V.
 - ratio: mean of the second group over mean of the first (GAL's mean over the baseline's, Table VII).
 - value: the single run's value as is (figures' per-run numbers).
+
+A run's value is its final one, or (``at_best_epoch``) one history column at the epoch where another is best,
+as the authors' scripts report a run: the report and the audit share that rule too.
 """
 from __future__ import annotations
 
@@ -92,3 +95,14 @@ def same(a: float, b: float) -> bool:
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def at_best_epoch(best_epoch: dict, histories: dict[str, dict[float, float]]) -> float:
+    """A run's value at its best epoch: ``best_epoch`` = {"by": the column that picks the epoch, "better":
+    "lower" or "higher", "column": the column read there, "complement": 100 minus it}; ``histories``: column ->
+    {epoch: value}. Ties go to the earliest epoch."""
+    chooser = histories[best_epoch["by"]]
+    pick = min if best_epoch["better"] == "lower" else max
+    epoch = pick(sorted(chooser), key=chooser.get)
+    value = histories[best_epoch["column"]][epoch]
+    return 100 - value if best_epoch["complement"] else value

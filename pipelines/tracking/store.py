@@ -214,8 +214,9 @@ def client(uri: str):
         return mlflow
 
 
-def logged_metrics(run_id: str, uri: str | None = None) -> dict[str, float]:
-    """The latest value of each metric of an MLflow run (for the audit's cross-check with metrics.json)."""
+def logged_metrics(run_id: str, uri: str | None = None, histories: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The latest value of each metric of an MLflow run (for the audit's cross-check with metrics.json); with
+    ``histories``, those metrics' {step: value} instead."""
     uri = uri or tracking_uri()
     db = sqlite_path(uri)
     if db is not None and not db.is_file():  # reading must not create an empty store (or its directories)
@@ -225,7 +226,9 @@ def logged_metrics(run_id: str, uri: str | None = None) -> dict[str, float]:
     try:
         with quiet():
             run = client(uri).get_run(run_id)
+            found = {name: {m.step: m.value for m in client(uri).get_metric_history(run_id, name)}
+                     for name in histories}
     except Exception as err:  # MlflowException and friends
         raise TrackingError(f"cannot read MLflow run {run_id} from {redact(uri)}: {cause(err)}; "
                             "check the run id and MLFLOW_TRACKING_URI") from None
-    return {k: float(v) for k, v in run.data.metrics.items()}
+    return {**{k: float(v) for k, v in run.data.metrics.items()}, **found}

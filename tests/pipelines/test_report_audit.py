@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipelines import audit
-from tests.pipelines.report_fixtures import SEEDS, SPEC_NAMES, abl_values, cls_values, value, values_of
+from tests.pipelines.report_fixtures import SEEDS, SPEC_NAMES, abl_values, cls_best, cls_values, value, values_of
 
 
 @pytest.fixture
@@ -94,8 +94,11 @@ def test_audit_unknown_names_list_what_exists(at_site, capsys):
 def test_audit_classification_numbers(at_site, capsys):
     assert audit.main(["Table I", "SGD", "GAL", "error"]) == 0
     out = capsys.readouterr().out
-    expected = np.mean(cls_values("cifar10_sgd", "gal", "val_top1_err"))
+    expected = np.mean(cls_best("cifar10_sgd", "gal", "val_top1_err"))  # at each run's best epoch
     assert out.splitlines()[0] == f"Table I/SGD/GAL/error/mean = {expected:.2f}   (paper: 1.84)"
+    assert "MLflow cross-check: OK (3 runs' val_top1_err at the best epoch by val_top1_err match" in out
+    assert audit.main(["Table III", "ResNet-50 (RMSProp)", "GAL", "top5"]) == 0  # top-5 at the best top-1 epoch
+    assert "runs' val_top5_acc at the best epoch by val_top1_err match" in capsys.readouterr().out
     assert "runs/classification/cifar10_sgd-gal-s2" in out and "train_classification@cifar10_sgd-gal-2" in out
     assert "method.name: baseline -> gal" in out and "MLflow cross-check: OK" in out
     assert audit.main(["Table VII", "ImageNet", "ratio", "time"]) == 0  # op ratio over two groups
