@@ -67,13 +67,14 @@ def cls_record(exp: str, method: str, seed: int) -> tuple[dict, dict, list[dict]
     loss = err / 20
     time_per_image = 1e-4 * (1 + 0.03 * gal) * (1 + 0.01 * rng.rand())
     metrics = {"val_loss": loss, "val_top1_err": err, "val_top5_err": top5, "val_top1_acc": 100 - err,
-               "val_top5_acc": 100 - top5, "time_per_image": time_per_image,
+               "val_top5_acc": 100 - top5, "time_per_image": time_per_image, "time_per_step": 300 * time_per_image,
                "params_model": PARAMS[model][0], "params_adjuster": PARAMS[model][1] if gal else 0}
     history = []
     for e in EPOCHS:
         row = {"epoch": e, "train_loss": 2.0 / e, "val_loss": loss * (1 + 0.2 * (EPOCHS[-1] - e)),
                "val_top1_err": err + EPOCHS[-1] - e, "val_top5_err": top5, "lr": 0.1 / e,
-               "time_per_image": time_per_image, "images_per_s": 1 / time_per_image}
+               "time_per_image": time_per_image, "time_per_step": 300 * time_per_image,
+               "images_per_s": 1 / time_per_image}
         if e == EPOCHS[-2]:  # the best epoch by top-1 comes before the last, its top-5 differs from the last's
             row.update(val_top1_err=err - 0.3 + 0.01 * seed, val_top5_err=top5 + 0.5)
         if gal:

@@ -87,7 +87,7 @@ def checkpoint_path(root: Path, task: str, run: str) -> Path:
     return root / "checkpoints" / task / run / "last.pt"
 
 
-TIMINGS = {"time_per_image", "images_per_s"}  # wall-clock: the only values allowed to differ between runs
+TIMINGS = {"time_per_image", "time_per_step", "images_per_s"}  # wall-clock: the only values allowed to differ between runs
 
 
 def outcome(root: Path, task: str, run: str) -> tuple[list[dict], dict, dict]:

@@ -115,7 +115,8 @@ class Classification(runner.Task):
         if cfg.task.ema_decay:
             from timm.utils import ModelEmaV3
             self.ema = ModelEmaV3(self.model, decay=cfg.task.ema_decay)
-        self.epoch_times: list[float] = []
+        self.epoch_times: list[float] = []  # each epoch's time_per_image
+        self.step_times: list[float] = []   # each epoch's time_per_step (loader wait left out)
 
     # -------------------------------------------------------------------------------- the runner's hooks
     def describe(self) -> str:
@@ -130,19 +131,24 @@ class Classification(runner.Task):
     def final_metrics(self, last_row: dict[str, float]) -> dict[str, float]:
         final = {k: v for k, v in last_row.items() if k.startswith(("val_", "raw_val_"))}
         final.update(val_top1_acc=100 - final["val_top1_err"], val_top5_acc=100 - final["val_top5_err"],
-                     time_per_image=sum(self.epoch_times) / len(self.epoch_times), **self.parameter_counts())
+                     time_per_image=sum(self.epoch_times) / len(self.epoch_times),
+                     time_per_step=sum(self.step_times) / len(self.step_times), **self.parameter_counts())
         return final
 
     def state_dict(self) -> dict:
         return {**method_state(self.model, self.adjuster, self.optimizer),
                 "ema": self.ema.module.state_dict() if self.ema is not None else {},
-                "epoch_times": list(self.epoch_times)}
+                "epoch_times": list(self.epoch_times),
+                "step_times": list(self.step_times)}
 
     def load_state_dict(self, state: dict) -> None:
+        if "step_times" not in state:
+            raise RunError(f"the run's checkpoint (checkpoints/{self.name}/) predates time_per_step: delete it to "
+                           "start the run over")
         load_method_state(state, self.model, self.adjuster, self.optimizer)
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"])
-        self.epoch_times = list(state["epoch_times"])
+        self.epoch_times, self.step_times = list(state["epoch_times"]), list(state["step_times"])
 
     # -------------------------------------------------------------------------------- one epoch
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -177,6 +183,7 @@ class Classification(runner.Task):
             meter.add(values, len(labels))
         row = meter.finish(lr, reduce=self.adjuster is None)
         self.epoch_times.append(row["time_per_image"])
+        self.step_times.append(row["time_per_step"])
         return row
 
     @torch.no_grad()

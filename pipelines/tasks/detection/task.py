@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, RunError
 from pipelines.tasks.detection import data as coco_data
 from pipelines.tasks.detection.detr.detr import PostProcess, SetCriterion, build_detr
 from pipelines.training import launch, runner
@@ -95,7 +95,8 @@ class Detection(runner.Task):
                                       weight_bbox=t.loss.bbox, weight_giou=t.loss.giou,
                                       eos_coef=t.loss.eos_coef).to(self.device)
         self.postprocess = PostProcess()
-        self.epoch_times: list[float] = []
+        self.epoch_times: list[float] = []  # each epoch's time_per_image
+        self.step_times: list[float] = []   # each epoch's time_per_step (loader wait left out)
 
     # -------------------------------------------------------------------------------- the runner's hooks
     def describe(self) -> str:
@@ -113,15 +114,20 @@ class Detection(runner.Task):
 
     def final_metrics(self, last_row: dict[str, float]) -> dict[str, float]:
         final = {k: v for k, v in last_row.items() if k.startswith("val_")}
-        final.update(time_per_image=sum(self.epoch_times) / len(self.epoch_times), **self.parameter_counts())
+        final.update(time_per_image=sum(self.epoch_times) / len(self.epoch_times),
+                     time_per_step=sum(self.step_times) / len(self.step_times), **self.parameter_counts())
         return final
 
     def state_dict(self) -> dict:
-        return {**method_state(self.model, self.adjuster, self.optimizer), "epoch_times": list(self.epoch_times)}
+        return {**method_state(self.model, self.adjuster, self.optimizer), "epoch_times": list(self.epoch_times),
+                "step_times": list(self.step_times)}
 
     def load_state_dict(self, state: dict) -> None:
+        if "step_times" not in state:
+            raise RunError(f"the run's checkpoint (checkpoints/{self.name}/) predates time_per_step: delete it to "
+                           "start the run over")
         load_method_state(state, self.model, self.adjuster, self.optimizer)
-        self.epoch_times = list(state["epoch_times"])
+        self.epoch_times, self.step_times = list(state["epoch_times"]), list(state["step_times"])
 
     # -------------------------------------------------------------------------------- one epoch
     def _batch(self, images, masks, targets):
@@ -157,6 +163,7 @@ class Detection(runner.Task):
             meter.add([parts.terms["loss"], *(parts.terms[k] for k in LOSS_TERMS), *gal], len(targets))
         row = meter.finish(lr, reduce=True)  # per-process means, then over processes
         self.epoch_times.append(row["time_per_image"])
+        self.step_times.append(row["time_per_step"])
         return row
 
     @torch.no_grad()
