@@ -23,10 +23,12 @@ from pipelines.report.model import Context
 from pipelines.report.records import MissingRuns, ReportError, RunRecord, check_one_profile
 
 # Config keys the runs of one cell may differ in: the seed, where files live, and where and on how many
-# processes a run went (trainer.*). The same keys that never make a run's variant (pipelines/training/
-# identity.py, not imported: the report imports no training module), so any other difference is refused.
+# processes a run went (trainer.*) but its numeric precision, asked for or resolved (auto is bf16 on CUDA,
+# fp32 on CPU). The same keys that never make a run's variant (pipelines/training/identity.py, not imported:
+# the report imports no training module), so any other difference is refused.
 FREE_KEYS = ("seed", "root")
 FREE_PREFIXES = ("trainer.",)
+BOUND_KEYS = ("trainer.precision", "trainer.resolved_precision")
 # Config keys that are no change a run makes off its preset: the profile is checked on its own
 # (check_one_profile refuses a run of another profile rather than taking it for a variant)
 NOT_CHANGES = ("profile",)
@@ -119,7 +121,7 @@ def _wanted(settings: Sequence[Setting]) -> str:
 
 def may_differ(key: str) -> bool:
     """Whether the runs of one cell may differ in config ``key`` (FREE_KEYS, FREE_PREFIXES)."""
-    return key in FREE_KEYS or key.startswith(FREE_PREFIXES)
+    return key in FREE_KEYS or (key.startswith(FREE_PREFIXES) and key not in BOUND_KEYS)
 
 
 def config_of(run: RunRecord) -> dict[str, Any]:
@@ -168,7 +170,7 @@ def check_same_config(name: str, runs: list[RunRecord]) -> None:
             shown = ", ".join(f"{k} ({_show(configs[ref], k)} vs {_show(config, k)})" for k in keys[:3])
             raise ReportError(f"{name}: {run.dir} differs from {runs[ref].dir} in config {shown}"
                               f"{' and more' if len(keys) > 3 else ''}; runs aggregated together may differ only in "
-                              f"{', '.join([*FREE_KEYS, *(p + '*' for p in FREE_PREFIXES)])}: rerun the odd run or "
+                              f"{', '.join([*FREE_KEYS, *(p + '*' for p in FREE_PREFIXES)])} (not in precision): rerun the odd run or "
                               f"remove it")
 
 

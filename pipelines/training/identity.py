@@ -6,8 +6,9 @@ e.g. ``boston``). The variant names every way the config differs from the preset
 (``experiment=<setting>_<method>`` at the same profile and seed): the preset is composed again and the
 two resolved configs are compared key by key, so an override is named however it was spelled
 (``method.ratio=0.001``, ``method=...``, a group choice). ``trainer.*`` (where and on how many processes a
-run goes) and ``root`` never make a variant; anything else does, so two configs that differ in anything
-but those never share a name. Tokens are short and stable (sorted by key): ``eps0.001``, ``scale5``,
+run goes) and ``root`` never make a variant, but for ``trainer.precision``, which changes the numbers
+(``precision-bf16``); anything else does, so two configs that differ in anything but those never share a
+name. Tokens are short and stable (sorted by key): ``eps0.001``, ``scale5``,
 ``policy-always``, ``src-uniform`` (h's settings, null for noise, are not named), ``norm-false``,
 ``dtype-float64``, ``cnn-256,64`` (lists as Hydra writes them, so a DVC stage spells the name and the override from one
 value), ``epochs1``; a long variant keeps a readable head and a hash of the whole.
@@ -81,8 +82,9 @@ def _short_key(key: str, keys: set[str]) -> str:
 def variant(cfg: DictConfig, preset: DictConfig | None = None) -> str:
     """"" for the preset's own config, else the short name of every difference from it."""
     preset = compose_preset(cfg) if preset is None else preset
-    ours, theirs = (_leaves({k: v for k, v in OmegaConf.to_container(c, resolve=True).items()
-                             if k not in NOT_IDENTITY}) for c in (cfg, preset))
+    ours, theirs = (_leaves({**{k: v for k, v in OmegaConf.to_container(c, resolve=True).items()
+                                if k not in NOT_IDENTITY}, "trainer": {"precision": str(c.trainer.precision)}})
+                    for c in (cfg, preset))
     keys = set(ours) | set(theirs)
     changed = sorted(k for k in keys if ours.get(k, KeyError) != theirs.get(k, KeyError))
     if ours.get("method.source", "learned") != "learned":  # noise: h's settings are null by rule, not choice

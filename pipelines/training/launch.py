@@ -86,6 +86,16 @@ def relaunch(trainer) -> int:
     return subprocess.run(cmd, preexec_fn=die_with_parent).returncode
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def precision(trainer, device_type: str) -> str:
+    """trainer.precision as it runs on ``device_type``: auto is bf16 autocast on CUDA, fp32 elsewhere; fp16 is
+    float16 autocast with a GradScaler (the authors' ImageNet recipe, apex O1)."""
+    chosen = str(trainer.precision)
+    return ("bf16" if device_type == "cuda" else "fp32") if chosen == "auto" else chosen
+
+
 def device_choice(trainer) -> str:
     """trainer.device as asked (auto, cuda or cpu), without asking this machine."""
     choice = str(trainer.device)

@@ -113,8 +113,8 @@ def check(cfg: DictConfig, task: type[Task], here: bool = True) -> int:
                           f"{gpus} CPU processes, or trainer.gpus=1")
     if device == "cuda" and here and gpus > torch.cuda.device_count():
         raise ConfigError(f"trainer.gpus={gpus} but this node has {torch.cuda.device_count()} GPUs")
-    if str(trainer.precision) not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"trainer.precision={trainer.precision!r}: use auto, bf16 or fp32")
+    if str(trainer.precision) not in launch.PRECISIONS:
+        raise ConfigError(f"trainer.precision={trainer.precision!r}: use {', '.join(launch.PRECISIONS)}")
     if str(trainer.channels_last) not in ("auto", "True", "False"):
         raise ConfigError(f"trainer.channels_last={trainer.channels_last!r}: use auto, true or false")
     if str(trainer.on_divergence) not in ("fail", "record"):
@@ -136,9 +136,11 @@ def diverged_on_rank0(row: dict[str, float], procs: launch.Processes) -> bool:
 
 
 def resolved_config(cfg: DictConfig, procs: launch.Processes) -> dict[str, Any]:
-    """The run's config as recorded: what actually ran beside what was asked for (device=auto, gpus x nodes)."""
+    """The run's config as recorded: what actually ran beside what was asked for (device and precision auto,
+    gpus x nodes)."""
     config = OmegaConf.to_container(cfg, resolve=True)
-    config["trainer"].update(resolved_device=procs.device.type, world_size=procs.world)
+    config["trainer"].update(resolved_device=procs.device.type, world_size=procs.world,
+                             resolved_precision=launch.precision(cfg.trainer, procs.device.type))
     return config
 
 

@@ -4,6 +4,7 @@ global batch, checkpoints load with weights_only=True, and bad inputs fail in on
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -112,12 +113,12 @@ def test_ddp_on_one_or_two_nodes_matches_one_process_on_the_same_global_batch(tm
     assert hn == h2 and mn == m2 and all(torch.equal(wn[k], w2[k]) for k in w2)
 
 
-def test_bf16_autocast_and_channels_last_also_run_on_cpu(tmp_path, prepared_cifar10):
-    # the GPU recipe's precision and layout (what "auto" picks on CUDA), forced on CPU: GAL steps with bf16
-    # logits and channels_last weights and inputs, close to fp32 but not equal to it
+def test_bf16_fp16_and_channels_last_also_run_on_cpu(tmp_path, prepared_cifar10):
+    # the GPU recipe's precision and layout (what "auto" picks on CUDA), and the authors' ImageNet fp16 with loss
+    # scaling, forced on CPU: GAL steps with bf16 / fp16 logits, close to fp32 but not equal to it
     with_data(tmp_path, prepared_cifar10)
     rows = {}
-    for precision, layout in (("fp32", False), ("bf16", True)):
+    for precision, layout in (("fp32", False), ("bf16", True), ("fp16", False)):
         cfg = config(tmp_path, f"trainer.precision={precision}", f"trainer.channels_last={layout}",
                      "task.max_steps=3")
         trainer = classification.Classification(cfg, launch.setup(cfg.trainer))
@@ -126,12 +127,20 @@ def test_bf16_autocast_and_channels_last_also_run_on_cpu(tmp_path, prepared_cifa
         x = trainer.preprocess(next(iter(trainer.val_loader))[0], train=False)
         assert x.is_contiguous(memory_format=torch.channels_last) == layout
         with torch.no_grad(), torch.autocast(**trainer.autocast):
-            assert trainer.model(x).dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+            assert trainer.model(x).dtype == {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                              "fp16": torch.float16}[precision]
         rows[precision] = trainer.train_epoch(1)
+        scaler = trainer.state_dict()["scaler"]  # in the checkpoint: a resume continues with the same scale
+        if precision == "fp16":  # starts at 2**16, halved on each step whose gradients overflow (that step skipped)
+            assert 1 < scaler["scale"] <= 2.0 ** 16 and math.isfinite(rows["fp16"]["train_loss"])
+        else:
+            assert scaler == {}
     fp32, bf16 = rows["fp32"], rows["bf16"]
     assert bf16["train_loss"] != fp32["train_loss"]
     assert bf16["train_loss"] == pytest.approx(fp32["train_loss"], rel=0.05)
     assert bf16["remainder"] == pytest.approx(fp32["remainder"], rel=0.1) and bf16["accepted"] == fp32["accepted"]
+    # fp16's first steps are skipped while the scale overflows, so its loss moves less than fp32's
+    assert rows["fp16"]["train_loss"] != fp32["train_loss"] and 0 <= rows["fp16"]["accepted"] <= 1
 
 
 # ------------------------------------------------------------------------------------------- failures

@@ -16,6 +16,7 @@ NOISE = ("method.source=uniform", "method.arch=null", "method.kind=null", "metho
     (("method.kind=cnn", "method.arch=[256]"), "cifar100_sgd-gal-cnn-256-s0"),
     (("method.policy=strict", "seed=3"), "cifar100_sgd-gal-policy-strict-s3"),
     (("trainer.gpus=2", "trainer.device=cpu"), "cifar100_sgd-gal-s0"),  # where a run goes is not what it is
+    (("trainer.precision=bf16",), "cifar100_sgd-gal-precision-bf16-s0"),  # how it computes is (the preset: fp32)
     (NOISE, "cifar100_sgd-gal-src-uniform-s0"),  # h's settings are null by rule for noise: not named
     ((*NOISE, "method.normalize=false"), "cifar100_sgd-gal-norm-false-src-uniform-s0"),
     (("method.compute_dtype=float64",), "cifar100_sgd-gal-dtype-float64-s0"),

@@ -74,7 +74,8 @@ def test_runs_are_selected_by_config_and_variant(tmp_path):
 
 
 def test_runs_of_one_number_must_share_their_config(tmp_path, monkeypatch):
-    """seed, trainer.* and root may differ within a cell; anything else is refused, naming the odd run."""
+    """seed, trainer.* (but its precision) and root may differ within a cell; anything else is refused, naming
+    the odd run."""
     monkeypatch.chdir(tmp_path)
     made = make_runs(Path("runs"))
     edit_run(made["boston-gal-s1"], config=lambda c: c.update(trainer={"gpus": 4}, root="elsewhere"))
@@ -85,4 +86,9 @@ def test_runs_of_one_number_must_share_their_config(tmp_path, monkeypatch):
     assert str(err.value).startswith(
         "Table V: runs/regression/boston-gal-s3 differs from runs/regression/boston-gal-s0 in config "
         "method.scale (1.0 vs <absent>), task.epochs (15 vs 16); runs aggregated together may differ only in "
-        "seed, root, trainer.*")
+        "seed, root, trainer.* (not in precision)")
+    # a run in bf16 (auto on a GPU) and one in fp32 (auto on a CPU) never make one number
+    edit_run(made["boston-gal-s3"], config=lambda c: (c["task"].update(epochs=15), c["method"].update(scale=1.0),
+                                                      c.update(trainer={"resolved_precision": "bf16"})))
+    with pytest.raises(ReportError, match="boston-gal-s3 differs .* in config trainer.resolved_precision"):
+        table5.SPEC.render(Context(runs_root=Path("runs"), out=Path("out")))

@@ -92,9 +92,11 @@ class Classification(runner.Task):
         self.cfg, self.procs, self.device = cfg, procs, procs.device
         cuda = self.device.type == "cuda"
         trainer = cfg.trainer
-        precision = str(trainer.precision)
-        bf16 = precision == "bf16" or (precision == "auto" and cuda)
-        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        precision = launch.precision(trainer, self.device.type)
+        self.autocast = dict(device_type=self.device.type, enabled=precision != "fp32",
+                             dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+        # fp16 scales the loss (every GAL backward root too) so small gradients survive; skips inf/nan steps
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         channels_last = cuda if trainer.channels_last == "auto" else bool(trainer.channels_last)
 
         self.root = Path(cfg.root)
@@ -136,16 +138,17 @@ class Classification(runner.Task):
         return final
 
     def state_dict(self) -> dict:
-        return {**method_state(self.model, self.adjuster, self.optimizer),
+        return {**method_state(self.model, self.adjuster, self.optimizer), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.module.state_dict() if self.ema is not None else {},
                 "epoch_times": list(self.epoch_times),
                 "step_times": list(self.step_times)}
 
     def load_state_dict(self, state: dict) -> None:
-        if "step_times" not in state:
-            raise RunError(f"the run's checkpoint (checkpoints/{self.name}/) predates time_per_step: delete it to "
-                           "start the run over")
+        if "step_times" not in state or "scaler" not in state:
+            raise RunError(f"the run's checkpoint (checkpoints/{self.name}/) predates time_per_step and the loss "
+                           "scaler: delete it to start the run over")
         load_method_state(state, self.model, self.adjuster, self.optimizer)
+        self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.module.load_state_dict(state["ema"])
         self.epoch_times, self.step_times = list(state["epoch_times"]), list(state["step_times"])
@@ -170,14 +173,16 @@ class Classification(runner.Task):
             loss_fn = lambda z: F.cross_entropy(z.float(), labels, label_smoothing=smoothing)  # noqa: E731
             if self.adjuster is None:
                 loss = loss_fn(logits)
-                loss.backward()
+                self.scaler.scale(loss).backward()
                 values = [loss.detach()]  # this process's shard: averaged over processes once per epoch
             else:
                 per_sample = lambda z: F.cross_entropy(z.float(), labels, reduction="none",  # noqa: E731
                                                        label_smoothing=smoothing)
-                stats = self.adjuster.backward(logits, loss_fn, lr, per_sample_loss_fn=per_sample)
+                stats = self.adjuster.backward(logits, loss_fn, lr, per_sample_loss_fn=per_sample,
+                                               scaler=self.scaler if self.scaler.is_enabled() else None)
                 values = [stats.loss, *(getattr(stats, name) for name in GAL_STATS)]  # batch-global
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # optimizer.step() unless fp16 (then unscaled, inf steps skipped)
+            self.scaler.update()
             if self.ema is not None:
                 self.ema.update(self.model)
             meter.add(values, len(labels))
