@@ -214,7 +214,8 @@ def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_overri
         if mlflow_value is None:
             problems.append(f"{run_dir}: MLflow run {meta.get('mlflow_run_id')} has no metric {what!r}")
         elif recorded is None or not stats.same(float(recorded), mlflow_value):
-            problems.append(f"{run_dir}: {what} is {_show(recorded)} in {'history.csv' if best else 'metrics.json'} but {_show(mlflow_value)} "
+            record = "history.csv" if best else "metrics.json"
+            problems.append(f"{run_dir}: {what} is {_show(recorded)} in {record} but {_show(mlflow_value)} "
                             f"in MLflow run {meta.get('mlflow_run_id')}")
         else:
             logged[run_dir] = mlflow_value

@@ -211,8 +211,8 @@ def totals(rows: list[Row]) -> list[str]:
     for device in ("cuda", "cpu"):
         total = sum(h for (_, d), h in by_stage.items() if d == device)
         if total:
-            lines.append(f"| **all** | {device} | {sum(r.run.seeds for r in rows if r.setting and r.setting.device == device)} "
-                         f"| **{hours_text(total)}** |")
+            runs = sum(r.run.seeds for r in rows if r.setting and r.setting.device == device)
+            lines.append(f"| **all** | {device} | {runs} | **{hours_text(total)}** |")
     return lines
 
 

@@ -170,6 +170,12 @@ def abl_values(exp: str, variant: str) -> np.ndarray:
     return np.array([abl_error(exp, variant, s) for s in abl_seeds(variant) if (variant, s) not in DIVERGED])
 
 
+def abl_best(exp: str, variant: str) -> np.ndarray:
+    """abl_values at each run's best epoch: the preset's own runs have an earlier best epoch (cls_record); the
+    variants' errors fall every epoch, so their best is their last."""
+    return cls_best(exp, "gal", "val_top1_err") if not variant else abl_values(exp, variant)
+
+
 def cls_values(exp: str, method: str, metric: str) -> np.ndarray:
     return np.array([cls_record(exp, method, s)[1][metric] for s in CLS_SEEDS])
 
