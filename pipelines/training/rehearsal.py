@@ -35,7 +35,7 @@ class Measured:
     unit: str
     unit_s: list[float]           # wall time of each step (or epoch), the wait for its batch included
     wait_s: list[float]           # of which waiting for the loader
-    per_unit: int                 # images per step on this device (rows per epoch for "epoch")
+    per_unit: int                 # images per step on this device (0 for "epoch")
     eval_s: float                 # one evaluation batch (loaderless: the whole evaluation), metrics included
     eval_images: int              # images in that batch on this device (0: the whole evaluation)
     peak_allocated: int | None    # bytes, CUDA
