@@ -177,7 +177,7 @@ def test_bad_settings_fail_in_one_line_without_a_record(root, overrides, message
 
 
 @pytest.mark.parametrize("overrides, message", [  # refused by the checks, before any data or model
-    (("trainer.precision=fp16",), "trainer.precision='fp16': use auto, bf16 or fp32"),
+    (("trainer.precision=fp8",), "trainer.precision='fp8': use auto, fp32, bf16, fp16"),
     (("task.epochs=0",), "task.epochs=0: use an integer of at least 1"),
     (("task.batch_size=30", "trainer.gpus=4", "trainer.device=cpu"),
      "task.batch_size=30 (global) must be divisible by the 4 processes"),
@@ -194,9 +194,9 @@ def test_bad_config_is_refused_by_the_checks_on_the_config_alone(tmp_path, overr
 
 
 def test_a_bad_config_from_the_stage_command_is_one_line_exit_code_2_and_writes_nothing(tmp_path):
-    done = train(tmp_path, EXPERIMENT, "trainer.precision=fp16", env=train_env(tmp_path))
+    done = train(tmp_path, EXPERIMENT, "trainer.precision=fp8", env=train_env(tmp_path))
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "train classification: bad config: trainer.precision='fp16': use auto, bf16 or fp32"], done.stderr
+        "train classification: bad config: trainer.precision='fp8': use auto, fp32, bf16, fp16"], done.stderr
     assert not any(tmp_path.iterdir())  # no record, checkpoint or MLflow store
 
 
@@ -233,6 +233,7 @@ def test_resume_on_other_trainer_settings_is_refused_in_one_line(root):
     path = checkpoint_path(root, TASK, run_name(config(root, "task.epochs=2", "task.max_steps=2")))
     saved = torch.load(path, weights_only=True)
     torch.save({**saved, "epoch": 1}, path)  # as if killed after epoch 1
-    # same model state on another precision: resumable weights, but the MLflow params would misstate the run
-    with pytest.raises(TrackingError, match=r"config differs from the checkpoint's \(trainer.precision\)"):
-        classification.run(config(root, "task.epochs=2", "task.max_steps=2", "trainer.precision=fp32"))
+    # same model state in another memory layout: resumable weights, but the MLflow params would misstate the run
+    # (another precision is another run: its own name, trainer.precision being part of run identity)
+    with pytest.raises(TrackingError, match=r"config differs from the checkpoint's \(trainer.channels_last\)"):
+        classification.run(config(root, "task.epochs=2", "task.max_steps=2", "trainer.channels_last=true"))
