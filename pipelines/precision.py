@@ -120,7 +120,19 @@ def _classification(name: str, preset: DictConfig, scales: ClassificationScales)
         noise = std * torch.randn(rows, classes, generator=gen)
         onehot = F.one_hot(labels, classes).float()
         loss_fn = lambda z: F.cross_entropy(z, labels, label_smoothing=smoothing)  # noqa: E731
-        low, high = -50.0, 200.0  # the label's margin, by bisection: the mean loss falls as it grows
+        # the label's margin, by bisection: the mean loss (convex in the margin) falls as it grows, without label
+        # smoothing all the way; with it, up to its minimum (found by ternary search), past which it rises again
+        low, high = -50.0, 200.0
+        if smoothing:
+            a, b = low, high
+            for _ in range(80):
+                m1, m2 = a + (b - a) / 3, b - (b - a) / 3
+                a, b = (m1, b) if loss_fn(noise + m1 * onehot).item() > loss_fn(noise + m2 * onehot).item() else (a, m2)
+            high = (a + b) / 2
+            floor = loss_fn(noise + high * onehot).item()
+            if level < floor:
+                raise ConfigError(f"classification.loss_levels: {level} is below the least loss {floor:.3f} that "
+                                  f"{name}'s label smoothing {smoothing} allows at logit_std {std}")
         for _ in range(40):
             mid = (low + high) / 2
             low, high = (mid, high) if loss_fn(noise + mid * onehot).item() > level else (low, mid)
