@@ -127,7 +127,8 @@ def train_all(cfg: Toy3dConf) -> None:
         run = cfg.runs[name]
         finals = {}
         for method in METHODS:
-            config = {"task": "toy3d", "optimizer": name, "method": method, "run": asdict(run), **shared}
+            config = {"task": "toy3d", "optimizer": name, "method": method, "seed": run.seed, "run": asdict(run),
+                      **shared}  # the seed of h, where every run record keeps its seed
             with RunTracker("toy3d", f"{name}-{method}", config, profile=cfg.profile, step_name="step",
                             runs_root=Path(cfg.runs_root)) as tracker:
                 rows = run_path(cfg, run, gal=method == "gal")

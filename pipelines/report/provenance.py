@@ -23,8 +23,11 @@ from pipelines.report.model import Rendered
 
 
 def _clean(value: Any) -> Any:
-    """JSON has no nan: store it as null (the entry's text still says nan)."""
-    return None if isinstance(value, float) and math.isnan(value) else value
+    """JSON has no nan or inf: nan is stored as null (the entry's text still says nan), an infinity as the string
+    "inf" or "-inf" (a t-test of two groups without variance; float() reads it back)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return str(value) if isinstance(value, float) and math.isinf(value) else value
 
 
 def build(rendered: list[Rendered], files: dict[str, list[str]]) -> dict[str, Any]:

@@ -84,3 +84,19 @@ def test_report_imports_no_training_module():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_provenance_holds_nan_and_infinities_as_json_and_reads_them_back():
+    # a t-test of two groups without variance is infinite: provenance.json stays valid JSON and the audit's
+    # float() reads the same value back
+    from pipelines.report import provenance
+    from pipelines.report.model import Number
+
+    numbers = [Number(key=f"T/{name}/t", value=value, text=str(value), op="t", metric="m", groups=[[], []],
+                      aggregation="t") for name, value in (("inf", float("inf")), ("minus", -float("inf")),
+                                                         ("nan", float("nan")), ("one", 1.5))]
+    item = Rendered(name="T", slug="t", kind="table", profile="smoke", numbers=numbers, markdown="")
+    text = provenance.dumps(provenance.build([item], {"T": []}))
+    stored = {k: v["value"] for k, v in json.loads(text)["numbers"].items()}
+    assert stored == {"T/inf/t": "inf", "T/minus/t": "-inf", "T/nan/t": None, "T/one/t": 1.5}
+    assert float(stored["T/inf/t"]) == float("inf") and float(stored["T/minus/t"]) == -float("inf")
