@@ -195,8 +195,7 @@ def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_overri
             problems.append(f"{run_dir} now holds MLflow run {meta.get('mlflow_run_id')}, the report used "
                             f"{item.get('mlflow_run_id')}: the reports are stale; rerun python -m pipelines.report")
         try:  # metrics.json's value, else history.csv's last row's (as MLflow's latest value)
-            recorded: Any = (stats.at_best_epoch(best, {c: run.series(c) for c in columns}) if best
-                             else run.latest(metric))
+            recorded: Any = run.at_best_epoch(best) if best else run.latest(metric)
         except ReportError:
             recorded = None
         try:

@@ -37,7 +37,7 @@ from pipelines.atomic import write_atomic
 from pipelines.config import compose
 from pipelines.errors import ConfigError, UserError, print_error
 from pipelines.preflight import data as preflight_data
-from pipelines.preflight.measure import Outcome, Setting, measure, one_line
+from pipelines.preflight.measure import Outcome, Setting, measure, one_line, random_init
 from pipelines.preflight.plan import PlannedRun, plan
 from pipelines.training import identity
 
@@ -126,8 +126,8 @@ def setting_for(run: PlannedRun, args, scratch: Path) -> Row:
     real_batch = cfg.task.batch_size // real_world if loader else None
     batch = (args.batch_per_device or real_batch) if loader else None
     setting = Setting(list(run.overrides), device, world, batch,
-                      (args.batch_per_device or cfg.task.eval_batch_size) if loader else None, args.random_init,
-                      str(scratch))
+                      (args.batch_per_device or cfg.task.eval_batch_size) if loader else None,
+                      random_init(cfg) if args.random_init else [], str(scratch))
     return Row(run, name, setting, real_world, real_batch, int(cfg.task.epochs), cfg.data,
                preflight_data.real_sizes(cfg.data), notes=notes)
 

@@ -5,7 +5,7 @@ real world size (the same launcher as training). Out of memory halves the per-de
 The changes, and only these: ``root`` (the scratch root holding the data), ``trainer.device``, ``trainer.gpus``
 (the processes it runs on here), ``trainer.nodes=1``, the global ``task.batch_size`` (the per-device batch
 times those processes), ``task.eval_batch_size`` (the config's, or ``--batch-per-device``), and random init
-instead of pretrained weights with ``--random-init``.
+instead of pretrained weights with ``--random-init`` (``random_init``).
 
     python -m torch.distributed.run --standalone --nproc_per_node=4 -m pipelines.preflight.measure spec.json
 """
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pipelines.config import compose
 from pipelines.errors import UserError
@@ -41,7 +41,7 @@ class Setting:
     world: int                  # processes it runs on here
     batch: int | None           # per-device training batch (None: a task without a loader)
     eval_batch: int | None      # per-device evaluation batch (None: a task without a loader)
-    random_init: bool
+    init: list[str]             # random_init(cfg) with --random-init, else none
     root: str
 
     def all_overrides(self) -> list[str]:
@@ -50,10 +50,12 @@ class Setting:
             extra.append(f"task.batch_size={self.batch * self.world}")
         if self.eval_batch is not None:
             extra.append(f"task.eval_batch_size={self.eval_batch}")
-        if self.random_init:
-            cfg = compose("train", self.overrides)
-            extra += [f"{key}=false" for key in PRETRAINED_KEYS if OmegaConf.select(cfg, key)]
-        return [*self.overrides, *extra]
+        return [*self.overrides, *extra, *self.init]
+
+
+def random_init(cfg: DictConfig) -> list[str]:
+    """The overrides that give ``cfg``'s model random weights where it loads pretrained ones."""
+    return [f"{key}=false" for key in PRETRAINED_KEYS if OmegaConf.select(cfg, key)]
 
 
 @dataclass
@@ -77,14 +79,20 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}"[:240]
 
 
+def checked(overrides: list[str]) -> tuple[DictConfig, type[runner.Task]]:
+    """The run's config and Task, checked as the runner checks them, with this process's torch settings."""
+    cfg = compose("train", overrides)
+    task_cls = runner.task_class(cfg.task.name)
+    runner.check(cfg, task_cls)
+    runner.configure_torch(cfg)
+    return cfg, task_cls
+
+
 def rehearse_here(setting: Setting, steps: int, scratch: Path) -> Outcome:
     """Rehearse ``setting`` in this process (world size 1)."""
     threads = torch.get_num_threads()
     try:
-        cfg = compose("train", setting.all_overrides())
-        task_cls = runner.task_class(cfg.task.name)
-        runner.check(cfg, task_cls)
-        runner.configure_torch(cfg)
+        cfg, task_cls = checked(setting.all_overrides())
         procs = launch.Processes(0, 0, 1, torch.device(setting.device))
         return Outcome(measured=rehearse(cfg, task_cls, procs, steps, scratch))
     except Exception as err:  # one row with its cause; the next run goes on
@@ -137,10 +145,7 @@ def worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     rank = int(os.environ.get("RANK", 0))
     try:
-        cfg = compose("train", spec["overrides"])
-        task_cls = runner.task_class(cfg.task.name)
-        runner.check(cfg, task_cls)
-        runner.configure_torch(cfg)
+        cfg, task_cls = checked(spec["overrides"])
         procs = launch.setup(cfg.trainer)
         measured = rehearse(cfg, task_cls, procs, spec["steps"], Path(spec["scratch"]))
         if procs.main:

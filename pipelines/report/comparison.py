@@ -54,7 +54,7 @@ class BestEpoch:
         spec = self.spec(metric)
         if spec is None:
             return run.metric(metric.source)
-        return stats.at_best_epoch(spec, {c: run.series(c) for c in (spec["by"], spec["column"])})
+        return run.at_best_epoch(spec)
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ def run_value(run: RunRecord, column: str, best: dict | None) -> float:
     """``run``'s latest ``column``, or its value at the run's best epoch by ``best`` (stats.at_best_epoch)."""
     if best is None:
         return run.latest(column)
-    return stats.at_best_epoch(best, {c: run.series(c) for c in (best["by"], best["column"])})
+    return run.at_best_epoch(best)
 
 
 @dataclass

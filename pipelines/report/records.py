@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import yaml
 
 from pipelines.errors import UserError
+from pipelines.report import stats
 from pipelines.tracking.record import RECORD_FILES
 
 
@@ -113,6 +114,10 @@ class RunRecord:
             return self._number(rows[-1], name)
         raise ReportError(f"{self.dir} has no metric {name!r} in metrics.json nor a value in the last row of "
                           f"history.csv (columns: {', '.join(columns) or 'none'})")
+
+    def at_best_epoch(self, best: dict) -> float:
+        """history.csv's value at the run's best epoch by the rule ``best`` (stats.at_best_epoch)."""
+        return stats.at_best_epoch(best, {c: self.series(c) for c in (best["by"], best["column"])})
 
     def series(self, column: str, x: str = "epoch") -> dict[float, float]:
         """history.csv's ``column`` against its ``x`` column, rows with an empty cell left out; ReportError

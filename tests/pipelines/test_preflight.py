@@ -83,7 +83,7 @@ def test_a_diverging_run_a_bad_config_and_missing_data_are_rows_with_their_cause
     from pipelines.preflight.data import provide
 
     provide(compose("train", ["experiment=boston_gal"]).data, "paper", tmp_path / "none", tmp_path, 0, 0)
-    setting = lambda *o: Setting(["profile=paper", *o], "cpu", 1, None, None, False, str(tmp_path))  # noqa: E731
+    setting = lambda *o: Setting(["profile=paper", *o], "cpu", 1, None, None, [], str(tmp_path))  # noqa: E731
     diverged = measure(setting("experiment=boston_baseline", "optim.lr=1e30"), 2, tmp_path)
     assert diverged.error is None and diverged.measured.nonfinite.startswith("train_loss = ")
     bad = measure(setting("experiment=boston_gal", "method.policy=bogus"), 2, tmp_path)
@@ -177,7 +177,8 @@ def test_out_of_memory_on_cuda_is_a_row_with_the_largest_per_device_batch_that_f
     from pipelines.preflight.data import provide
 
     provide(compose("train", ["experiment=cifar100_sgd_gal"]).data, "paper", tmp_path / "none", tmp_path, 320, 100)
-    setting = Setting(["experiment=cifar100_sgd_gal", "profile=paper"], "cuda", 1, 320, None, True, str(tmp_path))
+    setting = Setting(["experiment=cifar100_sgd_gal", "profile=paper"], "cuda", 1, 320, None,
+                      ["model.pretrained=false"], str(tmp_path))
     torch.cuda.set_per_process_memory_fraction(0.02)  # about 1.6 GB of an 80 GB card: batch 320 cannot fit
     try:
         outcome = measure(setting, 2, tmp_path)
