@@ -17,7 +17,8 @@ run's run.json, else the project default), compares it with the run record, reco
 compares it with the reported value.
 Exit codes: 0 cross-check OK; 1 a mismatch (or a run or MLflow run that cannot be read, or a patch that
 does not match its checksum in run.json); 2 a user error (pipelines.errors): no such number (the message
-lists what exists) or no readable provenance.json.
+lists what exists), or no readable or well-formed provenance.json (invalid JSON, a missing key, a value of the
+wrong type: one line naming the file and the field, checked before anything is traced).
 """
 from __future__ import annotations
 
@@ -38,6 +39,73 @@ from pipelines.report.records import ReportError, RunRecord, load_run
 
 class AuditError(UserError):
     """Bad request or missing provenance: one line, exit code 2 (pipelines.errors)."""
+
+
+def _malformed(path: Path, what: str) -> AuditError:
+    return AuditError(f"malformed {path}: {what}; render the reports again: python -m pipelines.report")
+
+
+def _is_texts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)
+
+
+def _is_value(value: Any) -> bool:
+    """A number's value as provenance.json holds it: a number, null (nan) or "inf"/"-inf"."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number or value is None or value in ("inf", "-inf")
+
+
+# what audit() reads of a number's entry: field -> (its check, what it must be)
+ENTRY_FIELDS = {
+    "value": (_is_value, "a number, null or \"inf\""),
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "aggregation": (lambda v: isinstance(v, str), "a string"),
+    "op": (lambda v: isinstance(v, str) and v in stats.OPS, f"one of {', '.join(stats.OPS)}"),
+    "metric": (lambda v: isinstance(v, str) and bool(v), "a metric name"),
+    "groups": (lambda v: isinstance(v, list) and bool(v) and all(_is_texts(g) and g for g in v),
+               "a list of lists of run dirs"),
+    "runs": (lambda v: isinstance(v, list) and all(isinstance(r, dict) and isinstance(r.get("dir"), str) for r in v),
+             "a list of {\"dir\": run dir, ...}"),
+    "dvc_repro": (_is_texts, "a list of stage names"),
+    "files": (_is_texts, "a list of file names"),
+}
+BEST_FIELDS = {"by": str, "column": str, "better": str, "complement": bool}
+TWO_GROUPS = ("t", "p", "ratio")  # the ops of two groups (baseline, GAL); the others take one
+
+
+def check_provenance(path: Path, prov: Any) -> None:
+    """AuditError naming ``path`` and the field unless ``prov`` has the shape the audit reads: a mapping of
+    numbers and a mapping of runs (run dir -> {"baseline": run dir or null, ...})."""
+    if not isinstance(prov, dict) or not isinstance(prov.get("numbers"), dict):
+        raise _malformed(path, "no mapping \"numbers\" at the top")
+    runs = prov.get("runs", {})
+    if not isinstance(runs, dict) or not all(
+            isinstance(r, dict) and isinstance(r.get("baseline"), (str, type(None))) for r in runs.values()):
+        raise _malformed(path, "\"runs\" is not a mapping of run dir to {\"baseline\": run dir or null, ...}")
+
+
+def check_entry(path: Path, key: str, entry: Any) -> None:
+    """AuditError naming ``path``, the number and the field unless ``entry`` holds every field audit() reads,
+    of its type, and its groups name only its runs."""
+    where = f"numbers[{json.dumps(key, ensure_ascii=False)}]"
+    if not isinstance(entry, dict):
+        raise _malformed(path, f"{where} is not a mapping")
+    for name, (valid, want) in ENTRY_FIELDS.items():
+        if name not in entry:
+            raise _malformed(path, f"{where} has no {name!r}")
+        if not valid(entry[name]):
+            raise _malformed(path, f"{where}.{name} is {json.dumps(entry[name])[:60]}, not {want}")
+    best = entry.get("best_epoch")
+    if best is not None and not (isinstance(best, dict)
+                                 and all(isinstance(best.get(k), t) for k, t in BEST_FIELDS.items())):
+        raise _malformed(path, f"{where}.best_epoch is not {{\"by\", \"column\", \"better\", \"complement\"}}")
+    groups = 2 if entry["op"] in TWO_GROUPS else 1
+    if len(entry["groups"]) != groups:
+        raise _malformed(path, f"{where}.groups holds {len(entry['groups'])} groups; {entry['op']} takes {groups}")
+    dirs = {run["dir"] for run in entry["runs"]}
+    stray = [d for group in entry["groups"] for d in group if d not in dirs]
+    if stray:
+        raise _malformed(path, f"{where}.groups names {stray[0]}, which is not in its runs")
 
 
 def _norm(name: str) -> str:
@@ -248,12 +316,13 @@ def main(argv: list[str] | None = None) -> int:
             raise AuditError(f"no {path}; render the reports first: python -m pipelines.report")
         try:
             prov = json.loads(path.read_text())
-            numbers = prov["numbers"]
-        except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError included
+        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError included
             raise AuditError(f"unreadable {path} ({type(err).__name__}: {err}); render the reports again: "
                              "python -m pipelines.report") from None
-        key = resolve(numbers, args.names)
-        return audit(key, numbers[key], prov.get("runs", {}), args.tracking_uri, args.diff)
+        check_provenance(path, prov)
+        key = resolve(prov["numbers"], args.names)
+        check_entry(path, key, prov["numbers"][key])
+        return audit(key, prov["numbers"][key], prov.get("runs", {}), args.tracking_uri, args.diff)
 
     return run_cli("audit", run)
 

@@ -5,8 +5,10 @@ Renders every table and figure of pipelines.report.specs.SPECS from the run reco
 provenance.json. All outputs are rendered first and only then moved into place, so an error leaves the
 previous reports untouched. A table or figure whose runs are missing is skipped: index.md and the output say
 which runs it needs and the command that makes them. Inconsistent runs (mixed profiles, runs of another
-profile than the one asked for, two runs for one seed, differing configs within one aggregate, a metric that
-is not a finite number) or no runs for any table or figure: one line on stderr, exit code 2.
+profile than the one asked for, two runs for one seed, differing configs or data within one aggregate, a metric
+that is not a finite number), no runs for any table or figure, or an --out that cannot be a directory of
+reports (a file, below a file, not writable): one line on stderr, exit code 2. Runs of one aggregate from
+different git commits are taken and flagged under their table (and in provenance.json).
 """
 from __future__ import annotations
 

@@ -1,8 +1,11 @@
 """Render every spec into a temporary directory beside ``out``, then put the outputs in place: an error
 (inconsistent runs, a plotting error) leaves the previous reports untouched. A spec whose runs are missing is
-skipped (a note in index.md) and the others are rendered."""
+skipped (a note in index.md) and the others are rendered. An ``out`` that cannot take the reports (a file, a
+path below a file, a directory this process cannot write) is refused before any work; what a killed report
+left beside ``out`` or in it (``.<name>.tmp-*``, ``.<name>.old-*``) goes on the next run (pipelines.atomic)."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -14,7 +17,20 @@ from pipelines.report.records import MissingRuns, ReportError, display_path
 from pipelines.report.render import latex, markdown, numbers_csv
 
 DIRS = ("tables", "figures")   # replaced whole, so no file of a skipped or removed spec stays behind
+TOPS = ("index.md", "provenance.json")  # written one by one, after DIRS
 CLAIMS_FILES = ["tables/claims.md", "tables/claims.csv", "tables/claims.tex"]
+
+
+def flag_mixed_commits(item: Rendered) -> None:
+    """A note under ``item``'s table (and a warning beside it in index.md) naming each cell whose runs come
+    from more than one git commit: such runs are averaged, not refused (their data are checked to be alike)."""
+    cells = provenance.mixed_commit_cells(item)
+    if not cells:
+        return
+    note = provenance.commits_note(cells)
+    if item.layout is not None:
+        item.layout.notes.append(note)
+    item.markdown = item.markdown.rstrip("\n") + f"\n\n> [!WARNING]\n> {note}.\n"
 
 
 def _render_files(items: list[Rendered | Skipped], tmp: Path, runs_root: str) -> dict[str, str]:
@@ -22,6 +38,7 @@ def _render_files(items: list[Rendered | Skipped], tmp: Path, runs_root: str) ->
     rendered = [item for item in items if isinstance(item, Rendered)]
     files: dict[str, list[str]] = {}
     for item in rendered:
+        flag_mixed_commits(item)
         if item.layout is not None:
             stem = f"tables/{item.slug}"
             (tmp / f"{stem}.md").write_text(markdown(item.layout, heading=item.name))
@@ -48,9 +65,34 @@ def _render_files(items: list[Rendered | Skipped], tmp: Path, runs_root: str) ->
             "provenance.json": provenance.dumps(prov)}
 
 
+def check_out(out: Path) -> None:
+    """ReportError unless ``out`` is, or can be made, a directory this process can put the reports in: what of
+    its path exists is a directory, writable where the report makes something (``out`` and its parent, or the
+    nearest existing folder above a new ``out``), and no file the report writes there is a directory."""
+    path = Path(os.path.abspath(out))
+    existing = path
+    while not (existing.exists() or existing.is_symlink()):
+        existing = existing.parent
+    if not existing.is_dir():
+        what = ("is a file" if existing.is_file() else "is not a directory") if existing == path else \
+            f"lies below the file {display_path(existing)}"
+        raise ReportError(f"output directory {display_path(out)} {what}; name a directory with --out "
+                          "(default: reports)")
+    for place in ([path.parent, path] if existing == path else [existing]):
+        if not os.access(place, os.W_OK | os.X_OK):
+            raise ReportError(f"output directory {display_path(out)}: cannot write in {display_path(place)}; "
+                              "name a writable directory with --out or fix its permissions")
+    for name in TOPS:
+        if (path / name).is_dir():
+            raise ReportError(f"output directory {display_path(out)}: {display_path(out / name)} is a directory "
+                              "where the report writes a file; move it away")
+
+
 def build(runs_root: Path, out: Path, specs: list[Spec], profile: str | None = None) -> list[Rendered | Skipped]:
     """Render ``specs`` from the runs under ``runs_root`` into ``out``: each one's Rendered, or Skipped when
-    its runs are missing. ReportError (inconsistent runs, or every spec skipped) leaves ``out`` as it was."""
+    its runs are missing. ReportError (an unusable ``out``, inconsistent runs, or every spec skipped) leaves
+    ``out`` as it was."""
+    check_out(out)
     tmp = temp_dir_beside(out)
     try:
         ctx = Context(runs_root=runs_root, out=tmp, profile=profile)

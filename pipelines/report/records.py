@@ -169,6 +169,10 @@ def load_run(path: Path) -> RunRecord:
         meta = json.loads((path / "run.json").read_text())
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ReportError(f"unreadable run record {display_path(path)}: {str(err).splitlines()[0]}") from None
+    for name, data in (("config.yaml", config), ("metrics.json", metrics), ("run.json", meta)):
+        if not isinstance(data, dict):
+            raise ReportError(f"unreadable run record {display_path(path)}: {name} holds a {type(data).__name__}, "
+                              "not a mapping; rerun that run or remove it")
     return RunRecord(dir=display_path(path), config=config, metrics=metrics, meta=meta, path=path)
 
 

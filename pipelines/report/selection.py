@@ -10,7 +10,8 @@ config differs from it; a run belongs to a study by the keys it changes, never b
 
 Absent runs (none at all, a setting or method without runs, a seed one method lacks, too few seeds) raise
 MissingRuns: the report skips the spec with a note. Present but inconsistent runs (mixed profiles, two runs
-for one seed, runs of one cell whose configs differ) raise ReportError: the report refuses.
+for one seed, runs of one cell whose configs or data differ) raise ReportError: the report refuses. Runs of one
+cell from different git commits are taken; the report flags such cells (provenance.mixed_commit_cells).
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def select(name: str, ctx: Context, task: str, settings: Sequence[Setting], meth
     profile = check_one_profile(name, chosen, ctx.profile) if chosen else "?"
     for cell in cells.values():
         check_same_config(name, [cell[seed] for seed in sorted(cell)])
+        check_same_data(name, [cell[seed] for seed in sorted(cell)])
 
     missing, stages = [], []
     for s in settings:
@@ -176,3 +178,22 @@ def check_same_config(name: str, runs: list[RunRecord]) -> None:
 
 def _show(config: dict[str, Any], key: str) -> str:
     return json.dumps(config[key], default=str) if key in config else "<absent>"
+
+
+def check_same_data(name: str, runs: list[RunRecord]) -> None:
+    """ReportError naming two runs and a data file they differ in unless ``runs`` (aggregated into one number)
+    were trained on the same data: run.json's ``data_checksums`` alike, the same files with the same checksums
+    (a record without them differs from one with them). The checksums most of them share are the reference."""
+    checks = [run.meta.get("data_checksums") for run in runs]
+    checks = [check if isinstance(check, dict) else {} for check in checks]
+    texts = [json.dumps(check, sort_keys=True, default=str) for check in checks]
+    counts = Counter(texts)
+    ref = max(range(len(runs)), key=lambda i: counts[texts[i]], default=0)  # ties: the lowest seed
+    for run, check in zip(runs, checks):
+        paths = sorted(p for p in {*check, *checks[ref]} if check.get(p) != checks[ref].get(p))
+        if paths:
+            shown = ", ".join(f"{p} ({checks[ref].get(p, '<absent>')} vs {check.get(p, '<absent>')})"
+                              for p in paths[:2])
+            raise ReportError(f"{name}: {run.dir} and {runs[ref].dir} were trained on different data: {shown}"
+                              f"{' and more' if len(paths) > 2 else ''} (run.json data_checksums); runs aggregated "
+                              "together must share their data: rerun the stale runs (dvc repro) or remove them")

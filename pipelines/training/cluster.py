@@ -15,6 +15,10 @@ Pre-emption and time limits: Slurm signals SIGUSR2 ``signal_delay_s`` before the
 ``TrainingJob.checkpoint``, which requeues the job (the same job id); the requeued job resumes from the last
 epoch's checkpoint into the same MLflow run (the runner's resume). Work after that checkpoint is redone.
 
+Every setting is checked before anything is submitted, one ConfigError line each; the job folder
+(``folder``, relative to the root) must be, or be makeable as, a directory this user can write (not a file,
+nor below one), checked without making it.
+
 Attach: ``<folder>/<task>/<run name>/job.json`` keeps the job id. A rerun of a stage whose job is still
 pending or running waits for that job instead of submitting a second one; a live job of the same run with
 other overrides is refused in one line.
@@ -81,7 +85,7 @@ def load_config(root: Path, kind: str) -> ClusterConfig:
         if kind == "slurm":
             raise ConfigError(f"GAL_LAUNCHER=slurm needs {path}: copy cluster.example.yaml there and set your "
                               "partition (or point GAL_CLUSTER_CONFIG at yours)")
-        return ClusterConfig()
+        return _checked(ClusterConfig(), root, f"the default folder of {kind} jobs")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -103,7 +107,27 @@ def load_config(root: Path, kind: str) -> ClusterConfig:
     if config.signal_delay_s >= 60 * config.time_min:
         raise ConfigError(f"{path}: signal_delay_s={config.signal_delay_s} leaves no time before the time "
                           f"limit of {config.time_min} min")
+    return _checked(config, root, f"{path}: folder={config.folder!r}")
+
+
+def _checked(config: ClusterConfig, root: Path, setting: str) -> ClusterConfig:
+    check_folder(root / config.folder, setting)
     return config
+
+
+def check_folder(folder: Path, setting: str) -> None:
+    """ConfigError unless ``folder`` is, or can be made, a directory this process writes in (what of its path
+    exists is a directory, the deepest part writable); nothing is made: submitit makes it when it submits."""
+    existing = Path(os.path.abspath(folder))
+    while not (existing.exists() or existing.is_symlink()):
+        existing = existing.parent
+    if not existing.is_dir():
+        what = ("is a file" if existing.is_file() else "is not a directory") \
+            if existing == Path(os.path.abspath(folder)) else f"lies below the file {existing}"
+        raise ConfigError(f"{setting}: the job folder {folder} {what}; set folder to a directory every node sees")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{setting}: cannot write in {existing} to make the job folder {folder}; set folder to "
+                          "a writable directory every node sees")
 
 
 def refuse_local_store(kind: str) -> None:
@@ -215,6 +239,7 @@ def submit(cfg, task_cls, argv: list[str], run_name: str) -> int:
     config = load_config(root, kind)
     refuse_local_store(kind)
     folder = root / config.folder / task_cls.name / run_name
+    check_folder(folder, f"folder={config.folder!r}")  # a stale file in the way of this run's own folder
     record = folder / "job.json"
     previous = json.loads(record.read_text()) if record.is_file() else None
     job = None

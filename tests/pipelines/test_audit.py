@@ -1,6 +1,6 @@
 """pipelines.audit on runs made by the real RunTracker in a git checkout: a dirty run's changed and
 untracked files and its patch (--diff), a patch that no longer matches run.json, and user errors in one
-line (exit code 2) while a mismatch stays exit code 1."""
+line (exit code 2) while a mismatch stays exit code 1, a malformed provenance.json among them."""
 from __future__ import annotations
 
 import json
@@ -116,6 +116,56 @@ def test_user_errors_are_one_line_with_exit_code_2(at_site, tmp_path, capsys):
     assert audit.main(["Table V", "--reports", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"audit: unreadable {tmp_path}/provenance.json (JSONDecodeError: ") and err.count("\n") == 1
+
+
+def _with(**fields):
+    """provenance.json's data with the audited number's ``fields`` replaced."""
+    return lambda prov: {**prov, "numbers": {KEY: {**prov["numbers"][KEY], **fields}}}
+
+
+def _without(field: str):
+    return lambda prov: {**prov, "numbers": {KEY: {k: v for k, v in prov["numbers"][KEY].items() if k != field}}}
+
+
+ENTRY = f'malformed {{path}}: numbers["{KEY}"]'
+# id -> (how provenance.json is broken: bytes from its text, or new data from its data; how the one line starts)
+MALFORMED = {
+    "truncated": (lambda text: text[:len(text) // 2].encode(), "unreadable {path} (JSONDecodeError: "),
+    "empty": (lambda text: b"", "unreadable {path} (JSONDecodeError: "),
+    "not-utf8": (lambda text: b"\xff\xfe{", "unreadable {path} (UnicodeDecodeError: "),
+    "a-list": (lambda prov: [prov], 'malformed {path}: no mapping "numbers" at the top;'),
+    "numbers-a-list": (lambda prov: {**prov, "numbers": list(prov["numbers"])}, "malformed {path}: no mapping "),
+    "runs-a-list": (lambda prov: {**prov, "runs": [GAL]}, 'malformed {path}: "runs" is not a mapping of run dir'),
+    "baseline-a-number": (lambda prov: {**prov, "runs": {GAL: {"baseline": 3}}}, 'malformed {path}: "runs" is not'),
+    "entry-a-string": (lambda prov: {**prov, "numbers": {KEY: "2.5"}}, f"{ENTRY} is not a mapping;"),
+    "no-metric": (_without("metric"), f"{ENTRY} has no 'metric';"),
+    "no-runs": (_without("runs"), f"{ENTRY} has no 'runs';"),
+    "value-text": (_with(value="2.5x"), f'{ENTRY}.value is "2.5x", not a number, null or "inf";'),
+    "unknown-op": (_with(op="median"), f'{ENTRY}.op is "median", not one of mean, '),
+    "groups-flat": (_with(groups=[BASE, GAL]), f"{ENTRY}.groups is "),
+    "groups-two": (_with(groups=[[BASE], [GAL]]), f"{ENTRY}.groups holds 2 groups; mean takes 1;"),
+    "groups-stray": (_with(groups=[[BASE, "runs/regression/x"]]),
+                     f"{ENTRY}.groups names runs/regression/x, which is not in its runs;"),
+    "run-without-dir": (_with(runs=[{"mlflow_run_id": "1"}]), f"{ENTRY}.runs is "),
+    "files-a-string": (_with(files="tables/table5.md"), f"{ENTRY}.files is "),
+    "best-epoch-a-list": (_with(best_epoch=["val_top1_err"]), f"{ENTRY}.best_epoch is not "),
+}
+TEXT_BREAKS = ("truncated", "empty", "not-utf8")
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_provenance_is_one_line_naming_it(at_site, tmp_path, capsys, case):
+    """Invalid JSON, keys missing, values of the wrong type: one line naming the file (and the field), exit code
+    2, before anything is traced; never a traceback."""
+    breaks, message = MALFORMED[case]
+    text = (at_site / "reports/provenance.json").read_text()
+    path = tmp_path / "provenance.json"
+    path.write_bytes(breaks(text) if case in TEXT_BREAKS else json.dumps(breaks(json.loads(text))).encode())
+    assert audit.main(["Table V", "Boston", "GAL", "MAE", "--reports", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith(f"audit: {message.format(path=path)}"), captured.err
+    assert captured.err.endswith("; render the reports again: python -m pipelines.report\n")
 
 
 def test_patch_files():

@@ -2,7 +2,8 @@
 executor runs the same job a Slurm node would (2 gloo tasks equal a 2-process torchrun run), a pre-empted
 job requeues itself and resumes into the same MLflow run, a rerun attaches to a live job, an outer
 allocation's environment does not leak into the job, and the Slurm batch script of a 2-node, 4-GPU run
-(submitted to stand-in sbatch and srun) carries the node, task, GPU, time, signal and requeue settings."""
+(submitted to stand-in sbatch and srun) carries the node, task, GPU, time, signal and requeue settings. Bad
+cluster settings, an unusable job folder among them, are one line before anything is submitted."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ from pipelines.tasks.regression import task as regression
 from pipelines.training import cluster
 from tests.network import mlflow_server
 from tests.pipelines.test_regression import record
+from tests.pipelines.test_tracking import without_root_override
 from tests.pipelines.train_helpers import (ROOT, checkpoint_path, name_of, outcome, start, train, train_cmd,
                                            train_config, train_env, wait_for, with_data, write_boston)
 
@@ -258,6 +260,45 @@ def test_bad_cluster_settings_are_refused_before_submitting(slurm, monkeypatch, 
     with pytest.raises(ConfigError, match=re.escape(message)):
         regression.run(train_config(BOSTON, f"root={slurm}"))
     assert not (slurm / "batch.sh").exists() and not (slurm / "runs").exists() and not (slurm / "logs").exists()
+
+
+@pytest.mark.parametrize("folder, blocker, message", [
+    pytest.param("jobs", "jobs", "folder='jobs': the job folder {root}/jobs is a file;", id="a-file"),
+    pytest.param("jobs/submitit", "jobs", "folder='jobs/submitit': the job folder {root}/jobs/submitit lies below "
+                 "the file {root}/jobs;", id="below-a-file"),
+    pytest.param("/dev/null/submitit", None, "folder='/dev/null/submitit': the job folder /dev/null/submitit lies "
+                 "below the file /dev/null;", id="absolute-below-a-device"),
+    pytest.param("logs/submitit", "logs/submitit/regression", "folder='logs/submitit': the job folder "
+                 "{root}/logs/submitit/regression/boston-gal-s0 lies below the file {root}/logs/submitit/regression;",
+                 id="the-runs-own-folder-blocked"),
+])
+def test_an_unusable_job_folder_is_refused_before_submitting(slurm, folder, blocker, message):
+    (slurm / "cluster.yaml").write_text(f"partition: gpu\nfolder: {folder}\n")
+    if blocker is not None:
+        (slurm / blocker).parent.mkdir(parents=True, exist_ok=True)
+        (slurm / blocker).write_text("not a folder\n")
+    write_boston(slurm)
+    with pytest.raises(ConfigError, match=re.escape(message.format(root=slurm))):
+        regression.run(train_config(BOSTON, f"root={slurm}"))
+    assert not (slurm / "batch.sh").exists() and not (slurm / "runs").exists()
+    assert blocker is None or (slurm / blocker).read_text() == "not a folder\n"
+
+
+def test_an_unwritable_job_folder_is_one_line_from_the_stage_command(slurm):
+    """A job folder in a directory this user cannot write: the stage's one line, exit 2, nothing submitted."""
+    (slurm / "cluster.yaml").write_text("partition: gpu\nfolder: locked/submitit\n")
+    (slurm / "locked").mkdir(mode=0o555)
+    write_boston(slurm)
+    try:
+        done = subprocess.run([*without_root_override(), *train_cmd(slurm, BOSTON)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+    finally:
+        (slurm / "locked").chmod(0o755)
+    assert done.returncode == 2 and done.stderr == (
+        f"train regression: bad config: {slurm}/cluster.yaml: folder='locked/submitit': cannot write in "
+        f"{slurm}/locked to make the job folder {slurm}/locked/submitit; set folder to a writable directory every "
+        "node sees\n"), done.stderr
+    assert not (slurm / "batch.sh").exists() and not list((slurm / "locked").iterdir())
 
 
 def test_a_bad_cluster_setting_is_one_line_from_the_stage_command(slurm):

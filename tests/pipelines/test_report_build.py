@@ -1,6 +1,6 @@
 """The report stage (python -m pipelines.report) as a whole, on synthetic run records: every output written,
-provenance covering every rendered number, index.md, byte-identical reruns, and the report importing no
-training module."""
+provenance covering every rendered number, index.md, byte-identical reruns, the report importing no
+training module, and cells whose runs come from different git commits flagged."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import pytest
 from pipelines.report import __main__ as report_cli
 from pipelines.report import index
 from pipelines.report.model import Rendered
-from tests.pipelines.report_fixtures import FIGURES, SEEDS, SPEC_NAMES, read_csv
+from tests.pipelines.report_fixtures import FIGURES, SEEDS, SPEC_NAMES, edit_run, make_runs, read_csv
 
 
 OUTPUTS = [f"tables/{t}.{ext}" for t in ("table1", "table2", "table3", "table4", "table5", "table6", "table7", "table8",
@@ -100,3 +100,27 @@ def test_provenance_holds_nan_and_infinities_as_json_and_reads_them_back():
     stored = {k: v["value"] for k, v in json.loads(text)["numbers"].items()}
     assert stored == {"T/inf/t": "inf", "T/minus/t": "-inf", "T/nan/t": None, "T/one/t": 1.5}
     assert float(stored["T/inf/t"]) == float("inf") and float(stored["T/minus/t"]) == -float("inf")
+
+
+def test_runs_of_one_cell_from_different_commits_are_flagged(tmp_path, monkeypatch):
+    """Two of Boston GAL's five runs come from another commit: the report takes them (same data and config),
+    says so under every table and figure that averages them (and in index.md), and provenance.json lists each
+    number's commits per group; cells of one commit stay unflagged."""
+    monkeypatch.chdir(tmp_path)
+    made = make_runs(Path("runs"))
+    commit, other = "0123456789abcdef" * 2 + "01234567", "fedcba9876543210" * 2 + "fedcba98"
+    for seed in (3, 4):
+        edit_run(made[f"boston-gal-s{seed}"], meta=lambda m: m.update(git_commit=other))
+    assert report_cli.main([]) == 0
+    note = ("runs from more than one git commit averaged in one cell: Boston / GAL (2 commits: 0123456, fedcba9); "
+            "their data are the same, their code may differ (provenance.json lists each number's commits)")
+    assert Path("reports/tables/table5.md").read_text().endswith(f"\n- {note}\n")
+    sections = Path("reports/index.md").read_text().split("\n## ")
+    flagged = [s.splitlines()[0] for s in sections if "more than one git commit" in s]
+    assert flagged == ["Table V", "Protocol study", "Protocol curves"]  # the protocol study takes Table V's runs
+    assert f"> [!WARNING]\n> {note}.\n" in sections[[s.splitlines()[0] for s in sections].index("Table V")]
+    assert "git commits" not in Path("reports/tables/table1.md").read_text()
+    numbers = json.loads(Path("reports/provenance.json").read_text())["numbers"]
+    assert numbers["Table V/Boston/GAL/MAE/mean"]["commits"] == [[commit, other]]
+    assert numbers["Table V/Boston/t-test/MAE/p"]["commits"] == [[commit], [commit, other]]
+    assert numbers["Table V/Diabetes/GAL/MAE/mean"]["commits"] == [[commit]]

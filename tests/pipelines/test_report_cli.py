@@ -1,18 +1,28 @@
 """python -m pipelines.report when runs are absent or inconsistent: specs whose runs are missing are skipped
 with a note naming the runs and the dvc stage that makes them (regression, classification, the ablations), no
-runs at all fails, and mixed or unexpected profiles are refused in one line, keeping the old reports."""
+runs at all fails, and mixed or unexpected profiles are refused in one line, keeping the old reports. An
+unusable --out is one line before any work, and what a killed report left behind goes on the next run."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from pipelines.atomic import _host
 from pipelines.report import __main__ as report_cli
 from pipelines.report.model import Context, Rendered
 from pipelines.report.records import MissingRuns
 from tests.pipelines.report_fixtures import ABL_SEEDS, CLS_SEEDS, make_runs, read_csv
+from tests.pipelines.test_tracking import without_root_override
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_missing_runs_skip_only_their_spec(tmp_path, monkeypatch, capsys):
@@ -153,3 +163,87 @@ def table6_render(runs: Path) -> Rendered:
     from pipelines.report.specs import table6
 
     return table6.SPEC.render(Context(runs_root=runs, out=runs.parent / "out"))
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root``: a file's bytes, None for a directory."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("out, message", [
+    pytest.param("README.md", "output directory README.md is a file; name a directory with --out (default: "
+                 "reports)", id="a-file"),
+    pytest.param("README.md/reports", "output directory README.md/reports lies below the file README.md; name a "
+                 "directory with --out (default: reports)", id="below-a-file"),
+    pytest.param("reports", "output directory reports: reports/index.md is a directory where the report writes a "
+                 "file; move it away", id="index-a-folder"),
+])
+def test_an_unusable_out_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, out, message):
+    monkeypatch.chdir(tmp_path)
+    make_runs(Path("runs"))
+    Path("README.md").write_text("# the project\n")
+    Path("reports/index.md").mkdir(parents=True)  # a folder where the report writes its index
+    before = _tree(tmp_path)
+    assert report_cli.main(["--out", out]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"report: {message}\n" and captured.out == ""
+    assert _tree(tmp_path) == before  # README.md untouched, no temp dir, no reports
+
+
+def test_an_unwritable_out_is_one_line(tmp_path):
+    """A new --out in a read-only folder, and a read-only --out itself: the stage command's one line, exit 2."""
+    make_runs(tmp_path / "runs")
+    (tmp_path / "open/reports").mkdir(parents=True)
+    (tmp_path / "open/reports/index.md").write_text("previous\n")
+    (tmp_path / "locked").mkdir()
+    locked = (tmp_path / "open/reports", tmp_path / "locked")
+    for path in locked:
+        path.chmod(0o555)
+    try:
+        before = _tree(tmp_path)
+        for out, place in (("locked/new", "locked"), ("open/reports", "open/reports")):
+            done = subprocess.run([*without_root_override(), sys.executable, "-m", "pipelines.report", "--out", out],
+                                  cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                                  text=True, timeout=120)
+            assert done.returncode == 2 and done.stdout == "", done.stderr
+            assert done.stderr == (f"report: output directory {out}: cannot write in {place}; name a writable "
+                                   "directory with --out or fix its permissions\n")
+        assert _tree(tmp_path) == before
+    finally:
+        for path in locked:
+            path.chmod(0o755)
+
+
+def test_a_killed_reports_work_folders_go_on_the_next_run_and_git_ignores_them(tmp_path, monkeypatch):
+    """SIGKILL mid-build leaves .reports.tmp-<host>-<pid>-* beside reports/ (and a report killed while replacing
+    its folders a .tables.old-* in it): git status does not list them under the project's .gitignore, and the
+    next report removes them; another live process's work folder stays."""
+    monkeypatch.chdir(tmp_path)
+    make_runs(Path("runs"))
+    subprocess.run(["git", "init", "-q"], check=True)
+    shutil.copy(REPO / ".gitignore", ".gitignore")
+    killed = subprocess.Popen([sys.executable, "-m", "pipelines.report"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(Path(".").glob(".reports.tmp-*")):
+        assert killed.poll() is None and time.monotonic() < deadline, "the report ended before it was killed"
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)  # rendering into its work folder
+    killed.wait()
+    (work,) = Path(".").glob(".reports.tmp-*")
+    assert work.name.startswith(f".reports.tmp-{_host()}-{killed.pid}-")  # as pipelines.atomic names them
+    old = Path(f"reports/.tables.old-{_host()}-{killed.pid}-abc")
+    (old / "content").mkdir(parents=True)  # as replace_dir moves the old tables/ aside
+    (old / "content/table5.md").write_text("previous\n")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        other = Path(f".reports.tmp-{_host()}-{live.pid}-abcd1234")
+        other.mkdir()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], capture_output=True,
+                                text=True, check=True).stdout
+        assert status and ".tmp-" not in status and ".old-" not in status, status
+        assert report_cli.main([]) == 0
+        assert not work.exists() and not old.exists() and other.is_dir()
+    finally:
+        live.kill()
+        live.wait()

@@ -1,5 +1,5 @@
 """Run records as the report reads them: a metric or history value that is not a finite number is refused,
-naming the file."""
+naming the file, and so is a record file that parses but holds no mapping."""
 from __future__ import annotations
 
 import csv
@@ -41,3 +41,15 @@ def test_non_finite_history_value_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ReportError, match=r"^runs/classification/imagenet_resnet50-gal-s1/history\.csv: cosine is "
                                           r"'nan' in the row of epoch 2, not a finite number"):
         fig6.SPEC.render(Context(runs_root=Path("runs"), out=Path("out")))
+
+
+@pytest.mark.parametrize("name, text, kind", [("run.json", "[]", "list"), ("metrics.json", '"3.1"', "str"),
+                                              ("config.yaml", "- seed\n", "list")])
+def test_a_record_file_without_a_mapping_is_refused(tmp_path, monkeypatch, capsys, name, text, kind):
+    monkeypatch.chdir(tmp_path)
+    made = make_runs(Path("runs"))
+    (made["boston-gal-s2"] / name).write_text(text)
+    assert report_cli.main([]) == 2
+    assert capsys.readouterr().err == (f"report: unreadable run record runs/regression/boston-gal-s2: {name} holds a "
+                                       f"{kind}, not a mapping; rerun that run or remove it\n")
+    assert not Path("reports").exists()

@@ -1,6 +1,6 @@
 """Run selection (pipelines/report/selection.py): runs chosen by config and run.json's variant, never by
-directory name; optional settings left out, absent runs named; mixed profiles and differing configs within one
-aggregate refused."""
+directory name; optional settings left out, absent runs named; mixed profiles and differing configs or data
+within one aggregate refused."""
 from __future__ import annotations
 
 import shutil
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipelines.report import __main__ as report_cli
 from pipelines.report import over_seeds
 from pipelines.report.model import Context
 from pipelines.report.records import MissingRuns, ReportError
@@ -92,3 +93,28 @@ def test_runs_of_one_number_must_share_their_config(tmp_path, monkeypatch):
                                                       c.update(trainer={"resolved_precision": "bf16"})))
     with pytest.raises(ReportError, match="boston-gal-s3 differs .* in config trainer.resolved_precision"):
         table5.SPEC.render(Context(runs_root=Path("runs"), out=Path("out")))
+
+
+def test_runs_of_one_cell_must_share_their_data(tmp_path, monkeypatch, capsys):
+    """Runs averaged into one number whose data checksums differ (data edited or prepared again between them)
+    are refused in one line naming two of them and the file; a record without checksums differs as well."""
+    monkeypatch.chdir(tmp_path)
+    made = make_runs(Path("runs"))
+    data = "data/processed/boston.npz"
+    edit_run(made["boston-gal-s3"], meta=lambda m: m["data_checksums"].update({data: "md5:" + "cd" * 16}))
+    with pytest.raises(ReportError) as err:
+        table5.SPEC.render(Context(runs_root=Path("runs"), out=Path("out")))
+    assert str(err.value) == (
+        f"Table V: runs/regression/boston-gal-s3 and runs/regression/boston-gal-s0 were trained on different data: "
+        f"{data} (md5:{'ab' * 16} vs md5:{'cd' * 16}) (run.json data_checksums); runs aggregated together must share "
+        "their data: rerun the stale runs (dvc repro) or remove them")
+    assert report_cli.main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"report: {err.value}\n" and not Path("reports").exists()
+
+    edit_run(made["boston-gal-s3"], meta=lambda m: m.pop("data_checksums"))
+    with pytest.raises(ReportError, match=rf"boston-gal-s3 and .*boston-gal-s0 were trained on different data: "
+                                          rf"{data} \(md5:(ab)+ vs <absent>\)"):
+        table5.SPEC.render(Context(runs_root=Path("runs"), out=Path("out")))
+    edit_run(made["boston-gal-s3"], meta=lambda m: m.update(data_checksums={data: "md5:" + "ab" * 16}))
+    table5.SPEC.render(Context(runs_root=Path("runs"), out=Path("out")))  # the same data again: taken
