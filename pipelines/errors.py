@@ -3,10 +3,16 @@
 A ``UserError`` is an expected failure the user fixes (a bad setting, a missing or corrupt input, an
 unreachable store): it is printed as one line, ``<stage>: <message>``, on stderr, and the stage exits with
 ``USER_ERROR`` (2). Anything else is a bug and keeps its traceback.
+
+SIGTERM (Slurm's scancel, ``timeout``, a container's stop) and SIGINT (Ctrl-C) raise ``Interrupted`` in the
+stage, so every ``finally``, atomic write and tracked run cleans up as it would for an error (a run ends
+KILLED); the stage then prints one line and exits 128 + the signal's number, as a shell reports it.
 """
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from typing import Callable
 
 USER_ERROR = 2  # exit code of every stage for an error the user fixes
@@ -35,19 +41,41 @@ class ConfigError(UserError):
     prefix = "bad config: "
 
 
+class Interrupted(KeyboardInterrupt):
+    """The process was told to stop (SIGTERM or SIGINT); a KeyboardInterrupt, so code that cleans up after
+    Ctrl-C (PyTorch's DataLoader workers included) does the same for it."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second one stops the process at once, mid-cleanup or not
+    raise Interrupted(signum)
+
+
 def print_error(stage: str, err: UserError) -> int:
     """Print ``err`` as the stage's one line on stderr; the exit code of a user error."""
     print(f"{stage}: {err.prefix}{err}", file=sys.stderr)
     return USER_ERROR
 
 
-def run_cli(stage: str, main: Callable[[], int | None]) -> int:
-    """``main()``'s exit code (None: 0); a UserError (or an OmegaConf error: a bad override) is one line."""
+def run_cli(stage: str, main: Callable[[], int | None],
+            interrupted: str = "what it was writing is left as it was; rerun it") -> int:
+    """``main()``'s exit code (None: 0); a UserError (or an OmegaConf error: a bad override) is one line, and
+    so is an interruption (``interrupted`` says what is left and what to do)."""
     from omegaconf.errors import OmegaConfBaseException
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return main() or 0
     except UserError as err:
         return print_error(stage, err)
     except OmegaConfBaseException as err:
         return print_error(stage, ConfigError(str(err).splitlines()[0]))
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"{stage}: interrupted by {signal.Signals(signum).name}; {interrupted}", file=sys.stderr)
+        return 128 + signum

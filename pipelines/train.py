@@ -16,7 +16,9 @@ from pipelines.errors import run_cli
 
 def run(cfg: DictConfig) -> int:
     task = importlib.import_module(f"pipelines.tasks.{cfg.task.name}.task")
-    return run_cli(f"train {cfg.task.name}", lambda: task.run(cfg))
+    return run_cli(f"train {cfg.task.name}", lambda: task.run(cfg),
+                   interrupted="its MLflow run is KILLED and its last checkpoint kept: rerun the same command to "
+                               "resume")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The one resume decision: may a checkpoint be continued, and may a RunTracker state be?
 
     config = plain_container(cfg)                 # the resolved config the run records (trainer.* included)
-    saved = checkpoint.load(path)                 # {"epoch", "config_sha", "config", "task", "tracker"} | None
-    decision = decide(saved, config, epochs)      # Resume(resume=..., start_epoch=..., reason="...")
+    saved = checkpoint.load(path)                 # {"epoch", "config_sha", "config", "task", "tracker", "final"} | None
+    decision = decide(saved, config, epochs, recorded=recorded_run_id(record_dir))  # Resume(resume, finish, ...)
     print(f"{name}: {decision.reason}")
     ...
     checkpoint.save({"epoch": epoch, "config_sha": config_digest(config), "config": config, ...}, path)
@@ -15,24 +15,36 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from pipelines.tracking.record import PARAM_VALUE_MAX, dotted, plain_container, to_params
 from pipelines.errors import TrackingError
 
-STATE_VERSION = 3  # of RunTracker.state() (2: variant, git diff; 3: config_sha256 is config_digest)
+STATE_VERSION = 4  # of RunTracker.state() (2: variant, git diff; 3: config_sha256 is config_digest; 4: the
+# history lives in the run's journal, the state holds its row count)
 _STATE_KEYS = {"version": int, "task": str, "run_name": str, "step_name": str, "variant": str, "mlflow_run_id": str,
                "mlflow_experiment_id": str, "tracking_uri": str, "config_sha256": str, "columns": list,
-               "history": list, "final": dict, "last_step": int, "last_ts": int, "pending": list, "record": dict}
+               "history_rows": int, "final": dict, "last_step": int, "last_ts": int, "pending": list, "record": dict}
 SHOWN_KEYS = 5  # differing config keys a message names
 
 
 @dataclass(frozen=True)
 class Resume:
-    """What to do with a checkpoint: resume at ``start_epoch`` or start over at 1; ``reason``: one line."""
+    """What to do with a checkpoint: resume at ``start_epoch``, start over at 1, or (``finish``) write the
+    record of the finished run it holds without training; ``reason``: one line."""
     resume: bool
     start_epoch: int
     reason: str
+    finish: bool = False
+
+
+def recorded_run_id(record_dir: Path) -> str | None:
+    """The MLflow run id of the run record in ``record_dir`` (runs/<task>/<name>), None without a readable one."""
+    try:
+        return json.loads((Path(record_dir) / "run.json").read_text())["mlflow_run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def config_digest(config: Mapping) -> str:
@@ -41,13 +53,19 @@ def config_digest(config: Mapping) -> str:
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def decide(saved: Mapping | None, config: Mapping, epochs: int, where: str = "the checkpoint") -> Resume:
-    """Resume the checkpoint ``saved`` ({"epoch", "config_sha", optional "config", ...}, or None) of a run of
-    ``config`` with ``epochs`` epochs, or start over; TrackingError for an unfinished checkpoint of another
-    config (``where`` names it in the message). The rule: pipelines/CONTRACT.md (Resume)."""
+def decide(saved: Mapping | None, config: Mapping, epochs: int, where: str = "the checkpoint",
+           recorded: str | None = None) -> Resume:
+    """Resume the checkpoint ``saved`` ({"epoch", "config_sha", optional "config", "tracker", "final", ...}, or
+    None) of a run of ``config`` with ``epochs`` epochs, finish it, or start over; ``recorded`` is the MLflow run
+    id of the run's record on disk. TrackingError for an unfinished checkpoint of another config (``where``
+    names it in the message). The rule: pipelines/CONTRACT.md (Resume)."""
     if saved is None:
         return Resume(False, 1, "no checkpoint")
     epoch = int(saved["epoch"])
+    tracker = saved.get("tracker")
+    if (epoch == epochs and saved.get("final") is not None and saved.get("config_sha") == config_digest(config)
+            and isinstance(tracker, Mapping) and tracker.get("mlflow_run_id") != recorded):
+        return Resume(False, epoch + 1, "holds a finished run whose record was never written", finish=True)
     if epoch >= epochs:
         return Resume(False, 1, "holds a finished run")
     if saved.get("config_sha") != config_digest(config):

@@ -8,7 +8,11 @@
         tracker.log_final({"test_mae": mae, "test_mse": mse})
 
 Leaving the block writes the record atomically and ends the MLflow run FINISHED (FAILED when it diverged);
-an exception ends it FAILED (KILLED for Ctrl-C), writes nothing and propagates. ``variant`` names a run off
+an exception ends it FAILED (KILLED for an interruption: SIGTERM, Ctrl-C), writes nothing and propagates.
+A resumable run names a ``journal`` file (beside its checkpoint): each history row is appended there, and
+``state()`` holds only the row count, so a checkpoint's size does not grow with the epochs. ``exclusive``
+says the caller holds the run's lock (pipelines/training/checkpoint.py): another RUNNING MLflow run of this
+name from the same root was then left by a process that is gone, and is closed KILLED. ``variant`` names a run off
 its preset, ``tags`` are more MLflow tags (set again on resume), ``source`` the entry point, and
 ``system_metrics`` turns on MLflow's system/* sampler. Epoch metrics are buffered and sent in batches (at the
 latest on the first log_epoch FLUSH_SECONDS after the previous send, and at the end). What is recorded and
@@ -28,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pipelines.atomic import replace_dir, temp_dir_beside
+from pipelines.atomic import replace_dir, temp_dir_beside, write_atomic
 from pipelines.tracking import provenance, record, store
 from pipelines.tracking import resume as _resume  # RunTracker's argument resume is the state
 from pipelines.errors import TrackingError
@@ -36,6 +40,7 @@ from pipelines.tracking.store import redact
 
 PARAM_BATCH = 100  # MLflow's log_batch limit for params
 METRIC_BATCH = 1000  # MLflow's log_batch limit for metrics
+ROOT_TAG = "run_root_id"  # the tag naming the root a run belongs to (RunTracker.root_id)
 FLUSH_SECONDS = 5.0  # log_epoch sends the buffered metrics once this long has passed since the last send
 
 # The "View run ... at: http://..." line MLflow prints to stdout when a run ends on a server.
@@ -48,7 +53,8 @@ class RunTracker:
     def __init__(self, task: str, run_name: str, config: Mapping, *, profile: str,
                  data_files: Sequence[Path] = (), runs_root: Path = Path("runs"), stage: str | None = None,
                  step_name: str = "epoch", variant: str = "", resume: Mapping | None = None,
-                 tags: Mapping[str, str] | None = None, source: str | None = None, system_metrics: bool = False):
+                 tags: Mapping[str, str] | None = None, source: str | None = None, system_metrics: bool = False,
+                 journal: Path | None = None, exclusive: bool = False):
         for what, value in (("task", task), ("run_name", run_name)):
             if not value or "/" in value or "\\" in value or value in (".", "..") or value.startswith("."):
                 raise TrackingError(f"bad {what} {value!r}: use a plain name such as 'regression' or 'boston-gal-s0'")
@@ -63,6 +69,10 @@ class RunTracker:
         self.runs_root = Path(runs_root)
         self.stage = stage or os.environ.get("DVC_STAGE") or "manual"
         self.run_dir = self.runs_root / task / run_name
+        self.journal = None if journal is None else Path(journal)
+        self.exclusive = exclusive
+        # which root's runs these are (a digest of its absolute path): orphans are closed only among them
+        self.root_id = hashlib.sha256(str(self.runs_root.resolve()).encode()).hexdigest()[:16]
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.uri: str | None = None
@@ -76,6 +86,7 @@ class RunTracker:
         self._last_step = 0
         self._last_ts = 0
         self._record: dict | None = None
+        self._journal = None  # the journal's open file, while the block runs
         self._diff: bytes | None = None  # a dirty tree's git diff (None: clean or outside git)
         self._active = False  # inside the with block
         self._unreachable = False  # a flush failed: do not wait on MLflow's retries again while failing
@@ -105,7 +116,7 @@ class RunTracker:
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         tags = {"git_commit": commit, "git_dirty": {True: "true", False: "false", None: "unknown"}[dirty],
                 "dvc_stage": self.stage, "profile": self.profile, "variant": self.variant,
-                "env_lock_sha256": lock_sha}
+                "env_lock_sha256": lock_sha, ROOT_TAG: self.root_id}
         if diff_sha is not None:
             tags["git_diff_sha256"] = diff_sha
         tags.update({record.mlflow_key(f"data.{path}"): value for path, value in checksums.items()})
@@ -115,6 +126,7 @@ class RunTracker:
             self._client = store.client(self.uri)
             with store.quiet():
                 self.experiment_id = self._experiment()
+                self._close_orphans(keep=None)
                 run = self._client.create_run(self.experiment_id, run_name=self.run_name,
                                               tags={k: str(v) for k, v in tags.items()})
         except TrackingError:
@@ -124,6 +136,8 @@ class RunTracker:
                                 "check MLFLOW_TRACKING_URI and the store") from None
         self.run_id = run.info.run_id
         self._diff = diff
+        if self.journal is not None:
+            self._rewrite_journal([])
         self._record = {"task": self.task, "run_name": self.run_name, "variant": self.variant,
                         "mlflow_run_id": self.run_id, "mlflow_experiment_id": self.experiment_id,
                         "tracking_uri": redact(self.uri), "stage": self.stage, "git_commit": commit,
@@ -157,8 +171,10 @@ class RunTracker:
             return False
         self._active = False
         self._stop_monitor()
+        if self._journal is not None:
+            self._journal.close()
         if exc_type is not None:
-            self._fail("KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+            self._fail("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
             return False
         tmp = None
         try:
@@ -216,8 +232,8 @@ class RunTracker:
             raise TrackingError(f"cannot resume run {self.task}/{self.run_name}: the {' and '.join(changed)} "
                                 f"changed since the checkpoint, so a resume would mix two versions; restore "
                                 f"them or {redo}")
+        history = self._read_journal(state["history_rows"], redo)
         try:
-            history = [(int(step), {str(k): str(v) for k, v in values.items()}) for step, values in state["history"]]
             columns = dict.fromkeys(str(c) for c in state["columns"])
             final = {str(k): float(v) for k, v in state["final"].items()}
             pending = [Metric(str(k), float(v), int(ts), int(step)) for k, v, ts, step in state["pending"]]
@@ -225,7 +241,9 @@ class RunTracker:
             raise TrackingError(f"cannot resume run {self.task}/{self.run_name}: the resume state is damaged; "
                                 f"{redo}") from None
         try:
+            self.experiment_id = state["mlflow_experiment_id"]
             with store.quiet():
+                self._close_orphans(keep=run_id)
                 self._client.update_run(run_id, status="RUNNING")
                 for key, value in self.tags.items():  # a requeued or resubmitted job: where it runs now
                     self._client.set_tag(run_id, key, value, synchronous=True)
@@ -241,6 +259,11 @@ class RunTracker:
     def state(self) -> dict:
         """What ``RunTracker(..., resume=state)`` needs to continue this run: plain JSON types only (a copy)."""
         self._require_active()
+        if self.journal is None:
+            raise TrackingError(f"RunTracker {self.task}/{self.run_name} has no journal: pass journal=<file beside "
+                                "the checkpoint> to make it resumable")
+        self._journal_file().flush()
+        os.fsync(self._journal_file().fileno())  # every row the checkpoint counts is on disk before it
         # Metrics not sent yet travel in the state (sent on resume; MLflow drops exact duplicates), so a
         # checkpoint costs no request and a SIGKILL loses nothing the checkpoint covers.
         pending = [[m.key, m.value, m.timestamp, m.step] for m in self._pending]
@@ -249,7 +272,7 @@ class RunTracker:
             "step_name": self.step_name, "variant": self.variant, "mlflow_run_id": self.run_id,
             "mlflow_experiment_id": self.experiment_id, "tracking_uri": redact(self.uri),
             "config_sha256": self._config_sha, "columns": list(self._columns),
-            "history": [[step, values] for step, values in self._history], "final": self._final,
+            "history_rows": len(self._history), "final": self._final,
             "last_step": self._last_step, "last_ts": self._last_ts, "pending": pending, "record": self._record}))
 
     # ---------------------------------------------------------------------------------- logging
@@ -260,7 +283,10 @@ class RunTracker:
         step = int(step)
         for name in values:
             self._columns.setdefault(name, None)
-        self._history.append((step, {str(k): record.csv_cell(raw, values[str(k)]) for k, raw in metrics.items()}))
+        row = {str(k): record.csv_cell(raw, values[str(k)]) for k, raw in metrics.items()}
+        self._history.append((step, row))
+        if self.journal is not None:
+            self._journal_file().write(json.dumps([step, row]) + "\n")
         self._last_step = step
         self._queue(values, step)
         if len(self._pending) >= METRIC_BATCH or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
@@ -315,6 +341,44 @@ class RunTracker:
             raise TrackingError(f"run {self.run_name} diverged at {self.step_name} {self._diverged['step']}: "
                                 "log_diverged ended its logging")
 
+    def _journal_file(self):
+        if self._journal is None:
+            self._journal = open(self.journal, "a", encoding="utf-8")
+        return self._journal
+
+    def _rewrite_journal(self, rows: list) -> None:
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.journal, "".join(json.dumps([step, row]) + "\n" for step, row in rows))
+
+    def _read_journal(self, rows: int, redo: str) -> list[tuple[int, dict[str, str]]]:
+        """The first ``rows`` rows of the journal (rows past them are of epochs no checkpoint holds: dropped)."""
+        try:
+            lines = self.journal.read_text(encoding="utf-8").splitlines()[:rows] if self.journal else []
+            history = [(int(step), {str(k): str(v) for k, v in values.items()})
+                       for step, values in map(json.loads, lines)]
+        except (OSError, ValueError, TypeError, AttributeError):
+            history = []
+        if len(history) != rows:
+            raise TrackingError(f"cannot resume run {self.task}/{self.run_name}: its history journal "
+                                f"{self.journal} lacks rows the checkpoint counts; {redo}")
+        self._rewrite_journal(history)
+        return history
+
+    def _close_orphans(self, keep: str | None) -> None:
+        """End KILLED every other RUNNING MLflow run of this name from this root: with the run's lock held
+        (``exclusive``), no live process owns them; a kill -9 or a deleted checkpoint left them."""
+        if not self.exclusive or "'" in self.run_name:
+            return
+        orphans = self._client.search_runs(
+            [self.experiment_id], max_results=100,
+            filter_string=f"attributes.run_name = '{self.run_name}' AND attributes.status = 'RUNNING' "
+                          f"AND tags.{ROOT_TAG} = '{self.root_id}'")
+        for run in orphans:
+            if run.info.run_id != keep:
+                self._client.set_terminated(run.info.run_id, "KILLED")
+                print(f"{self.run_name}: closed MLflow run {run.info.run_id} as KILLED: it was left RUNNING by "
+                      "a process that is gone", flush=True)
+
     def _experiment(self) -> str:
         client = self._client
         exp = client.get_experiment_by_name(self.task)
@@ -326,6 +390,7 @@ class RunTracker:
                 exp = client.get_experiment_by_name(self.task)
                 if exp is None:
                     raise
+        store.check_artifact_location(self.uri, exp)
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id

@@ -165,6 +165,18 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return (root / "mlartifacts" / experiment).as_uri()
 
 
+def check_artifact_location(uri: str, experiment) -> None:
+    """Refuse an experiment of a database store whose artifacts live outside the store's folder: its
+    mlflow.db was copied from another checkout, whose mlartifacts/ would receive this one's artifacts."""
+    expected = artifact_location(uri, experiment.name)
+    location = experiment.artifact_location or ""
+    if expected is None or not location.startswith("file:") or location == expected:
+        return
+    raise TrackingError(f"experiment {experiment.name!r} of {redact(uri)} keeps its artifacts in {location}, not "
+                        f"beside that store ({expected}): the database was copied from another checkout; "
+                        "use that checkout's store, or move this mlflow.db away to start a new one")
+
+
 @contextmanager
 def quiet():
     """MLflow, alembic and SQLAlchemy silenced: a failing store logs each SQL error with its traceback

@@ -83,7 +83,13 @@ def relaunch(trainer) -> int:
     """Run this command again under torchrun; the exit code of torchrun."""
     cmd = torchrun_command(trainer, sys.argv[1:])
     print(f"launching {trainer.gpus * trainer.nodes} processes: {' '.join(cmd[1:])}", flush=True)
-    return subprocess.run(cmd, preexec_fn=die_with_parent).returncode
+    with subprocess.Popen(cmd, preexec_fn=die_with_parent) as proc:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt as err:  # pass SIGTERM/SIGINT on: torchrun stops its workers, which end KILLED
+            proc.send_signal(getattr(err, "signum", signal.SIGINT))
+            proc.wait()
+            raise
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

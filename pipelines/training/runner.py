@@ -37,8 +37,9 @@ from omegaconf import DictConfig, OmegaConf
 from pipelines.errors import ConfigError
 from pipelines.training import checkpoint, cluster, identity, launch, method
 from pipelines.tracking.record import first_nonfinite
-from pipelines.tracking.resume import config_digest, decide
+from pipelines.tracking.resume import config_digest, decide, recorded_run_id
 from pipelines.tracking.run import RunTracker
+from pipelines.tracking import store
 from pipelines.tracking.store import check_tracking_server, tracking_uri
 
 PROGRESS_SECONDS = 10.0  # at most one progress line this often (and always after the first and last epoch)
@@ -144,10 +145,12 @@ def resolved_config(cfg: DictConfig, procs: launch.Processes) -> dict[str, Any]:
     return config
 
 
-def checkpoint_state(epoch: int, config_sha: str, config: dict, task: Task, tracker: dict) -> dict[str, Any]:
-    """What a checkpoint after ``epoch`` holds."""
+def checkpoint_state(epoch: int, config_sha: str, config: dict, task: Task, tracker: dict,
+                     final: dict[str, float] | None = None) -> dict[str, Any]:
+    """What a checkpoint after ``epoch`` holds; after the last, the run's final metrics too, so a run killed
+    before its record was written is finished from it (resume.decide)."""
     return {"epoch": epoch, "config_sha": config_sha, "config": config, "task": task.state_dict(),
-            "tracker": tracker}
+            "tracker": tracker, "final": final}
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -180,16 +183,40 @@ def run(cfg: DictConfig, task: type[Task]) -> None:
 
 
 def fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant: str) -> None:
-    root = Path(cfg.root)
+    """Train and record the run, rank 0 holding its lock throughout: one process at a time owns a run."""
     name = identity.run_name(cfg, variant)
+    ckpt_dir = Path(cfg.root) / "checkpoints" / task_cls.name / name
+    if procs.main:  # before any compute, not when the record is due
+        checkpoint.check_writable(Path(cfg.root) / "runs" / task_cls.name)
+    with checkpoint.run_lock(ckpt_dir, name) if procs.main else contextlib.nullcontext():
+        _fit(cfg, task_cls, procs, variant, name, ckpt_dir)
+
+
+def _fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant: str, name: str,
+         ckpt_dir: Path) -> None:
+    root = Path(cfg.root)
     config = resolved_config(cfg, procs)
     config_sha = config_digest(config)  # what its checkpoints say they hold
-    ckpt_path = root / "checkpoints" / task_cls.name / name / "last.pt"
+    ckpt_path, record_dir = ckpt_dir / "last.pt", root / "runs" / task_cls.name / name
     # rank 0 decides and sends the checkpoint: only node 0 has it, and other nodes' configs may differ (root)
-    saved = checkpoint.load(ckpt_path) if procs.main else None
-    decision = decide(saved, config, cfg.task.epochs, where=str(ckpt_path)) if procs.main else None
-    if saved is not None and not decision.resume:
-        print(f"starting {name} over: {ckpt_path} {decision.reason}", flush=True)
+    saved, decision = None, None
+    if procs.main:
+        saved = checkpoint.load(ckpt_path)
+        decision = decide(saved, config, cfg.task.epochs, where=str(ckpt_path),
+                          recorded=recorded_run_id(record_dir))
+        if saved is not None and not decision.resume and not decision.finish:
+            print(f"starting {name} over: {ckpt_path} {decision.reason}", flush=True)
+    tracking = dict(profile=cfg.profile, runs_root=root / "runs", variant=variant, tags=cluster.job_tags(),
+                    source="pipelines/train.py", journal=ckpt_dir / "history.jsonl", exclusive=True)
+    if launch.all_reduce_sum(torch.tensor([float(procs.main and decision.finish)], device=procs.device),
+                             procs).item() > 0:
+        if procs.main:  # the training is done: only the record is missing (the data it read is checked)
+            data = [store.project_root() / path for path in saved["tracker"]["record"]["data_checksums"]]
+            with RunTracker(task_cls.name, name, config, data_files=data, resume=saved["tracker"],
+                            **tracking) as tracker:
+                tracker.log_final(saved["final"])
+            print(f"{name}: {ckpt_path} {decision.reason}: recorded it from the checkpoint", flush=True)
+        return
     saved = launch.broadcast_state(saved if decision is not None and decision.resume else None, procs)
     task = task_cls(cfg, procs)
     start, resume = 1, None
@@ -201,12 +228,11 @@ def fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant:
     if procs.main:
         print(f"{name}: {task.describe()}; {procs.world} process(es) on {procs.device}", flush=True)
     system_metrics = str(cfg.trainer.system_metrics)
-    tracker = (RunTracker(task.name, name, config, profile=cfg.profile, data_files=task.data_files,
-                          runs_root=root / "runs", resume=resume, variant=variant, tags=cluster.job_tags(),
-                          source="pipelines/train.py", system_metrics=system_metrics == "True" or (
+    tracker = (RunTracker(task.name, name, config, data_files=task.data_files, resume=resume, **tracking,
+                          system_metrics=system_metrics == "True" or (
                               system_metrics == "auto" and procs.device.type == "cuda"))
                if procs.main else contextlib.nullcontext())
-    last_print, diverged = 0.0, None
+    last_print, diverged, final = 0.0, None, None
     record_divergence = str(cfg.trainer.on_divergence) == "record"
     with tracker:
         for epoch in range(start, cfg.task.epochs + 1):
@@ -218,14 +244,16 @@ def fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant:
             if not procs.main:
                 continue
             tracker.log_epoch(epoch, row)  # refuses NaN/inf: with on_divergence=fail a diverged run fails loudly
-            checkpoint.save(checkpoint_state(epoch, config_sha, config, task, tracker.state()), ckpt_path)
+            final = task.final_metrics(row) if epoch == cfg.task.epochs else None
+            checkpoint.save(checkpoint_state(epoch, config_sha, config, task, tracker.state(), final), ckpt_path)
             if epoch in (start, cfg.task.epochs) or time.monotonic() - last_print >= PROGRESS_SECONDS:
                 print(f"epoch {epoch}/{cfg.task.epochs} {task.progress(row)}", flush=True)
                 last_print = time.monotonic()
         if procs.main and diverged is None:
-            tracker.log_final(task.final_metrics(row))
+            tracker.log_final(final)
     if diverged is not None:  # the record is written: a rerun starts over rather than diverge again from here
         ckpt_path.unlink(missing_ok=True)
+        (ckpt_dir / "history.jsonl").unlink(missing_ok=True)
         metric, value = diverged
         print(f"{name} diverged at epoch {epoch} ({metric} = {value}): recorded as a result "
               f"(trainer.on_divergence=record)", flush=True)

@@ -11,6 +11,7 @@ from pipelines.tracking.resume import Resume, config_digest, decide
 from pipelines.tracking.run import RunTracker
 from pipelines.errors import TrackingError
 
+JOURNAL = Path("history.jsonl")  # a resumable run's journal (relative: each test has its own cwd)
 CONFIG = {"experiment": "boston", "seed": 0, "model": {"hidden": [64, 64], "lr": 0.01},
           "task": {"epochs": 3}, "trainer": {"gpus": 1, "resolved_device": "cpu", "world_size": 1}}
 
@@ -87,7 +88,7 @@ def env(store_env) -> Path:
 def killed_after_one_epoch() -> tuple[RunTracker, dict]:
     """A run that logged epoch 1, checkpointed and failed; its tracker state as a checkpoint holds it."""
     with pytest.raises(RuntimeError):
-        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke") as tracker:
+        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", journal=JOURNAL) as tracker:
             tracker.log_epoch(1, {"train_loss": 1.0})
             state = json.loads(json.dumps(tracker.state()))
             raise RuntimeError("killed")
@@ -99,7 +100,7 @@ def test_run_tracker_resumes_a_state_whose_config_digest_matches(env, sqlite_uri
 
     first, state = killed_after_one_epoch()
     assert state["config_sha256"] == config_digest(CONFIG) == checkpoint(1)["config_sha"]  # one digest
-    with RunTracker("regression", "boston-gal-s0", copy.deepcopy(CONFIG), profile="smoke", resume=state) as tracker:
+    with RunTracker("regression", "boston-gal-s0", copy.deepcopy(CONFIG), profile="smoke", journal=JOURNAL, resume=state) as tracker:
         for epoch in (2, 3):
             tracker.log_epoch(epoch, {"train_loss": 1.0 / epoch})
         tracker.log_final({"test_mae": 0.4})
@@ -118,6 +119,6 @@ def test_run_tracker_refuses_a_state_that_differs_only_in_trainer(env, sqlite_ur
                                                         r"type\)")):
         with pytest.raises(TrackingError, match=f"cannot resume run regression/boston-gal-s0: the config differs "
                                                 f"from the checkpoint's {what}; .*{delete}"):
-            with RunTracker("regression", "boston-gal-s0", config, profile="smoke", resume=state):
+            with RunTracker("regression", "boston-gal-s0", config, profile="smoke", journal=JOURNAL, resume=state):
                 pytest.fail("the block must not run")
     assert MlflowClient(sqlite_uri).get_run(first.run_id).info.status == "FAILED"  # untouched

@@ -29,6 +29,7 @@ from tests.network import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
+JOURNAL = Path("history.jsonl")  # a resumable run's journal (relative: each test has its own cwd)
 CONFIG = {"model": {"hidden": [64, 64], "lr": 0.01, "act": "relu"}, "data": {"name": "boston"},
           "seed": 0, "long": "x" * 600, "many": {f"k{i:03d}": i for i in range(150)}}  # > one param batch
 EPOCHS = [{"train_loss": 1.0, "val_mae": 0.9}, {"train_loss": 0.5, "val_mae": 0.6, "lr": 0.01},
@@ -85,7 +86,7 @@ def server(tmp_path_factory):
 
 
 def run_three_epochs(data_files=(), final=FINAL, **kwargs) -> RunTracker:
-    with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", data_files=data_files,
+    with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", journal=JOURNAL, data_files=data_files,
                     **kwargs) as tracker:
         for epoch, metrics in enumerate(EPOCHS, start=1):
             tracker.log_epoch(epoch, metrics)
@@ -178,7 +179,7 @@ def test_exception_fails_run_and_keeps_previous_record(env, sqlite_uri):
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.json").write_text('{"test_mae": 1.5}\n')
     with pytest.raises(ValueError, match="boom"):
-        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke") as tracker:
+        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", journal=JOURNAL) as tracker:
             tracker.log_epoch(1, {"train_loss": 1.0})
             raise ValueError("boom")
     run = MlflowClient(sqlite_uri).get_run(tracker.run_id)
@@ -191,14 +192,14 @@ def test_exception_fails_run_and_keeps_previous_record(env, sqlite_uri):
 
 def test_nan_metric_fails_loudly(env, sqlite_uri):
     with pytest.raises(TrackingError, match=r"'train_loss' is nan at epoch 2") as err:
-        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke") as tracker:
+        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", journal=JOURNAL) as tracker:
             tracker.log_epoch(1, {"train_loss": 1.0})
             tracker.log_epoch(2, {"train_loss": float("nan"), "val_mae": 0.5})
     assert "\n" not in str(err.value)
     assert MlflowClient(sqlite_uri).get_run(tracker.run_id).info.status == "FAILED"
     assert not (env / "runs" / "regression" / "boston-gal-s0").exists()
     with pytest.raises(TrackingError, match=r"'test_mae' is inf in the final metrics"):
-        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke") as tracker:
+        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", journal=JOURNAL) as tracker:
             tracker.log_final({"test_mae": math.inf})
     assert MlflowClient(sqlite_uri).get_run(tracker.run_id).info.status == "FAILED"
     assert not (env / "runs").joinpath("regression", "boston-gal-s0").exists()
@@ -421,7 +422,7 @@ def test_unreachable_server_fails_fast(env, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     start = time.monotonic()
     with pytest.raises(TrackingError) as err:
-        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke"):
+        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", journal=JOURNAL):
             pytest.fail("the block must not run")
     assert time.monotonic() - start < 5
     message = str(err.value)
@@ -475,7 +476,7 @@ def read_record(run_dir: Path) -> dict[str, str]:
 
 def start_and_checkpoint(data_files=(), epochs=2) -> tuple[RunTracker, dict]:
     """A run entered by hand (no __exit__: as if SIGKILLed later) that logged `epochs` epochs; its state."""
-    tracker = RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", data_files=data_files)
+    tracker = RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", journal=JOURNAL, data_files=data_files)
     tracker.__enter__()
     for epoch, metrics in enumerate(EPOCHS[:epochs], start=1):
         tracker.log_epoch(epoch, metrics)
@@ -483,7 +484,7 @@ def start_and_checkpoint(data_files=(), epochs=2) -> tuple[RunTracker, dict]:
 
 
 def resume_and_finish(state: dict, data_files=(), **kwargs) -> RunTracker:
-    with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", data_files=data_files,
+    with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", journal=JOURNAL, data_files=data_files,
                     resume=state, **kwargs) as tracker:
         for epoch in range(state["last_step"] + 1, len(EPOCHS) + 1):
             tracker.log_epoch(epoch, EPOCHS[epoch - 1])
@@ -500,7 +501,7 @@ def test_resume_after_exception_matches_uninterrupted_run(env, sqlite_uri, error
     client = MlflowClient(sqlite_uri)
 
     with pytest.raises(error):
-        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", data_files=[data_file]) as first:
+        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", journal=JOURNAL, data_files=[data_file]) as first:
             first.log_epoch(1, EPOCHS[0])
             first.log_epoch(2, EPOCHS[1])
             state = first.state()
@@ -554,12 +555,12 @@ def test_resume_sends_metrics_pending_in_the_state(env, sqlite_uri):
 def test_resume_twice_and_state_is_checkpointable(env, sqlite_uri):
     _, state = start_and_checkpoint(epochs=1)
     assert set(state) == {"version", "task", "run_name", "step_name", "variant", "mlflow_run_id",
-                          "mlflow_experiment_id", "tracking_uri", "config_sha256", "columns", "history", "final",
+                          "mlflow_experiment_id", "tracking_uri", "config_sha256", "columns", "history_rows", "final",
                           "last_step", "last_ts", "pending", "record"}
-    with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", resume=state) as tracker:
+    with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", journal=JOURNAL, resume=state) as tracker:
         tracker.log_epoch(2, EPOCHS[1])
         second = tracker.state()
-        second["history"].clear()  # a copy: the tracker is not affected
+        second["columns"].clear()  # a copy: the tracker is not affected
         second = tracker.state()
         with pytest.raises(OSError):
             raise OSError("killed again")
@@ -567,7 +568,7 @@ def test_resume_twice_and_state_is_checkpointable(env, sqlite_uri):
     path = env / "ckpt.pt"
     torch.save({"epoch": 2, "tracker": second}, path)
     second = torch.load(path, weights_only=True)["tracker"]
-    assert second["last_step"] == 2 and len(second["history"]) == 2
+    assert second["last_step"] == 2 and second["history_rows"] == 2
     resumed = resume_and_finish(second)
     assert resumed.run_id == tracker.run_id
     assert (env / "runs/regression/boston-gal-s0/history.csv").read_text() == \
@@ -577,7 +578,7 @@ def test_resume_twice_and_state_is_checkpointable(env, sqlite_uri):
 def test_resume_refusals_leave_the_run_alone(env, sqlite_uri, monkeypatch):
     data_file, _ = make_inputs(env)
     with pytest.raises(RuntimeError):
-        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", data_files=[data_file]) as first:
+        with RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", journal=JOURNAL, data_files=[data_file]) as first:
             first.log_epoch(1, EPOCHS[0])
             state = first.state()
             raise RuntimeError("killed")
@@ -586,7 +587,7 @@ def test_resume_refusals_leave_the_run_alone(env, sqlite_uri, monkeypatch):
     def refused(match, state=state, config=CONFIG, data_files=(data_file,), run_name="boston-gal-s0",
                 profile="smoke", **kwargs):
         with pytest.raises(TrackingError, match=match) as err:
-            with RunTracker("regression", run_name, config, profile=profile, data_files=data_files,
+            with RunTracker("regression", run_name, config, profile=profile, journal=JOURNAL, data_files=data_files,
                             resume=state, **kwargs):
                 pytest.fail("the block must not run")
         assert "\n" not in str(err.value)
@@ -604,7 +605,9 @@ def test_resume_refusals_leave_the_run_alone(env, sqlite_uri, monkeypatch):
             "right checkpoint or", variant="eps0.001")
     refused(f"not one from RunTracker.state\\(\\) .*; {delete}", state={"task": "regression"})
     refused("not one from RunTracker.state", state={**state, "version": 99})
-    refused(f"the resume state is damaged; {delete}", state={**state, "history": [[1]]})
+    refused(f"the resume state is damaged; {delete}", state={**state, "pending": [[1]]})
+    refused(f"its history journal history.jsonl lacks rows the checkpoint counts; {delete}",
+            state={**state, "history_rows": 2})
     refused(f"the git commit changed since the checkpoint, so a resume would mix two versions; .*{delete}",
             state={**state, "record": {**state["record"], "git_commit": "0" * 40}})
     refused("the data checksums changed since", data_files=())
@@ -621,7 +624,7 @@ def test_resume_refusals_leave_the_run_alone(env, sqlite_uri, monkeypatch):
     with pytest.raises(TrackingError, match="outside its 'with' block"):
         first.state()
     with pytest.raises(TrackingError, match="outside its 'with' block"):
-        RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke").state()
+        RunTracker("regression", "boston-gal-s0", CONFIG, profile="smoke", journal=JOURNAL).state()
 
 
 def test_resume_refuses_another_git_diff_and_records_the_start_s(env, sqlite_uri):
