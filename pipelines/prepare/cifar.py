@@ -13,7 +13,8 @@ counts and ranges, class names, image counts) and converted.
 Prepared format, data/processed/<name>/:
     train_images.npy, test_images.npy   uint8, N x 32 x 32 x 3 (HWC, RGB), C order
     train_labels.npy, test_labels.npy   int64, N (CIFAR-100: the fine labels)
-plus data/processed/<name>.json {name, classes, class_names, train, test, raw_md5, source, profile}.
+plus data/processed/<name>.json {name, classes, class_names, train, test, raw_md5, source, profile, identity}
+and data/processed/<name>.manifest.tsv (the folder's identity and manifest: pipelines.hashing).
 Why: plain .npy files open with ``np.load(path, mmap_mode="r")`` in microseconds, without unpickling or
 decompressing anything, and a data loader (any number of workers) then reads images straight from the page
 cache; uint8 HWC is what torchvision's transforms take (``ToTensor`` scales and moves channels), at 3 KB an
@@ -42,7 +43,7 @@ import numpy as np
 
 from pipelines.atomic import replace_dir, write_atomic, write_if_changed
 from pipelines.fetch import MIRROR_ENV, extract, fetch
-from pipelines.hashing import digest
+from pipelines.hashing import digest, manifest_path, record_identity
 from pipelines.prepare import fixtures
 from pipelines.errors import ConfigError
 from pipelines.prepare.stage import PrepareError, hydra_entry, run_stage
@@ -207,9 +208,10 @@ def prepare(cfg, created: list[Path]) -> dict:
     raw_dir = root / "data" / "raw" / name
     archive_name = source.url.rstrip("/").rsplit("/", 1)[-1]
     raw = raw_dir / archive_name
-    created += [out_dir, sidecar, raw]
+    created += [out_dir, sidecar, manifest_path(sidecar), raw]
     shutil.rmtree(out_dir, ignore_errors=True)  # a run that fails must not leave an older result looking current
     sidecar.unlink(missing_ok=True)
+    manifest_path(sidecar).unlink(missing_ok=True)
 
     try:
         if cfg.data_source == "fixtures":
@@ -243,7 +245,8 @@ def prepare(cfg, created: list[Path]) -> dict:
                            "test_images": dataset.test.images, "test_labels": dataset.test.labels})
     record = {"name": name, "classes": num_classes, "class_names": list(dataset.class_names),
               "train": len(dataset.train.labels), "test": len(dataset.test.labels), "raw_md5": digest(raw, "md5"),
-              "source": origin, "profile": cfg.profile}
+              "source": origin, "profile": cfg.profile,
+              "identity": record_identity(out_dir, stage=f"prepare_cifar@{name}")}
     write_atomic(sidecar, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return record
 

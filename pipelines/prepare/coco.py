@@ -14,7 +14,8 @@ Prepared format, data/processed/coco/ (read by the detection task, pipelines/tas
     annotations/instances_train2017.json             COCO's own files, untouched (the captions and keypoints
     annotations/instances_val2017.json               files of the annotations zip are left out)
 plus data/processed/coco.json {name, classes, categories, train: {images, annotations}, val: {images,
-annotations}, raw_md5: {zip name: md5}, source, profile}. This is the layout torchvision's CocoDetection,
+annotations}, raw_md5: {zip name: md5}, source, profile, identity} and data/processed/coco.manifest.tsv (the
+folder's identity, hashed once here: pipelines.hashing). This is the layout torchvision's CocoDetection,
 pycocotools and DETR read, so nothing is converted: labels are COCO's category ids (1..90; ``data.num_classes``
 91). Each zip is extracted safely (pipelines.fetch.extract: every member path is checked first, no absolute or
 ``..`` paths, no links) into a temporary directory beside data/processed/coco/, its one top folder renamed into
@@ -44,6 +45,7 @@ from pathlib import Path
 from pipelines.atomic import replace_dir, temp_dir_beside, write_atomic, write_if_changed
 from pipelines.errors import ConfigError
 from pipelines.fetch import MIRROR_ENV, extract, fetch
+from pipelines.hashing import manifest_path, record_identity
 from pipelines.prepare import fixtures
 from pipelines.prepare.stage import PrepareError, hydra_entry, run_stage
 
@@ -258,9 +260,10 @@ def prepare(cfg, created: list[Path]) -> dict:
     processed = root / "data" / "processed"
     dest, sidecar = processed / name, processed / f"{name}.json"
     raw_dir = root / "data" / "raw" / name
-    created += [dest, sidecar]
+    created += [dest, sidecar, manifest_path(sidecar)]
     shutil.rmtree(dest, ignore_errors=True)  # a run that fails must not leave an older result looking current
     sidecar.unlink(missing_ok=True)          # (and removing it first halves the disk a rerun needs)
+    manifest_path(sidecar).unlink(missing_ok=True)
 
     if cfg.data_source == "fixtures":
         fx = data.fixture
@@ -298,7 +301,7 @@ def prepare(cfg, created: list[Path]) -> dict:
         shutil.rmtree(work, ignore_errors=True)
         raise
     record = {"name": name, "classes": num_classes, **found, "raw_md5": {names[r]: md5s[r] for r in ROLES},
-              "source": origin, "profile": cfg.profile}
+              "source": origin, "profile": cfg.profile, "identity": record_identity(dest, stage="prepare_coco")}
     write_atomic(sidecar, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return record
 

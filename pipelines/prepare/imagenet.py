@@ -11,7 +11,8 @@ Profile ``smoke`` (data_source: fixtures) writes a tiny synthetic archive set in
 data/fixtures/imagenet/ and runs the same code path, verified by the md5s of the bytes it wrote.
 
 Outputs under ``root``: data/processed/imagenet/{train,val}/<wnid>/<image>.JPEG (val gets a folder for every
-class, so ImageFolder indexes classes identically in both) and data/processed/imagenet.json. The archives
+class, so ImageFolder indexes classes identically in both), data/processed/imagenet.json and
+data/processed/imagenet.manifest.tsv (the folder's identity, hashed once here: pipelines.hashing). The archives
 are streamed member by member (the train tar is 138 GB: never in memory, read once) into a temporary sibling
 directory that is renamed into place at the end. Every member path is checked before anything is written
 (no absolute or ``..`` paths, no links or devices). A failed run leaves no outputs: one line on stderr, exit
@@ -33,7 +34,7 @@ import numpy as np
 
 from pipelines.atomic import replace_dir, temp_dir_beside, write_atomic, write_if_changed
 from pipelines.fetch import CORRUPT, FetchError, check_member, tar_kind
-from pipelines.hashing import digest
+from pipelines.hashing import digest, manifest_path, record_identity
 from pipelines.prepare import fixtures
 from pipelines.errors import ConfigError
 from pipelines.prepare.stage import PrepareError, hydra_entry, run_stage
@@ -304,8 +305,9 @@ def prepare(cfg, created: list[Path]) -> dict:
         verify(paths, md5s)
     processed = root / "data" / "processed"
     dest, sidecar = processed / "imagenet", processed / "imagenet.json"
-    created += [sidecar, dest]  # from here a failure removes the old outputs too: no stale result survives
+    created += [sidecar, manifest_path(sidecar), dest]  # from here a failure removes the old outputs too
     sidecar.unlink(missing_ok=True)
+    manifest_path(sidecar).unlink(missing_ok=True)
     tmp = temp_dir_beside(dest)
     try:
         try:
@@ -321,7 +323,8 @@ def prepare(cfg, created: list[Path]) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     record = {"name": "imagenet", **found, "archive_md5": {paths[r].name: md5s[r] for r in ROLES},
-              "md5_verified": verified, "source": origin, "profile": cfg.profile}
+              "md5_verified": verified, "source": origin, "profile": cfg.profile,
+              "identity": record_identity(dest, stage="prepare_imagenet")}
     write_atomic(sidecar, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return record
 

@@ -12,8 +12,9 @@ by the checksum the generator reports; their content is synthetic, so the real c
 Diabetes ships with scikit-learn and is real (and checked) in both profiles; the two files
 load_diabetes reads are copied into data/raw/diabetes/ as the record of the input.
 
-Outputs under ``root``: data/raw/<name>/<file>, data/processed/<name>.npz (X, y, feature_names) and
-data/processed/<name>.json (CONTRACT.md). A failed run leaves none of them (a run that fails must not leave
+Outputs under ``root``: data/raw/<name>/<file>, data/processed/<name>.npz (X, y, feature_names),
+data/processed/<name>.json (CONTRACT.md; with the npz's identity) and data/processed/<name>.manifest.tsv
+(pipelines.hashing). A failed run leaves none of them (a run that fails must not leave
 an older table looking like its result): one line on stderr, exit code 2 (pipelines.errors).
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 
 from pipelines.atomic import write_atomic, write_if_changed
 from pipelines.fetch import MIRROR_ENV, FetchError, extract, fetch
-from pipelines.hashing import digest
+from pipelines.hashing import digest, manifest_path, record_identity
 from pipelines.prepare import fixtures
 from pipelines.errors import ConfigError
 from pipelines.prepare.stage import PrepareError, hydra_entry, run_stage
@@ -270,8 +271,8 @@ def prepare(cfg, created: list[Path]) -> dict:
         raise ConfigError(f"data_source must be canonical or fixtures, got {cfg.data_source!r}")
     source = data.source
     npz, sidecar = root / "data" / "processed" / f"{name}.npz", root / "data" / "processed" / f"{name}.json"
-    created += [npz, sidecar]
-    for old in (npz, sidecar):
+    created += [npz, sidecar, manifest_path(sidecar)]
+    for old in (npz, sidecar, manifest_path(sidecar)):
         old.unlink(missing_ok=True)
 
     synthetic = False
@@ -324,6 +325,7 @@ def prepare(cfg, created: list[Path]) -> dict:
     record = {"name": name, "rows": int(table.X.shape[0]), "features": int(table.X.shape[1]),
               "content_sha256": content, "raw_sha256": raw_sha256, "source": origin, "profile": cfg.profile}
     write_atomic(npz, npz_bytes({"X": table.X, "y": table.y, "feature_names": np.array(table.feature_names)}))
+    record["identity"] = record_identity(npz, stage=f"prepare@{name}")
     write_atomic(sidecar, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return record
 

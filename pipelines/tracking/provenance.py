@@ -7,37 +7,142 @@
 
 plus the same facts in MLflow's own terms (``source_tags``, ``dataset_inputs``) for its UI. What "dirty"
 means and how a directory is hashed: pipelines/CONTRACT.md (Provenance).
+
+The data check: ``data_checksum`` runs at every run start and resume, so for prepared data it stays cheap.
+Data with a prepare stage's identity (pipelines.hashing: ``identity`` in its sidecar, a manifest beside it)
+is checked by stat only: every file's size and mtime against the manifest, nothing read, and no file added or
+missing; the recorded md5 is returned. A file whose mtime differs but size does not (touched, copied, or
+restored by ``dvc checkout``) is hashed alone and passes if its md5 is the recorded one (the manifest then
+takes its new mtime). Anything else is one TrackingError line: the prepared data changed since it was
+prepared (naming a file), rerun its prepare stage. An edit that keeps a file's size and mtime passes the stat
+check; ``GAL_DATA_CHECK=full`` rehashes everything and compares it with the identity instead (also done
+when the manifest is missing or belongs to another identity, which then writes a fresh one). Data without an
+identity (made by hand, test fixtures, a sidecar from before identities) are hashed in full, as always.
 """
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pipelines import hashing
 from pipelines.hashing import digest
 from pipelines.errors import TrackingError
 from pipelines.tracking.store import redact
 
 LOCK_FILE = "requirements.lock"
+CHECK_ENV = "GAL_DATA_CHECK"  # "full": rehash prepared data at a run's start instead of checking size and mtime
 # Not code: the tracking store, and dvc.lock, which DVC rewrites after every stage it runs.
 _OWN_OUTPUTS = ("mlflow.db", "mlruns", "mlartifacts", "dvc.lock")
 
 
 # ------------------------------------------------------------------------------------------ checksums
-def data_checksum(path: Path) -> str:
-    """"md5:<hex>" of a file's content, or of a directory's files (sorted relative paths and file md5s)."""
+def data_checksum(path: Path, full: bool | None = None) -> str:
+    """"md5:<hex>" of a file's content, or of a directory's files (sorted relative paths and file md5s).
+
+    Prepared data are checked against their prepare stage's identity by stat, or by a full rehash with
+    ``full`` (default: env GAL_DATA_CHECK=full); see the module's docstring."""
     path = Path(path)
-    if path.is_file():
-        return "md5:" + digest(path, "md5")
-    if path.is_dir():
-        h = hashlib.md5(usedforsecurity=False)
-        for p in sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix()):
-            h.update(f"{p.relative_to(path).as_posix()}\0{digest(p, 'md5')}\n".encode())
-        return "md5:" + h.hexdigest()
-    raise TrackingError(f"data file {path} does not exist; run the stage that makes it first (dvc repro)")
+    if not (path.is_file() or path.is_dir()):
+        raise TrackingError(f"data file {path} does not exist; run the stage that makes it first (dvc repro)")
+    full = _full_check() if full is None else full
+    identity = prepared_identity(path)
+    if identity is None:
+        return hashing.content_md5(path)
+    manifest_file = hashing.manifest_path(hashing.sidecar_path(path))
+    manifest = hashing.read_manifest(manifest_file)
+    entries = manifest[1] if manifest is not None and manifest[0] == identity["md5"] else None
+    if entries is None or full:
+        return _check_content(path, identity, entries, manifest_file)
+    return _check_stat(path, identity, entries, manifest_file)
+
+
+def prepared_identity(path: Path) -> dict | None:
+    """The ``identity`` its prepare stage recorded in the sidecar beside ``path``, None if there is none."""
+    try:
+        identity = json.loads(hashing.sidecar_path(path).read_text()).get("identity")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(identity, dict) or identity.get("path") != Path(path).name \
+            or not str(identity.get("md5", "")).startswith("md5:") or not isinstance(identity.get("stage"), str):
+        return None
+    return identity
+
+
+def _full_check() -> bool:
+    value = os.environ.get(CHECK_ENV, "")
+    if value not in ("", "stat", "full"):
+        raise TrackingError(f"{CHECK_ENV}={value!r}: set it to full (rehash the prepared data at the start) or "
+                            "stat (check sizes and mtimes, the default)")
+    return value == "full"
+
+
+def _changed(path: Path, identity: Mapping, problems: list[tuple[str, str]]) -> TrackingError:
+    """The one line for prepared data that no longer match their identity; ``problems``: (file, what)."""
+    rel, what = min(problems)
+    more = f"; {len(problems) - 1} more differ" if len(problems) > 1 else ""
+    return _changed_line(path, identity, f"file {rel}: {what}{more}")
+
+
+def _changed_line(path: Path, identity: Mapping, detail: str) -> TrackingError:
+    return TrackingError(f"the prepared data at {path} changed since it was prepared ({detail}); rerun its "
+                         f"prepare stage (dvc repro {identity['stage']})")
+
+
+def _check_stat(path: Path, identity: Mapping, entries: list, manifest_file: Path) -> str:
+    """Sizes and mtimes against the manifest, no file read (only files whose mtime alone differs)."""
+    expected = {e.path: e for e in entries}
+    problems, touched = [], []
+    for rel, st in hashing.stat_files(path):
+        e = expected.pop(rel, None)
+        if e is None:
+            problems.append((rel, "not in the prepared data"))
+        elif st.st_size != e.size:
+            problems.append((rel, f"{st.st_size} bytes, {e.size} when prepared"))
+        elif st.st_mtime_ns != e.mtime_ns:
+            touched.append(e._replace(mtime_ns=st.st_mtime_ns))
+    problems += [(rel, "missing") for rel in expected]
+    if problems:
+        raise _changed(path, identity, problems)
+    folder = path.is_dir()
+    problems = [(e.path, "modified, content differs") for e in touched
+                if digest(path / e.path if folder else path, "md5") != e.md5]
+    if problems:
+        raise _changed(path, identity, problems)
+    if touched:  # same content, new mtimes: remember them, so the next start reads nothing
+        new = {e.path: e for e in touched}
+        _save_manifest(manifest_file, identity["md5"], [new.get(e.path, e) for e in entries])
+    return identity["md5"]
+
+
+def _check_content(path: Path, identity: Mapping, entries: list | None, manifest_file: Path) -> str:
+    """Rehash everything and compare with the identity, naming the files that differ from the manifest
+    when there is one; a match (re)writes the manifest with the files' current mtimes."""
+    now = hashing.file_entries(path)
+    md5 = hashing.combined_md5(now, path.is_dir())
+    if md5 != identity["md5"]:
+        then, problems = {e.path: e.md5 for e in entries or ()}, []
+        for e in now:
+            old = then.pop(e.path, None)
+            if old != e.md5:
+                problems.append((e.path, "not in the prepared data" if old is None else "content differs"))
+        problems += [(rel, "missing") for rel in then]
+        if entries is None or not problems:  # no manifest to name a file by
+            raise _changed_line(path, identity, f"its content is {md5}, {identity['md5']} when prepared")
+        raise _changed(path, identity, problems)
+    if now != entries:
+        _save_manifest(manifest_file, md5, now)
+    return md5
+
+
+def _save_manifest(manifest_file: Path, md5: str, entries: list) -> None:
+    try:
+        hashing.write_manifest(manifest_file, md5, entries)
+    except OSError:
+        pass  # read-only data (a shared copy): the check stays correct, only not as cheap next time
 
 
 def env_lock_sha(root: Path) -> str:

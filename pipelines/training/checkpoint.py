@@ -26,16 +26,16 @@ LOCK_NAME = ".lock"  # beside last.pt
 
 
 def check_writable(directory: Path) -> None:
-    """Refuse, before any compute, a checkpoint (or record) directory that cannot be made or written."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with open_atomic(directory / ".write-check") as f:
-            f.write(b"")
-        (directory / ".write-check").unlink()
-    except OSError as err:
-        raise RunError(f"cannot write in {directory} ({err.strerror or err}); make it a writable directory "
-                       "or set root= elsewhere") from None
+    """Refuse, before any compute, a checkpoint or record folder that cannot be made or written; makes
+    nothing."""
+    directory = Path(os.path.abspath(directory))
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is not a directory" if not existing.is_dir() else "is not writable"
+        raise RunError(f"cannot write in {directory}: {existing} {why}; make it a writable directory or set "
+                       "root= elsewhere")
 
 
 def save(state: dict[str, Any], path: Path) -> None:
@@ -76,6 +76,7 @@ def run_lock(directory: Path, run: str) -> Iterator[None]:
     """Hold the run's lock for the block; one line if another process holds it. The lock dies with its
     process, however it ends; flock works across hosts on file systems that support it (NFSv4, Lustre)."""
     check_writable(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

@@ -203,7 +203,8 @@ def test_smoke_stage_end_to_end(tmp_path):
     zips = fixtures.coco_zips(**FIXTURE)
     images = {split: {n.split("/", 1)[1]: c for n, c in unzip(zips[split]).items()} for split in ("train", "val")}
     assert files_under(root) == {f"data/{d}/coco/{n}" for d in ("fixtures", "raw") for n in ZIPS.values()} | {
-        "data/processed/coco.json", "data/processed/coco/annotations/instances_train2017.json",
+        "data/processed/coco.json", "data/processed/coco.manifest.tsv",
+        "data/processed/coco/annotations/instances_train2017.json",
         "data/processed/coco/annotations/instances_val2017.json"} | {
         f"data/processed/coco/{split}2017/{name}" for split in images for name in images[split]}
     out = root / "data" / "processed" / "coco"
@@ -228,7 +229,8 @@ def test_smoke_stage_end_to_end(tmp_path):
     record = json.loads((root / "data" / "processed" / "coco.json").read_text())
     assert record == {"name": "coco", "classes": 91, "categories": 5, **counts,
                       "raw_md5": {n: hashlib.md5(zips[r]).hexdigest() for r, n in ZIPS.items()},
-                      "source": "fixture:data/fixtures/coco", "profile": "smoke"}
+                      "source": "fixture:data/fixtures/coco", "profile": "smoke",
+                      "identity": {**record["identity"], "path": "coco", "files": 26, "stage": "prepare_coco"}}
     assert counts == {"train": {"images": 16, "annotations": 28}, "val": {"images": 8, "annotations": 13}}
 
 
@@ -242,11 +244,14 @@ def test_rerun_is_idempotent(tmp_path, capsys):
     assert C.run(config(tmp_path / "b", "data=coco")) == 0
     assert files_under(root) == files_under(tmp_path / "b") == set(before)
     for rel, (content, mtime) in before.items():
+        if rel == "data/processed/coco.manifest.tsv":
+            continue  # the mtimes of this workspace's files
         assert (root / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes() == content, rel
         if rel.startswith(("data/fixtures/", "data/raw/")):
             assert (root / rel).stat().st_mtime_ns == mtime, rel  # not written again
     assert capsys.readouterr().out.count("prepare coco: 5 categories") == 3
-    assert sorted(p.name for p in (root / "data" / "processed").iterdir()) == ["coco", "coco.json"]  # no leftovers
+    assert sorted(p.name for p in (root / "data" / "processed").iterdir()) == ["coco", "coco.json",
+                                                                              "coco.manifest.tsv"]  # no leftovers
 
 
 def test_canonical_run_from_a_mirror(tmp_path, monkeypatch, capsys):

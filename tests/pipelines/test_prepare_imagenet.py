@@ -115,7 +115,9 @@ def test_smoke_builds_the_imagefolder_layout(tmp_path, capsys):
     assert record["profile"] == "smoke" and record["md5_verified"] is True
     fx = tmp_path / "data" / "fixtures" / "imagenet"
     assert record["archive_md5"] == {n: I.digest(fx / n, "md5") for n in NAMES.values()}
-    assert [p.name for p in outputs(tmp_path)] == ["imagenet", "imagenet.json"]  # no temp dirs left
+    assert record["identity"]["files"] == 32 and record["identity"]["stage"] == "prepare_imagenet"
+    names = ["imagenet", "imagenet.json", "imagenet.manifest.tsv"]
+    assert [p.name for p in outputs(tmp_path)] == names  # no temp dirs left
     assert "4 classes, 24 train / 8 val" in capsys.readouterr().out
 
 

@@ -198,18 +198,20 @@ def test_smoke_stage_end_to_end(name, shape, tmp_path):
     assert X.shape == shape and y.shape == shape[:1] and X.dtype == y.dtype == np.float64
     assert len(names) == shape[1]
     record = json.loads((tmp_path / "data" / "processed" / f"{name}.json").read_text())
-    assert set(record) == {"name", "rows", "features", "content_sha256", "raw_sha256", "source", "profile"}
+    assert set(record) == {"name", "rows", "features", "content_sha256", "raw_sha256", "source", "profile",
+                           "identity"}  # the npz's md5 and stage: test_data_identity.py
     assert (record["name"], record["rows"], record["features"], record["profile"]) == (name, *shape, "smoke")
     assert record["content_sha256"] == R.content_sha256(X, y)
     made = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     if name == "diabetes":  # real in every profile: checked against the config; scikit-learn's files copied
         assert record["raw_sha256"] is None
         assert made == {"data/raw/diabetes/diabetes_data_raw.csv.gz", "data/raw/diabetes/diabetes_target.csv.gz",
-                        "data/processed/diabetes.npz", "data/processed/diabetes.json"}
+                        "data/processed/diabetes.npz", "data/processed/diabetes.json",
+                        "data/processed/diabetes.manifest.tsv"}
     else:  # Hydra wrote nothing: only the fixture, the fetched copy and the two outputs
         raw = {"boston": "boston", "california": "cal_housing.tgz"}[name]
         assert made == {f"data/fixtures/{raw}", f"data/raw/{name}/{raw}", f"data/processed/{name}.npz",
-                        f"data/processed/{name}.json"}
+                        f"data/processed/{name}.json", f"data/processed/{name}.manifest.tsv"}
         assert record["source"] == f"fixture:data/fixtures/{raw}"
 
 
