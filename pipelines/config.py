@@ -8,9 +8,13 @@ Overrides are key=value everywhere (lists as [a,b]); Hydra's also take group=opt
 studies (toy3d, precision) read one flat file of their own: composed by Hydra its keys would meet conf/'s
 groups (their `profile=` would select conf/profile/), so ``load_file`` merges the same key=value items into
 it and type-checks them against the study's dataclass.
+
+Checks of a run's values, for the checks the runner makes before any compute (method.check, each Task.check):
+``require_number`` (a finite number in an interval) and ``first_nonfinite_setting`` (a config's first NaN or infinity).
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -52,6 +56,33 @@ def load_file(path: Path, overrides: Sequence[str], schema: type) -> Any:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from None
+
+
+def require_number(cfg: DictConfig, key: str, interval: str, optional: bool = False) -> float | None:
+    """cfg's number at ``key``, refused in one line unless it is finite and lies in ``interval`` (``"[0, 1)"``:
+    a bracket includes its bound, a parenthesis leaves it out; ``inf`` for none), or is null where ``optional``."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return None
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (low <= value if interval[0] == "[" else low < value)
+          and (value <= high if interval[-1] == "]" else value < high))
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: use a number in {interval}{' or null' if optional else ''}")
+    return value
+
+
+def first_nonfinite_setting(tree: Any, prefix: str = "") -> tuple[str, float] | None:
+    """(key, value) of the first NaN or infinite number in a plain config tree (lists by index), else None."""
+    if isinstance(tree, float):
+        return None if math.isfinite(tree) else (prefix.rstrip("."), tree)
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        found = first_nonfinite_setting(value, f"{prefix}{key}.")
+        if found:
+            return found
+    return None
 
 
 def _one_line(err: Exception) -> str:

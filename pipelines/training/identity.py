@@ -12,19 +12,29 @@ name. Tokens are short and stable (sorted by key): ``eps0.001``, ``scale5``,
 ``policy-always``, ``src-uniform`` (h's settings, null for noise, are not named), ``norm-false``,
 ``dtype-float64``, ``cnn-256,64`` (lists as Hydra writes them, so a DVC stage spells the name and the override from one
 value), ``epochs1``; a long variant keeps a readable head and a hash of the whole.
+
+Every key of a run's config acts or is refused: one the preset does not have (added with ``+`` or ``++``, say
+``+task.epochz=3``) is refused in one line naming it (``check_keys``), so no name holds a key that did nothing.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.config import compose
+from pipelines.config import CONF, compose
 from pipelines.errors import ConfigError
 from pipelines.training.method import NETWORK_KEYS
 
+SEEDS = 2**32  # seeds are 0 .. 2**32 - 1: numpy's legacy seeding takes no more (seeding.py folds larger ones onto
+# its 32 bits, so two seeds would share its stream), and torch's 64 bits leave room for seed + epoch
+# Keys a run may hold beyond its preset's: method.* and optim.* are refused by method.check unless GAL has the
+# setting or the optimiser takes the argument; model.bn_momentum is read where set (EfficientNets take it).
+OPEN = ("method.", "optim.")
+OPTIONAL = ("model.bn_momentum",)
 NOT_IDENTITY = ("trainer", "root", "seed")  # top-level keys that never make a variant (seed is in the name)
 VARIANT_MAX = 60
 # Short names of GAL's hyper-parameters (the paper's symbols where it has them).
@@ -38,6 +48,8 @@ def preset_overrides(cfg: DictConfig) -> list[str]:
     if not cfg.get("experiment"):
         raise ConfigError("no experiment: every run starts from a preset, experiment=<setting>_<method> "
                           "(conf/experiment/, e.g. experiment=boston_gal or cifar100_sgd_gal)")
+    if isinstance(cfg.get("seed"), int) and not 0 <= cfg.seed < SEEDS:
+        raise ConfigError(f"seed={cfg.seed}: use an integer from 0 to {SEEDS - 1}")
     return [f"experiment={cfg.experiment}_{cfg.method.name}", f"profile={cfg.profile}", f"seed={cfg.seed}"]
 
 
@@ -57,6 +69,30 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_leaves(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: tree}
+
+
+def _paths(tree: Any, prefix: str = "") -> set[str]:
+    """Every key of a plain config tree, parents included."""
+    found: set[str] = set()
+    for key, value in (tree.items() if isinstance(tree, dict) else ()):
+        found |= {f"{prefix}{key}", *_paths(value, f"{prefix}{key}.")}
+    return found
+
+
+def check_keys(cfg: DictConfig, preset: DictConfig) -> None:
+    """Refuse a key of ``cfg`` that its preset does not have: added with + or ++, nothing reads it. Beyond the
+    preset's keys a run may hold those of the data set it chose (data=...), OPTIONAL ones and, under their own
+    rule, OPEN ones."""
+    known = _paths(OmegaConf.to_container(preset))
+    data_file = CONF / "data" / f"{cfg.data.get('name')}.yaml"
+    if data_file.is_file():  # data=<another set> brings that set's own keys
+        known |= _paths({"data": OmegaConf.to_container(OmegaConf.load(data_file))})
+    for key in sorted(_leaves(OmegaConf.to_container(cfg))):
+        if key not in known and key not in OPTIONAL and not key.startswith(OPEN):
+            close = difflib.get_close_matches(key, sorted(known | set(OPTIONAL)), n=1)
+            hint = f"did you mean {close[0]}?" if close else "remove it"
+            raise ConfigError(f"{key}: experiment={preset.experiment}_{preset.method.name} has no such setting, "
+                              f"so nothing would read it; {hint}")
 
 
 def _text(value: Any) -> str:
@@ -82,6 +118,7 @@ def _short_key(key: str, keys: set[str]) -> str:
 def variant(cfg: DictConfig, preset: DictConfig | None = None) -> str:
     """"" for the preset's own config, else the short name of every difference from it."""
     preset = compose_preset(cfg) if preset is None else preset
+    check_keys(cfg, preset)
     ours, theirs = (_leaves({**{k: v for k, v in OmegaConf.to_container(c, resolve=True).items()
                                 if k not in NOT_IDENTITY}, "trainer": {"precision": str(c.trainer.precision)}})
                     for c in (cfg, preset))

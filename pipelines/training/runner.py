@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pipelines.config import first_nonfinite_setting
 from pipelines.errors import ConfigError
 from pipelines.training import checkpoint, cluster, identity, launch, method
 from pipelines.tracking.record import first_nonfinite
@@ -106,6 +107,9 @@ def check(cfg: DictConfig, task: type[Task], here: bool = True) -> int:
     require_int(cfg, "task.epochs", 1)
     require_int(cfg, "task.threads", 0)
     identity.preset_overrides(cfg)  # every run starts from a preset
+    found = first_nonfinite_setting(OmegaConf.to_container(cfg, resolve=True))
+    if found:  # no setting means anything as NaN or infinity (eps=inf would fail only in the first step)
+        raise ConfigError(f"{found[0]}={found[1]}: use a finite number")
     trainer = cfg.trainer
     gpus, nodes = require_int(cfg, "trainer.gpus", 1), require_int(cfg, "trainer.nodes", 1)
     device = launch.device_type(trainer) if here else launch.device_choice(trainer)

@@ -25,6 +25,14 @@ def test_bad_configuration_is_a_clear_error(kwargs, message):
         GradientAdjuster(4, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [dict(ratio=float("inf")), dict(scale=float("inf")),
+                                    dict(arch=(2.5,)), dict(arch=(True,))])
+def test_degenerate_settings_are_refused_at_construction(kwargs):
+    """eps=inf used to pass here and fail only in the first step; a width of True or 2.5 built some network."""
+    with pytest.raises(ValueError, match=r"ratio must be >= 0 and scale > 0, both finite|must be positive integers"):
+        GradientAdjuster(4, **kwargs)
+
+
 def test_bad_calls_are_clear_errors():
     adjuster = GradientAdjuster(4)
     with pytest.raises(ValueError, match="last dimension must be 4"):

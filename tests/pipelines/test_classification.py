@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.errors import ConfigError, TrackingError, UserError
+from pipelines.errors import ConfigError, RunError, TrackingError, UserError
 from pipelines.tasks.classification import task as classification
 from pipelines.training import launch, runner
 from tests.network import free_port
@@ -187,6 +189,24 @@ def test_bad_settings_fail_in_one_line_without_a_record(root, overrides, message
     (("trainer.nodes=2",), "trainer.nodes=2 needs trainer.rdzv_endpoint=<host:port of node 0>"),
     (("trainer.nodes=2", "trainer.rdzv_endpoint=node0:29500", "trainer.node_rank=2"),
      "trainer.node_rank=2: use 0 to 1"),
+    # degenerate values, each refused only mid-run or never before
+    (("task.label_smoothing=1.5",), "task.label_smoothing=1.5: use a number in [0, 1)"),
+    (("task.augment.hflip=-0.5",), "task.augment.hflip=-0.5: use a number in [0, 1]"),
+    (("task.ema_decay=1.5",), "task.ema_decay=1.5: use a number in [0, 1) or null"),
+    (("task.eval_crop_pct=0",), "task.eval_crop_pct=0: use a number in (0, 1] or null"),
+    (("task.schedule.decay_rate=0",), "task.schedule.decay_rate=0: use a number in (0, inf)"),
+    (("task.schedule.decay_rate=inf",), "task.schedule.decay_rate=inf: use a finite number"),
+    (("task.schedule.decay_milestones=[100,-1]",), "task.schedule.decay_milestones.1=-1: use an integer of at least 1"),
+    (("task.schedule.warmup_epochs=-1",), "task.schedule.warmup_epochs=-1: use an integer of at least 0"),
+    (("task.log_every=-5",), "task.log_every=-5: use an integer of at least 0"),
+    (("task.image_size=-32",), "task.image_size=-32: use an integer of at least 1"),
+    (("model.drop_rate=1.5",), "model.drop_rate=1.5: use a number in [0, 1)"),
+    (("model.bn_momentum=-0.1",), "model.bn_momentum=-0.1: use a number in [0, 1] or null"),
+    (("optim.momentum=inf",), "optim.momentum=inf: use a finite number"),
+    (("optim.weight_decay=nan",), "optim.weight_decay=nan: use a finite number"),
+    (("method.scale=inf",), "method.scale=inf: use a finite number"),
+    (("method.arch=[100,0]",), "method: dim and hidden widths must be positive integers"),
+    (("seed=4294967296",), "seed=4294967296: use an integer from 0 to 4294967295"),
 ])
 def test_bad_config_is_refused_by_the_checks_on_the_config_alone(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -220,6 +240,27 @@ def test_corrupt_inputs_fail_clearly(root):
     with pytest.raises(UserError, match="cannot read the prepared CIFAR files"):
         classification.run(config(root))
     assert not (root / "runs").exists()
+
+
+def set_label(index: int, value: int):
+    return lambda labels: np.where(np.arange(len(labels)) == index, value, labels)
+
+
+@pytest.mark.parametrize("split, change, message", [
+    ("train", set_label(7, 10), "train_labels.npy holds label 10, outside 0..9 (10 classes in cifar10.json); rerun "
+                                "its prepare stage"),
+    ("test", set_label(0, -1), "test_labels.npy holds label -1, outside 0..9"),
+    ("train", lambda labels: labels.astype(np.float64), "train_labels.npy holds float64 labels, not class indices"),
+])
+def test_labels_outside_the_classes_fail_in_one_line_before_training(root, split, change, message):
+    path = root / "data" / "processed" / "cifar10" / f"{split}_labels.npy"
+    np.save(path, change(np.load(path)))
+    with pytest.raises(RunError, match=re.escape(message)):
+        classification.run(config(root))
+    assert not list(root.glob("runs/**/metrics.json")) and not list(root.glob("checkpoints/**/*.pt"))
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(TASK)
+    assert experiment is None or not client.search_runs([experiment.experiment_id])  # no MLflow run
 
 
 def test_diverging_run_fails_and_keeps_no_record(root):

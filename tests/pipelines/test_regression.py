@@ -109,6 +109,27 @@ def test_killed_and_rerun_ends_as_one_finished_mlflow_run_with_uninterrupted_met
     (("trainer.gpus=2", "trainer.device=auto"), "trainer.gpus=2 but torch sees no CUDA device; set trainer.device=cpu"),
     (("trainer.gpus=2", "trainer.device=cpu"), "task=regression runs on one process"),
     (("trainer.precision=bf16",), "task=regression trains in fp32"),
+    # degenerate values: each ran (or failed in epoch 1) before
+    (("data.model.hidden=[0,50]",), r"data.model.hidden=\[0, 50\]: use a list of positive integers"),
+    (("data.model.hidden=[100,-5]",), r"data.model.hidden=\[100, -5\]: use a list of positive integers"),
+    (("data.model.hidden=8",), r"data.model.hidden=8: use a list of positive integers"),
+    (("method.arch=[-4]",), "method: dim and hidden widths must be positive integers"),
+    (("method.arch=[2.5]",), "method: dim and hidden widths must be positive integers"),
+    (("method.ratio=inf",), "method.ratio=inf: use a finite number"),
+    (("method.ratio=nan",), "method.ratio=nan: use a finite number"),
+    (("method.scale=inf",), "method.scale=inf: use a finite number"),
+    (("method.scale=0",), "method: ratio must be >= 0 and scale > 0"),
+    (("method.adjuster_lr=inf",), "method.adjuster_lr=inf: use a finite number"),
+    (("optim.lr=inf",), "optim.lr=inf: use a finite number"),
+    (("optim.weight_decay=nan",), "optim.weight_decay=nan: use a finite number"),
+    (("+optim.betas=[0.9,inf]",), r"optim.betas.1=inf: use a finite number"),
+    (("+optim.eps=-inf",), "optim.eps=-inf: use a finite number"),
+    (("task.test_fraction=0.99",), r"task.test_fraction=0.99 leaves 1 training and 79 test rows of the 80 in .*"
+                                   r"boston.npz: training needs at least 14 \(features \+ 1\), testing 2"),
+    (("task.test_fraction=0.85",), "task.test_fraction=0.85 leaves 12 training and 68 test rows"),
+    (("task.test_fraction=0.001",), "task.test_fraction=0.001 leaves 79 training and 1 test rows"),
+    (("seed=4294967296",), "seed=4294967296: use an integer from 0 to 4294967295"),
+    (("seed=18446744073709551616",), "seed=18446744073709551616: use an integer from 0 to 4294967295"),
 ])
 def test_bad_settings_are_refused_before_any_compute(boston_root, overrides, message):
     with pytest.raises(ConfigError, match=message):

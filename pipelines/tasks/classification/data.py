@@ -20,9 +20,10 @@ from pipelines.training.seeding import EpochSampler, SeededDataset
 
 
 class CifarArrays(Dataset):
-    """data/processed/<cifar10|cifar100>/{split}_{images,labels}.npy (memory-mapped): uint8 CHW tensors."""
+    """data/processed/<cifar10|cifar100>/{split}_{images,labels}.npy (memory-mapped): uint8 CHW tensors, and
+    labels checked once to be class indices below ``classes``."""
 
-    def __init__(self, folder: Path, split: str, hflip: float = 0.0):
+    def __init__(self, folder: Path, split: str, classes: int, hflip: float = 0.0):
         try:
             self.images = np.load(folder / f"{split}_images.npy", mmap_mode="r")
             self.labels = np.load(folder / f"{split}_labels.npy")
@@ -32,6 +33,14 @@ class CifarArrays(Dataset):
         if self.images.ndim != 4 or self.images.shape[3] != 3 or len(self.images) != len(self.labels):
             raise RunError(f"{folder}/{split}_images.npy has shape {self.images.shape} for "
                            f"{len(self.labels)} labels; rerun its prepare stage (dvc repro)")
+        labels = folder / f"{split}_labels.npy"
+        if not np.issubdtype(self.labels.dtype, np.integer):
+            raise RunError(f"{labels} holds {self.labels.dtype} labels, not class indices; rerun its prepare stage "
+                           "(dvc repro)")
+        bad = self.labels[(self.labels < 0) | (self.labels >= classes)]
+        if len(bad):
+            raise RunError(f"{labels} holds label {bad[0]}, outside 0..{classes - 1} ({classes} classes in "
+                           f"{folder.name}.json); rerun its prepare stage (dvc repro)")
         self.hflip = hflip
 
     def __len__(self) -> int:
@@ -44,12 +53,12 @@ class CifarArrays(Dataset):
         return image, int(self.labels[index])
 
 
-def _image_folder(folder: Path, transform):
+def _image_folder(folder: Path, transform, class_map: dict | None = None):
     from timm.data import ImageDataset
 
     if not folder.is_dir():
         raise RunError(f"{folder} is missing; run the ImageNet prepare stage (dvc repro)")
-    return ImageDataset(str(folder), transform=transform)
+    return ImageDataset(str(folder), transform=transform, **({"class_map": class_map} if class_map else {}))
 
 
 def imagenet_transforms(cfg, train: bool):
@@ -79,12 +88,16 @@ def datasets(cfg, root: Path) -> tuple[Dataset, Dataset, int, list[Path]]:
     classes = int(json.loads(sidecar.read_text())["classes"])
     if name.startswith("cifar"):
         folder = processed / name
-        train = CifarArrays(folder, "train", cfg.task.augment.hflip)
-        val = CifarArrays(folder, "test")
+        train = CifarArrays(folder, "train", classes, cfg.task.augment.hflip)
+        val = CifarArrays(folder, "test", classes)
     elif name == "imagenet":
         folder = processed / "imagenet"
         train = _image_folder(folder / "train", imagenet_transforms(cfg, True))
-        val = _image_folder(folder / "val", imagenet_transforms(cfg, False))
+        found = train.reader.class_to_idx  # labels are the indices of the class folders that hold images
+        if len(found) > classes:
+            raise RunError(f"{folder}/train holds images of {len(found)} classes, more than the {classes} of "
+                           f"{sidecar.name}; rerun its prepare stage (dvc repro)")
+        val = _image_folder(folder / "val", imagenet_transforms(cfg, False), class_map=found)  # the same indices
     else:
         raise RunError(f"no image dataset named {name!r}; use data=cifar10, cifar100 or imagenet")
     return SeededDataset(train, cfg.seed), val, classes, [folder, sidecar]

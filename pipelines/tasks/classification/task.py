@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from gal_core import count_parameters
+from pipelines.config import require_number
 from pipelines.errors import ConfigError, RunError
 from pipelines.tasks.classification import data as image_data
 from pipelines.training import launch, runner
@@ -27,6 +28,12 @@ from pipelines.training.method import STEP_STATS, build_optimizer_for
 from pipelines.training.seeding import seed_everything
 
 GAL_STATS = (*STEP_STATS, "adjusted_better")
+# Numbers the task reads, with the values that mean something (config.require_number); OPTIONAL ones may be null
+RANGES = {"task.label_smoothing": "[0, 1)", "task.augment.hflip": "[0, 1]", "task.augment.reprob": "[0, 1]",
+          "task.schedule.decay_rate": "(0, inf)", "task.schedule.decay_epochs": "(0, inf)",
+          "task.schedule.warmup_lr": "[0, inf)", "task.schedule.min_lr": "[0, inf)",
+          "model.drop_rate": "[0, 1)", "model.drop_path_rate": "[0, 1)"}
+OPTIONAL = {"task.ema_decay": "[0, 1)", "task.eval_crop_pct": "(0, 1]", "model.bn_momentum": "[0, 1]"}
 
 
 def build_model(cfg: DictConfig, classes: int) -> nn.Module:
@@ -81,9 +88,16 @@ class Classification(runner.Task):
         task = cfg.task
         for key in ("batch_size", "eval_batch_size", "image_size"):
             runner.require_int(cfg, f"task.{key}", 1)
-        runner.require_int(cfg, "task.workers", 0)
+        for key in ("task.workers", "task.log_every", "task.schedule.warmup_epochs"):
+            runner.require_int(cfg, key, 0)
         if task.max_steps is not None:
             runner.require_int(cfg, "task.max_steps", 1)
+        for i in range(len(task.schedule.decay_milestones)):
+            runner.require_int(cfg, f"task.schedule.decay_milestones.{i}", 1)
+        for key, interval in RANGES.items():
+            require_number(cfg, key, interval)
+        for key, interval in OPTIONAL.items():
+            require_number(cfg, key, interval, optional=True)
         if task.batch_size % world:
             raise ConfigError(f"task.batch_size={task.batch_size} (global) must be divisible by the {world} "
                               "processes")

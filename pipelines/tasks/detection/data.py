@@ -65,13 +65,19 @@ def transforms(aug, train: bool) -> v2.Transform:
 
 class CocoDetection(Dataset):
     """(uint8 CHW image, target) with target = {"image_id", "labels" (category ids), "boxes" (normalised
-    cxcywh), "orig_size" (h, w), "size" (h, w after the transform)}; crowd boxes left out."""
+    cxcywh), "orig_size" (h, w), "size" (h, w after the transform)}; crowd boxes left out. Category ids are
+    checked once to be class indices below ``classes``."""
 
-    def __init__(self, images: Path, annotations: Path, transform: v2.Transform):
+    def __init__(self, images: Path, annotations: Path, transform: v2.Transform, classes: int):
         from torchvision.datasets import CocoDetection as TorchvisionCoco, wrap_dataset_for_transforms_v2
 
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while it indexes
             base = TorchvisionCoco(str(images), str(annotations))
+        bad = sorted({a["category_id"] for a in base.coco.dataset.get("annotations", ())
+                      if not 0 <= a["category_id"] < classes})
+        if bad:
+            raise RunError(f"{annotations} holds category_id {bad[0]}, outside 0..{classes - 1} (data.num_classes="
+                           f"{classes}); rerun its prepare stage (dvc repro prepare_coco)")
         self.ids = list(base.ids)
         self.base = wrap_dataset_for_transforms_v2(base, target_keys=("boxes", "labels", "iscrowd"))
         self.transform = transform
@@ -119,8 +125,9 @@ def datasets(cfg, root: Path) -> tuple[Dataset, Dataset, Path, list[Path]]:
         raise RunError(f"{sidecar} is missing: run the prepare stage of coco first (dvc repro prepare_coco)")
     annotations = {split: folder / "annotations" / f"instances_{split}2017.json" for split in ("train", "val")}
     try:
-        train = CocoDetection(folder / "train2017", annotations["train"], transforms(cfg.task.augment, True))
-        val = CocoDetection(folder / "val2017", annotations["val"], transforms(cfg.task.augment, False))
+        classes = cfg.data.num_classes
+        train = CocoDetection(folder / "train2017", annotations["train"], transforms(cfg.task.augment, True), classes)
+        val = CocoDetection(folder / "val2017", annotations["val"], transforms(cfg.task.augment, False), classes)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
         raise RunError(f"cannot read the prepared COCO files in {folder} ({type(err).__name__}: {err}); rerun "
                        "its prepare stage (dvc repro prepare_coco)") from None

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from pipelines.config import require_number
 from pipelines.errors import ConfigError, RunError
 from pipelines.tasks.detection import data as coco_data
 from pipelines.tasks.detection.detr.detr import PostProcess, SetCriterion, build_detr
@@ -31,6 +32,11 @@ from pipelines.training.method import STEP_STATS, build_optimizer_for
 from pipelines.training.seeding import seed_everything
 
 GAL_STATS = STEP_STATS
+# Numbers the task reads, with the values that mean something (config.require_number)
+RANGES = {"task.lr_backbone": "[0, inf)", "task.clip_max_norm": "[0, inf)", "task.matcher.cost_class": "[0, inf)",
+          "task.matcher.cost_bbox": "[0, inf)", "task.matcher.cost_giou": "[0, inf)", "task.loss.bbox": "[0, inf)",
+          "task.loss.giou": "[0, inf)", "task.loss.eos_coef": "[0, inf)", "model.dropout": "[0, 1)"}
+MODEL_SIZES = {"hidden_dim": 2, "nheads": 1, "enc_layers": 0, "dec_layers": 1, "dim_feedforward": 1, "num_queries": 1}
 LOSS_TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 
 
@@ -51,8 +57,16 @@ class Detection(runner.Task):
         for key in ("batch_size", "eval_batch_size", "lr_drop"):
             runner.require_int(cfg, f"task.{key}", 1)
         runner.require_int(cfg, "task.workers", 0)
+        runner.require_int(cfg, "task.log_every", 0)
         if cfg.task.max_steps is not None:
             runner.require_int(cfg, "task.max_steps", 1)
+        for key, interval in RANGES.items():
+            require_number(cfg, key, interval)
+        for key, least in MODEL_SIZES.items():
+            runner.require_int(cfg, f"model.{key}", least)
+        width, heads = cfg.model.hidden_dim, cfg.model.nheads
+        if width % 2 or width % heads:  # the sine embedding's two halves, the attention heads
+            raise ConfigError(f"model.hidden_dim={width}: use an even number divisible by model.nheads={heads}")
         if cfg.task.batch_size % world:
             raise ConfigError(f"task.batch_size={cfg.task.batch_size} (global) must be divisible by the {world} "
                               "processes")

@@ -26,10 +26,15 @@ def load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
+def test_rows(rows: int, test_fraction: float) -> int:
+    """How many of ``rows`` the split holds out for testing."""
+    return max(1, round(rows * test_fraction))
+
+
 def split(rows: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Train/test indices from the seed alone, so baseline and GAL of one seed see the same split."""
     order = np.random.default_rng(seed).permutation(rows)
-    n_test = max(1, round(rows * test_fraction))
+    n_test = test_rows(rows, test_fraction)
     return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 

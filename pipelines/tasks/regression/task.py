@@ -7,15 +7,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from torch import nn
 
 from gal_core import count_parameters
 from pipelines.errors import ConfigError
-from pipelines.tasks.regression.data import load, split, standardiser
+from pipelines.tasks.regression.data import load, split, standardiser, test_rows
 from pipelines.training import runner
 from pipelines.training.epoch import attach_method, load_method_state, method_state
 from pipelines.training.method import STEP_STATS, adjuster_movement, adjuster_snapshot, build_optimizer_for
+
+
+# The least rows a split may leave: an MLP fit on fewer training rows than features + 1 is underdetermined even
+# where it is linear (its test metrics mean nothing), and R^2 needs two test rows (one has no variance)
+MIN_TEST_ROWS = 2
+
+
+def data_file(cfg: DictConfig) -> Path:
+    return Path(cfg.root) / "data" / "processed" / f"{cfg.data.name}.npz"
 
 
 def mlp(features: int, hidden: list[int]) -> nn.Sequential:
@@ -44,15 +53,26 @@ class Regression(runner.Task):
         if str(cfg.trainer.precision) not in ("auto", "fp32"):
             raise ConfigError(f"trainer.precision={cfg.trainer.precision}: task=regression trains in fp32 (auto)")
         runner.require_int(cfg, "data.train.batch_size", 1)
+        hidden = cfg.data.model.hidden
+        if not isinstance(hidden, ListConfig) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1
+                                                         for w in hidden):
+            raise ConfigError(f"data.model.hidden={hidden}: use a list of positive integers (the MLP's hidden "
+                              "widths; [] for a linear model)")
         fraction = cfg.task.test_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise ConfigError(f"task.test_fraction={cfg.task.test_fraction}: use a fraction between 0 and 1")
+        if data_file(cfg).is_file():  # a missing file is __init__'s to report (a job may find it elsewhere)
+            X, _ = load(data_file(cfg))
+            rows, n_test = len(X), test_rows(len(X), fraction)
+            if rows - n_test < X.shape[1] + 1 or n_test < MIN_TEST_ROWS:
+                raise ConfigError(f"task.test_fraction={fraction} leaves {rows - n_test} training and {n_test} test "
+                                  f"rows of the {rows} in {data_file(cfg)}: training needs at least "
+                                  f"{X.shape[1] + 1} (features + 1), testing {MIN_TEST_ROWS}")
 
     def __init__(self, cfg: DictConfig, procs):
         self.cfg, self.device = cfg, procs.device
-        data_file = Path(cfg.root) / "data" / "processed" / f"{cfg.data.name}.npz"
-        self.data_files = [data_file]
-        X, y = load(data_file)
+        self.data_files = [data_file(cfg)]
+        X, y = load(self.data_files[0])
         train_idx, test_idx = split(len(y), cfg.task.test_fraction, cfg.seed)
         x_mean, x_std = standardiser(X[train_idx], cfg.task.scale_features)
         y_mean, y_std = standardiser(y[train_idx, None], cfg.task.scale_target)

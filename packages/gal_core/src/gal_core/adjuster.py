@@ -1,7 +1,9 @@
 """The GAL step: replaces ``loss.backward()`` with an adjusted, safeguarded backward pass."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
+from numbers import Integral
 from typing import Callable, Sequence
 
 import torch
@@ -103,10 +105,10 @@ class GradientAdjuster(nn.Module):
         super().__init__()
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
-        if dim < 1 or any(w < 1 for w in arch):
-            raise ValueError(f"dim and hidden widths must be positive, got dim={dim}, arch={tuple(arch)}")
-        if not ratio >= 0 or not scale > 0:
-            raise ValueError(f"ratio must be >= 0 and scale > 0, got ratio={ratio}, scale={scale}")
+        if not all(isinstance(w, Integral) and not isinstance(w, bool) and w >= 1 for w in (dim, *arch)):
+            raise ValueError(f"dim and hidden widths must be positive integers, got dim={dim}, arch={tuple(arch)}")
+        if not 0 <= ratio < math.inf or not 0 < scale < math.inf:  # NaN fails both comparisons
+            raise ValueError(f"ratio must be >= 0 and scale > 0, both finite, got ratio={ratio}, scale={scale}")
         self.dim, self.arch, self.ratio, self.scale = dim, tuple(arch), float(ratio), float(scale)
         self.policy = _choice("policy", policy, POLICIES)
         self.remainder = _choice("remainder", remainder, REMAINDERS)
