@@ -77,14 +77,22 @@ def check(cfg: DictConfig) -> None:
 
 
 def build_optimizer_for(optim: DictConfig, model_groups: Iterable[dict], adjuster: nn.Module | None,
-                        method: DictConfig) -> torch.optim.Optimizer:
+                        method: DictConfig, no_decay_1d: bool = False) -> torch.optim.Optimizer:
     """``optim.name`` with every other ``optim`` key as its argument, over the model's parameter groups
-    and, with GAL, the adjuster's in a group of its own (at method.adjuster_lr when set)."""
+    and, with GAL, the adjuster's in groups of its own (at method.adjuster_lr when set); with ``no_decay_1d``
+    h's biases get no weight decay, as the authors' ImageNet code exempts them with the model's."""
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in _plain(optim).items() if k != "name"}
     groups = list(model_groups)
     if adjuster is not None:
         lr = method.get("adjuster_lr")
-        groups.append({"params": list(adjuster.parameters()), **({"lr": lr} if lr is not None else {})})
+        own = {"lr": lr} if lr is not None else {}
+        params = list(adjuster.parameters())
+        if no_decay_1d:
+            groups += [group for group in ({"params": [p for p in params if p.ndim > 1], **own},
+                                           {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0,
+                                            **own}) if group["params"]]
+        else:
+            groups.append({"params": params, **own})
     try:
         return build_optimizer(optim.name, groups, **kwargs)
     except (TypeError, ValueError) as err:

@@ -24,3 +24,17 @@ def test_every_setting_names_its_source_and_the_index_shows_it():
     table = recipe.markdown()
     assert table.count("\n") == len(recipe.settings()) + 2
     assert "`task.label_smoothing` | imagenet_resnet50, imagenet_efficientnet_b2 | 0.1 |" in table
+
+
+@pytest.mark.parametrize("exempt", [True, False])
+def test_with_no_weight_decay_bias_norm_hs_biases_take_no_weight_decay_as_the_authors_imagenet_code(exempt):
+    from pipelines.training.method import build_adjuster, build_optimizer_for
+
+    cfg = compose("train", ["experiment=imagenet_resnet50_gal", "profile=smoke"])
+    adjuster = build_adjuster(cfg.method, 10)
+    optimizer = build_optimizer_for(cfg.optim, [], adjuster, cfg.method, no_decay_1d=exempt)
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert len(decay) == len(list(adjuster.parameters()))
+    for p in adjuster.parameters():
+        assert decay[id(p)] == (0.0 if exempt and p.ndim == 1 else cfg.optim.weight_decay)
+    assert {group["lr"] for group in optimizer.param_groups} == {cfg.method.adjuster_lr}

@@ -72,7 +72,7 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer):
 
 
 def model_param_groups(cfg: DictConfig, model: nn.Module) -> list[dict]:
-    if cfg.task.no_weight_decay_bias_norm:  # timm's rule: 1-D parameters (biases, norms) get no decay
+    if cfg.task.no_weight_decay_bias_norm:  # timm's rule: 1-D parameters (biases, norms) get no decay (h's too)
         from timm.optim import param_groups_weight_decay
         return param_groups_weight_decay(model, cfg.optim.get("weight_decay", 0.0))
     return [{"params": list(model.parameters())}]
@@ -125,7 +125,7 @@ class Classification(runner.Task):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net, self.adjuster = attach_method(cfg.method, self.model, self.classes, procs)
         self.optimizer = build_optimizer_for(cfg.optim, model_param_groups(cfg, self.model), self.adjuster,
-                                             cfg.method)
+                                             cfg.method, no_decay_1d=cfg.task.no_weight_decay_bias_norm)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.ema = None
         if cfg.task.ema_decay:
