@@ -4,9 +4,10 @@ A ``UserError`` is an expected failure the user fixes (a bad setting, a missing 
 unreachable store): it is printed as one line, ``<stage>: <message>``, on stderr, and the stage exits with
 ``USER_ERROR`` (2). Anything else is a bug and keeps its traceback.
 
-SIGTERM (Slurm's scancel, ``timeout``, a container's stop) and SIGINT (Ctrl-C) raise ``Interrupted`` in the
-stage, so every ``finally``, atomic write and tracked run cleans up as it would for an error (a run ends
-KILLED); the stage then prints one line and exits 128 + the signal's number, as a shell reports it.
+SIGTERM (Slurm's scancel, ``timeout``, a container's stop), SIGHUP (a closed terminal) and SIGINT (Ctrl-C)
+raise ``Interrupted`` in the stage, so every ``finally``, atomic write and tracked run cleans up as it would
+for an error (a run ends KILLED); the stage then prints one line and exits 128 + the signal's number, as a
+shell reports it.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class ConfigError(UserError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """The process was told to stop (SIGTERM or SIGINT); a KeyboardInterrupt, so code that cleans up after
+    """The process was told to stop (SIGTERM, SIGHUP or SIGINT); a KeyboardInterrupt, so code that cleans up after
     Ctrl-C (PyTorch's DataLoader workers included) does the same for it."""
 
     def __init__(self, signum: int = signal.SIGINT):
@@ -68,7 +69,9 @@ def run_cli(stage: str, main: Callable[[], int | None],
     from omegaconf.errors import OmegaConfBaseException
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
+        for signum in (signal.SIGTERM, signal.SIGHUP):  # not one a caller ignores (nohup ignores SIGHUP)
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                signal.signal(signum, _interrupt)
     try:
         return main() or 0
     except UserError as err:

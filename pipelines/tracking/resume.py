@@ -1,8 +1,9 @@
 """The one resume decision: may a checkpoint be continued, and may a RunTracker state be?
 
     config = plain_container(cfg)                 # the resolved config the run records (trainer.* included)
-    saved = checkpoint.load(path)                 # {"epoch", "config_sha", "config", "task", "tracker", "final"} | None
-    decision = decide(saved, config, epochs, recorded=recorded_run_id(record_dir))  # Resume(resume, finish, ...)
+    saved = checkpoint.load(path)                 # {"epoch", "config_sha", "config", "task", "tracker", "final"}
+    decision = decide(saved, config, epochs,      # Resume(resume, start_epoch, reason, finish)
+                      recorded=recorded_run_id(record_dir))
     print(f"{name}: {decision.reason}")
     ...
     checkpoint.save({"epoch": epoch, "config_sha": config_digest(config), "config": config, ...}, path)

@@ -262,3 +262,37 @@ def test_a_finished_checkpoint_without_its_record_is_finished_not_trained_again(
     assert not decide({**saved, "final": None}, config, 3).finish  # a checkpoint from before final metrics
     assert not decide(saved, {"seed": 1}, 3).finish  # another config's
     assert decide(saved, config, 5).resume  # more epochs asked: resumed as before
+
+
+def stage_writing(tmp_path: Path, **popen) -> subprocess.Popen:
+    """A stage (run_cli) stopped inside an atomic write of tmp_path/out.bin."""
+    code = ("import time; from pathlib import Path; from pipelines.atomic import open_atomic; "
+            "from pipelines.errors import run_cli\n"
+            "def main():\n"
+            f" with open_atomic(Path({str(tmp_path / 'out.bin')!r})) as f:\n"
+            "  f.write(b'x'); f.flush(); print('writing', flush=True); time.sleep(60)\n"
+            "raise SystemExit(run_cli('stage', main))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+    assert proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_every_stage_stops_on_a_signal_in_one_line_and_leaves_no_work_file(tmp_path, signum):
+    proc = stage_writing(tmp_path)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum
+    assert err == f"stage: interrupted by {signal.Signals(signum).name}; what it was writing is left as it was; " \
+                  "rerun it\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hangup_that_nohup_ignores_stays_ignored(tmp_path):
+    proc = stage_writing(tmp_path, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    proc.send_signal(signal.SIGHUP)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(timeout=2)
+    proc.kill()
+    proc.wait()
