@@ -38,3 +38,15 @@ def test_with_no_weight_decay_bias_norm_hs_biases_take_no_weight_decay_as_the_au
     for p in adjuster.parameters():
         assert decay[id(p)] == (0.0 if exempt and p.ndim == 1 else cfg.optim.weight_decay)
     assert {group["lr"] for group in optimizer.param_groups} == {cfg.method.adjuster_lr}
+
+
+def test_resnet50_drops_every_residual_branch_at_one_rate_as_the_authors_timm():
+    from timm.layers import DropPath
+    from timm.models.resnet import Bottleneck
+
+    from pipelines.tasks.classification.task import build_model
+
+    model = build_model(compose("train", ["experiment=imagenet_resnet50_gal", "profile=paper"]), 1000)
+    blocks = [b for b in model.modules() if isinstance(b, Bottleneck)]
+    assert len(blocks) == 16
+    assert all(isinstance(b.drop_path, DropPath) and b.drop_path.drop_prob == 0.2 for b in blocks)

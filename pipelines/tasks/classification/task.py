@@ -42,8 +42,8 @@ def build_model(cfg: DictConfig, classes: int) -> nn.Module:
     m = cfg.model
     extra = {"bn_momentum": m.bn_momentum} if m.get("bn_momentum") is not None else {}  # EfficientNets take it
     try:
-        return timm.create_model(m.name, pretrained=m.pretrained, num_classes=classes, drop_rate=m.drop_rate,
-                                 drop_path_rate=m.drop_path_rate, **extra)
+        model = timm.create_model(m.name, pretrained=m.pretrained, num_classes=classes, drop_rate=m.drop_rate,
+                                  drop_path_rate=m.drop_path_rate, **extra)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise RunError(f"model.name={m.name!r} is not a timm model (timm.list_models() lists them)") from None
@@ -58,6 +58,23 @@ def build_model(cfg: DictConfig, classes: int) -> nn.Module:
         raise RunError(f"cannot load pretrained weights for {m.name} ({type(err).__name__}); without access "
                        "to the Hugging Face hub set model.pretrained=false (random init), or fill HF_HOME's "
                        "cache on a machine that has it") from None
+    if m.get("drop_path_uniform"):
+        uniform_drop_path(model, m.drop_path_rate)
+    return model
+
+
+def uniform_drop_path(model: nn.Module, rate: float) -> None:
+    """Every residual block of a timm ResNet drops its branch at ``rate``, as the authors' timm 0.1.18 did
+    (current timm raises the rate with depth, from 0 at the first block)."""
+    from timm.layers import DropPath
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    blocks = [b for b in model.modules() if isinstance(b, (BasicBlock, Bottleneck))]
+    if not blocks:
+        raise ConfigError(f"model.drop_path_uniform=true: {type(model).__name__} has no ResNet blocks; it applies "
+                          "to timm ResNets only")
+    for block in blocks:
+        block.drop_path = DropPath(rate) if rate else None
 
 
 def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer):
