@@ -1,6 +1,6 @@
 """The MLflow run lifecycle: one ``with RunTracker(...)`` block is one MLflow run and, on success, one run record.
 
-    with RunTracker("regression", "boston-gal-s0", cfg, profile="smoke",
+    with RunTracker("regression", "boston-gal-s0", cfg, profile="smoke", journal=ckpt_dir / "history.jsonl",
                     data_files=[Path("data/processed/boston.npz")], resume=ckpt.get("tracker")) as tracker:
         for epoch in range(start, epochs + 1):
             tracker.log_epoch(epoch, {"train_loss": loss, "val_mae": mae})  # or log_diverged(epoch, row): the end
@@ -12,8 +12,8 @@ an exception ends it FAILED (KILLED for an interruption: SIGTERM, Ctrl-C), write
 A resumable run names a ``journal`` file (beside its checkpoint): each history row is appended there, and
 ``state()`` holds only the row count, so a checkpoint's size does not grow with the epochs. ``exclusive``
 says the caller holds the run's lock (pipelines/training/checkpoint.py): another RUNNING MLflow run of this
-name from the same root was then left by a process that is gone, and is closed KILLED. ``variant`` names a run off
-its preset, ``tags`` are more MLflow tags (set again on resume), ``source`` the entry point, and
+name from the same root was then left by a process that is gone, and is closed KILLED. ``variant`` names a
+run off its preset, ``tags`` are more MLflow tags (set again on resume), ``source`` the entry point, and
 ``system_metrics`` turns on MLflow's system/* sampler. Epoch metrics are buffered and sent in batches (at the
 latest on the first log_epoch FLUSH_SECONDS after the previous send, and at the end). What is recorded and
 logged, and when a resume is refused: pipelines/CONTRACT.md (Run records, MLflow, Resume).
