@@ -18,8 +18,8 @@ from pipelines.errors import ConfigError, UserError
 from pipelines.tasks.detection import data as coco_data, task as detection
 from pipelines.tasks.detection.detr.detr import PostProcess
 from pipelines.training import runner
-from tests.pipelines.train_helpers import (checkpoint_path, kill_at_first_checkpoint, outcome, train, train_config,
-                                           train_env, with_data)
+from tests.pipelines.train_helpers import (checkpoint_path, kill_at_first_checkpoint, outcome, reprepared, train,
+                                           train_config, train_env, with_data)
 
 EXPERIMENT = "experiment=coco_detr_r50_gal"
 RUN = "coco_detr_r50-gal-s0"
@@ -98,6 +98,7 @@ def resized_to_squares(root: Path, side: int = 128) -> None:
             x, y, w, h = a["bbox"]
             a.update(bbox=[x * sx, y * sy, w * sx, h * sy], area=a["area"] * sx * sy)
         path.write_text(json.dumps(data))
+    reprepared(coco)
 
 
 @pytest.mark.slow
@@ -146,6 +147,7 @@ def test_a_tiny_detr_with_gal_learns_to_detect_its_training_images(tmp_path, pre
         (coco / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
     shutil.rmtree(coco / "val2017")
     shutil.copytree(coco / "train2017", coco / "val2017")
+    reprepared(coco)
     done = train(root, EXPERIMENT, "task.epochs=200", "optim.lr=1e-3", "task.lr_backbone=1e-3", "model.dropout=0",
                  "task.augment.crop_size=null", "task.augment.scales=[128]", env=train_env(root), timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
