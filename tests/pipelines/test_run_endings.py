@@ -52,6 +52,7 @@ def one_line_exit_2(result: subprocess.CompletedProcess, message: str) -> None:
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_ends_the_run_killed_in_one_line_and_a_rerun_resumes_it(root, signum, code):
     env, name = train_env(root), name_of(*LONG)
@@ -70,6 +71,7 @@ def test_a_signal_ends_the_run_killed_in_one_line_and_a_rerun_resumes_it(root, s
     assert runs(root) == [(first, name, "FINISHED")]
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_record_is_finished_from_its_checkpoint(root, tmp_path_factory):
     env, name = train_env(root), name_of(*RUN)
     # SIGKILL at the moment the record would be written: after the last epoch's checkpoint
@@ -96,6 +98,7 @@ def test_a_run_killed_before_its_record_is_finished_from_its_checkpoint(root, tm
     assert weights.keys() == weights_0.keys() and all(torch.equal(weights[k], weights_0[k]) for k in weights)
 
 
+@pytest.mark.slow
 def test_an_orphaned_running_run_is_closed_at_the_next_start(root):
     env, name = train_env(root), name_of(*LONG)
     ckpt = checkpoint_path(root, "regression", name)
