@@ -20,6 +20,7 @@ import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pipelines.errors import TrackingError
 
