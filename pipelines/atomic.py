@@ -50,6 +50,14 @@ def write_if_changed(path: Path, data: bytes) -> None:
         write_atomic(path, data)
 
 
+def nearest_existing(path: Path) -> Path:
+    """The deepest part of ``path`` (made absolute) that exists: what decides whether it can be made."""
+    existing = Path(os.path.abspath(path))
+    while not (existing.exists() or existing.is_symlink()):
+        existing = existing.parent
+    return existing
+
+
 def temp_dir_beside(dest: Path) -> Path:
     """An empty directory next to ``dest`` (same filesystem) to build its new content in."""
     dest = Path(dest)

@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipelines.atomic import replace_dir, temp_dir_beside, write_atomic
+from pipelines.atomic import nearest_existing, replace_dir, temp_dir_beside, write_atomic
 from pipelines.report import claims as claims_mod
 from pipelines.report import index, provenance
 from pipelines.report.model import Context, Rendered, Skipped, Spec
@@ -69,10 +69,7 @@ def check_out(out: Path) -> None:
     """ReportError unless ``out`` is, or can be made, a directory this process can put the reports in: what of
     its path exists is a directory, writable where the report makes something (``out`` and its parent, or the
     nearest existing folder above a new ``out``), and no file the report writes there is a directory."""
-    path = Path(os.path.abspath(out))
-    existing = path
-    while not (existing.exists() or existing.is_symlink()):
-        existing = existing.parent
+    path, existing = Path(os.path.abspath(out)), nearest_existing(out)
     if not existing.is_dir():
         what = ("is a file" if existing.is_file() else "is not a directory") if existing == path else \
             f"lies below the file {display_path(existing)}"

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import torch
 
-from pipelines.atomic import open_atomic
+from pipelines.atomic import nearest_existing, open_atomic
 from pipelines.errors import RunError
 
 LOCK_NAME = ".lock"  # beside last.pt
@@ -28,10 +28,7 @@ LOCK_NAME = ".lock"  # beside last.pt
 def check_writable(directory: Path) -> None:
     """Refuse, before any compute, a checkpoint or record folder that cannot be made or written; makes
     nothing."""
-    directory = Path(os.path.abspath(directory))
-    existing = directory
-    while not existing.exists():
-        existing = existing.parent
+    directory, existing = Path(os.path.abspath(directory)), nearest_existing(directory)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         why = "is not a directory" if not existing.is_dir() else "is not writable"
         raise RunError(f"cannot write in {directory}: {existing} {why}; make it a writable directory or set "

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.atomic import write_atomic
+from pipelines.atomic import nearest_existing, write_atomic
 from pipelines.errors import ConfigError, UserError, print_error
 from pipelines.tracking.store import check_tracking_server, tracking_uri
 
@@ -118,9 +118,7 @@ def _checked(config: ClusterConfig, root: Path, setting: str) -> ClusterConfig:
 def check_folder(folder: Path, setting: str) -> None:
     """ConfigError unless ``folder`` is, or can be made, a directory this process writes in (what of its path
     exists is a directory, the deepest part writable); nothing is made: submitit makes it when it submits."""
-    existing = Path(os.path.abspath(folder))
-    while not (existing.exists() or existing.is_symlink()):
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         what = ("is a file" if existing.is_file() else "is not a directory") \
             if existing == Path(os.path.abspath(folder)) else f"lies below the file {existing}"

@@ -24,8 +24,8 @@ from pipelines.tracking import run as run_module
 from pipelines.tracking.resume import config_digest, decide
 from pipelines.tracking.run import RunTracker
 from tests.pipelines.prepare_helpers import ROOT
-from tests.pipelines.train_helpers import (checkpoint_path, name_of, outcome, start, train, train_cmd, train_env,
-                                           wait_for, write_boston)
+from tests.pipelines.train_helpers import (checkpoint_path, kill_at_first_checkpoint, name_of, outcome, start, train,
+                                           train_cmd, train_env, wait_for, write_boston)
 
 RUN = ("experiment=boston_gal", "profile=smoke", "seed=0")
 LONG = (*RUN, "task.epochs=400")  # long enough to be stopped mid-run
@@ -102,10 +102,7 @@ def test_a_run_killed_before_its_record_is_finished_from_its_checkpoint(root, tm
 def test_an_orphaned_running_run_is_closed_at_the_next_start(root):
     env, name = train_env(root), name_of(*LONG)
     ckpt = checkpoint_path(root, "regression", name)
-    proc = start(root, *LONG, env=env)
-    wait_for(ckpt, [proc])
-    proc.kill()
-    proc.wait()
+    kill_at_first_checkpoint(root, *LONG, env=env, checkpoint=ckpt)
     ckpt.unlink()  # what the error message of a refused resume tells a user to do
     [(orphan, _, status)] = runs(root)
     assert status == "RUNNING"
@@ -160,10 +157,7 @@ def test_a_checkpoint_with_a_flipped_bit_is_one_line_not_other_numbers(tmp_path)
 def test_a_run_with_a_corrupt_checkpoint_stops_in_one_line(root):
     env, name = train_env(root), name_of(*LONG)
     ckpt = checkpoint_path(root, "regression", name)
-    proc = start(root, *LONG, env=env)
-    wait_for(ckpt, [proc])
-    proc.kill()
-    proc.wait()
+    kill_at_first_checkpoint(root, *LONG, env=env, checkpoint=ckpt)
     flip_a_weight_byte(ckpt)
     one_line_exit_2(train(root, *LONG, env=env), "is corrupt: ")
 
