@@ -15,25 +15,30 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml packages/gal_core/py
 	$(PIP) install -c requirements.lock -r requirements.txt
 	touch $@
 
+# One pytest worker per core (pytest-xdist); a test file's tests share one worker and its module fixtures
+# (the end-to-end repro runs once). JOBS_TEST=0 runs them in this process.
+JOBS_TEST ?= auto
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter 0,$(JOBS_TEST)),,-n $(JOBS_TEST) --dist loadfile)
 
 # `make repro PROFILE=regression` (or fanout) switches the profile in params.yaml first, and the grids with it
-# (pipelines/profile.py): ablations (paper for `paper`, else smoke) and the Table V protocol study (smoke for
-# `smoke`, else regression).
+# (pipelines/profile.py): ablations (paper for `paper`, else smoke), the Table V protocol study (smoke for
+# `smoke`, else regression) and Table V's seeds (smoke: 2, else 5).
 profile: setup
 ifdef PROFILE
 	$(BIN)/python -m pipelines.profile $(PROFILE)
 endif
 
+# Both run their training commands warm (pipelines/warm.py: one process imports torch and MLflow once and forks
+# each run); a plain `dvc repro` runs the same commands cold, to the same results.
 repro: setup profile
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipelines.warm $(BIN)/dvc repro
 
 # The same results with the training stages run JOBS at a time (pipelines/fanout.py): on one multi-GPU node
 # each run gets its own GPUs; with GAL_LAUNCHER=slurm each run is a Slurm job. STAGES: DVC targets (default all).
 JOBS ?= 4
 fanout: setup profile
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipelines.fanout --jobs $(JOBS) $(STAGES)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipelines.warm $(BIN)/python -m pipelines.fanout --jobs $(JOBS) $(STAGES)
 
 # Every training run of a profile at its real size for a few steps, before the GPU-hours are spent
 # (pipelines/preflight/): step time, memory, the device-hours each stage will take, and what fails. It plans

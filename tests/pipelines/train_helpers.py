@@ -19,7 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from pipelines import hashing
+from pipelines import hashing, warm
 from pipelines.training import identity
 from tests.pipelines.prepare_helpers import CONF, ROOT
 
@@ -54,9 +54,14 @@ def train_env(store: Path, **extra: str) -> dict:
     return env
 
 
+WARM_SOCKET: list[str] = []  # the session's warm server (conftest.py): train() starts its runs there
+
+
 def train(root: Path, *overrides: str, env: dict | None = None, timeout: float | None = 600
           ) -> subprocess.CompletedProcess:
-    """The train command run to its end from the repo root (in ``env``, else this environment)."""
+    """The train command run to its end from the repo root (in ``env``, else this environment), started warm
+    when the session's warm server is up (the same run, tests/pipelines/test_warm.py; killed runs start cold)."""
+    env = {**(os.environ if env is None else env), **({warm.SOCKET_ENV: WARM_SOCKET[0]} if WARM_SOCKET else {})}
     return subprocess.run(train_cmd(root, *overrides), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
