@@ -95,17 +95,19 @@ def _one_line(err: Exception) -> str:
 
 
 def hydra_main(config_name: str, stage: str, run: Callable[[DictConfig], int | None]) -> None:
-    """Run ``run(cfg)`` under Hydra's CLI on conf/<config_name>.yaml and exit with its code. The overrides are
-    composed once first, so a bad one is one line (exit 2) rather than Hydra's report; Hydra's own flags
-    (--cfg, --help, -m, ...) skip that."""
-    import hydra
-
+    """Run ``run(cfg)`` on conf/<config_name>.yaml with the command line's overrides and exit with its code. A
+    plain key=value command line is composed once and run directly (a bad override is one line, exit 2): the
+    configs make Hydra write nothing, keep the working directory and leave logging alone, so its app wrapper
+    would only compose a second time. Hydra's own flags (--cfg, --help, -m, ...) go through ``hydra.main``."""
     argv = sys.argv[1:]
     if not any(arg.startswith("-") for arg in argv):
         try:
-            compose(config_name, argv)
+            cfg = compose(config_name, argv)
         except ConfigError as err:
             sys.exit(print_error(stage, err))
+        sys.exit(run(cfg) or 0)
+
+    import hydra
 
     @hydra.main(config_path=str(CONF), config_name=config_name, version_base="1.3")
     def main(cfg: DictConfig) -> None:
