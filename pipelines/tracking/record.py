@@ -143,25 +143,3 @@ def write_git_changes(directory: Path, diff: bytes, untracked: Sequence[str]) ->
     """A dirty tree's diff and untracked files (run record and MLflow artifacts)."""
     (directory / DIFF_FILE).write_bytes(diff)
     (directory / UNTRACKED_FILE).write_text("".join(f"{path}\n" for path in untracked))
-
-
-def loss_curve(history: Sequence[tuple[int, Mapping[str, str]]], step_name: str, title: str, path: Path) -> None:
-    """A PNG of every *loss* column (else the first column) against the step: the run's curve in MLflow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = list(dict.fromkeys(c for _, row in history for c in row))
-    shown = [c for c in columns if "loss" in c] or columns[:1]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for column in shown:
-        points = [(step, float(row[column])) for step, row in history if row.get(column, "") != ""]
-        ax.plot(*zip(*points), label=column, marker="." if len(points) < 30 else None)
-    ax.set_xlabel(step_name)
-    ax.set_title(title, fontsize=9)
-    if shown:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -441,14 +441,11 @@ class RunTracker:
                      history=self._history, final=self._final, meta=meta, diff=self._diff)
 
     def _log_record(self, directory: Path) -> None:
-        """The record's files and the loss curve as the run's MLflow artifacts (record/, loss_curve.png)."""
-        with store.quiet(), tempfile.TemporaryDirectory() as tmp:
+        """The record's files as the run's MLflow artifacts (record/). No picture of the curves: MLflow's run
+        page charts every per-epoch metric itself, and drawing one cost each run half a second of imports."""
+        with store.quiet():
             for name in record.RECORD_FILES:
                 self._client.log_artifact(self.run_id, str(directory / name), record.RECORD_DIR)
-            if self._history:
-                curve = Path(tmp) / "loss_curve.png"
-                record.loss_curve(self._history, self.step_name, f"{self.task} / {self.run_name}", curve)
-                self._client.log_artifact(self.run_id, str(curve))
 
     def _start_monitor(self, resumed: bool) -> None:
         """MLflow's own sampler of CPU, memory, disk, network and (with NVML) GPU use: system/* metrics."""

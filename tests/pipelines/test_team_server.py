@@ -57,9 +57,8 @@ def test_a_run_shows_in_mlflows_views_and_its_credentials_go_nowhere(server, tmp
     assert dataset.dataset.name == data.as_posix() and dataset.tags[0].value == "training"
     assert dataset.dataset.digest == hashlib.md5(data.read_bytes()).hexdigest()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"loss_curve.png", "record"} <= artifacts
+    assert "record" in artifacts
     local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "downloaded")))
-    assert (local / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = tmp_path / "runs/regression/boston-gal-epochs4-s0"
     for name in ("config.yaml", "history.csv", "metrics.json", "run.json"):
         assert (local / "record" / name).read_bytes() == (record / name).read_bytes(), name

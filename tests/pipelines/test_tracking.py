@@ -120,8 +120,8 @@ def check_mlflow_run(client: MlflowClient, tracker: RunTracker, data: bytes) -> 
     assert tags["dvc_stage"] == "manual" and tags["profile"] == "smoke" and tags["variant"] == ""
     artifacts = {a.path for a in client.list_artifacts(tracker.run_id)}
     assert "git_diff_sha256" not in tags and "provenance" not in artifacts  # no git: no diff
-    # MLflow's own views: the record and the loss curve as artifacts, the standard tags, the data as inputs
-    assert artifacts == {"record", "loss_curve.png"}
+    # MLflow's own views: the record as artifacts, the standard tags, the data as inputs
+    assert artifacts == {"record"}
     assert {a.path for a in client.list_artifacts(tracker.run_id, "record")} == {
         f"record/{name}" for name in ("config.yaml", "history.csv", "metrics.json", "run.json")}
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"] and "mlflow.source.git.commit" not in tags
