@@ -156,12 +156,14 @@ def test_the_profile_switch_selects_each_profiles_grids_and_make_profile_writes_
     import yaml
 
     text = (ROOT / "params.yaml").read_text()
-    for profile, ablations, protocols in (("paper", "paper", "regression"), ("regression", "smoke", "regression"),
-                                          ("smoke", "smoke", "smoke")):
+    for profile, ablations, protocols, seeds in (("paper", "paper", "regression", "table5"),
+                                                 ("regression", "smoke", "regression", "table5"),
+                                                 ("smoke", "smoke", "smoke", "smoke")):
         params = yaml.safe_load(switched(text, profile))
         assert params["profile"] == profile
         assert params["ablations"] == params["ablation_grids"][ablations]
         assert params["protocols"] == params["protocol_grids"][protocols]
+        assert params["seeds"] == params["seed_grids"][seeds]
     (tmp_path / "params.yaml").write_text(text)
     done = subprocess.run([BIN / "python", "-m", "pipelines.profile", "paper"], cwd=tmp_path, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
