@@ -1,33 +1,24 @@
 """Fixtures the pipeline tests share: the report tests' site of run records and rendered reports, the smoke
 fixtures' prepared data, made once a session by the real prepare stages (copy it into a run's root with
 train_helpers.with_data; never write to it), a run root that tracks into its own sqlite store (with a
-small Boston table: boston_root), and the session's warm server for the train commands run to their end.
+small Boston table: boston_root), and the end of the session's warm server (started by the first train()).
 Plain helpers are in train_helpers.py and prepare_helpers.py."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.pipelines import train_helpers
-from tests.pipelines.prepare_helpers import ROOT, prepare_config
+from tests.pipelines.prepare_helpers import prepare_config
 from tests.pipelines.train_helpers import write_boston
 
 
 @pytest.fixture(scope="session", autouse=True)
-def warm_server(tmp_path_factory):
-    """(socket, process) of a warm server (pipelines/warm.py) serving this checkout; train_helpers.train
-    starts its runs there once it listens (before that, and if this tree's code changes, they start cold)."""
-    socket = tmp_path_factory.mktemp("warm") / "socket"
-    server = subprocess.Popen([sys.executable, "-m", "pipelines.warm", "--serve", str(socket)], cwd=ROOT,
-                              start_new_session=True)
-    train_helpers.WARM_SOCKET.append(str(socket))
-    yield socket, server
-    train_helpers.WARM_SOCKET.clear()
-    server.terminate()
-    server.wait()
+def stop_warm_server():
+    """The session's warm server (train_helpers.warm_server, started by the first train()) ends with it."""
+    yield
+    train_helpers.stop_warm_server()
 
 
 @pytest.fixture(scope="session")

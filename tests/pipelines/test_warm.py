@@ -19,14 +19,15 @@ import pytest
 
 from pipelines import warm
 from tests.pipelines.prepare_helpers import ROOT
-from tests.pipelines.train_helpers import checkpoint_path, train_cmd, train_env, wait_for, write_boston
+from tests.pipelines.train_helpers import (checkpoint_path, train_cmd, train_env, wait_for, warm_server,
+                                          write_boston)
 
 RUN = ("experiment=boston_gal", "task.epochs=3")
 
 
 @pytest.fixture(scope="module")
-def socket_path(warm_server) -> Path:
-    socket, server = warm_server
+def socket_path() -> Path:
+    socket, server = warm_server()
     deadline = time.monotonic() + 600
     while not socket.exists():
         assert server.poll() is None and time.monotonic() < deadline, "the warm server did not start"
@@ -98,20 +99,20 @@ def start_served(root: Path, socket: Path) -> subprocess.Popen:
     return proc
 
 
-def test_a_signal_reaches_the_served_run_and_its_exit_code_the_client(socket_path, warm_server, tmp_path):
+def test_a_signal_reaches_the_served_run_and_its_exit_code_the_client(socket_path, tmp_path):
     proc = start_served(tmp_path, socket_path)
-    assert len(served_children(warm_server[1])) == 1
+    assert len(served_children(warm_server()[1])) == 1
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "train regression: interrupted by SIGTERM" in out
 
 
-def test_a_client_killed_outright_takes_its_run_with_it(socket_path, warm_server, tmp_path):
+def test_a_client_killed_outright_takes_its_run_with_it(socket_path, tmp_path):
     proc = start_served(tmp_path, socket_path)
-    (fork,) = served_children(warm_server[1])
+    (fork,) = served_children(warm_server()[1])
     proc.kill()
     proc.wait()
     fork.wait(timeout=60)  # psutil.TimeoutExpired if the run outlived its client
-    assert not served_children(warm_server[1])
+    assert not served_children(warm_server()[1])
     assert os.path.exists(checkpoint_path(tmp_path, "regression", "boston-gal-epochs100000-s0"))

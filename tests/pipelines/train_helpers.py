@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,14 +55,32 @@ def train_env(store: Path, **extra: str) -> dict:
     return env
 
 
-WARM_SOCKET: list[str] = []  # the session's warm server (conftest.py): train() starts its runs there
+WARM: dict = {}  # the session's warm server: started by the first train(), stopped by conftest.py
+
+
+def warm_server() -> tuple[Path, subprocess.Popen]:
+    """(socket, process) of the session's warm server (pipelines/warm.py) serving this checkout, started on
+    the first call; runs started before it listens (or after this tree's code changed) start cold."""
+    if not WARM:
+        socket = Path(tempfile.mkdtemp(prefix="gal-warm-test-")) / "socket"
+        WARM["socket"], WARM["server"] = socket, subprocess.Popen(
+            [sys.executable, "-m", "pipelines.warm", "--serve", str(socket)], cwd=ROOT, start_new_session=True)
+    return WARM["socket"], WARM["server"]
+
+
+def stop_warm_server() -> None:
+    if WARM:
+        WARM["server"].terminate()
+        WARM["server"].wait()
+        shutil.rmtree(WARM.pop("socket").parent, ignore_errors=True)
+        WARM.clear()
 
 
 def train(root: Path, *overrides: str, env: dict | None = None, timeout: float | None = 600
           ) -> subprocess.CompletedProcess:
     """The train command run to its end from the repo root (in ``env``, else this environment), started warm
-    when the session's warm server is up (the same run, tests/pipelines/test_warm.py; killed runs start cold)."""
-    env = {**(os.environ if env is None else env), **({warm.SOCKET_ENV: WARM_SOCKET[0]} if WARM_SOCKET else {})}
+    (the same run, tests/pipelines/test_warm.py; the tests that kill a run start it cold)."""
+    env = {**(os.environ if env is None else env), warm.SOCKET_ENV: str(warm_server()[0])}
     return subprocess.run(train_cmd(root, *overrides), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
