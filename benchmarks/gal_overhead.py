@@ -2,9 +2,11 @@
 
 CPU default (issue goal <= 1.03): a ResNet-18 on 32x32 inputs, batch 128, 10 classes, adjuster 100-32-16.
 GPU (goal <= 1.01):  python -m benchmarks.gal_overhead --device cuda --model resnet50 --image-size 224 \
-                       --classes 1000 --arch 512,128 --amp
+                       --classes 1000 --arch 512,128 --amp [--mode compiled|graphed]
 Plain and GAL steps alternate on the same model, so drift in machine load hits both alike; the printed
-ratio is the median over step pairs of (GAL step time / plain step time).
+ratio is the median over step pairs of (GAL step time / plain step time). ``--mode`` runs GAL's step eagerly
+(default), compiled (GradientAdjuster(compile=True)) or compiled with CUDA graphs ("reduce-overhead"); the
+model itself stays eager in every mode.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 
 from gal_core import GradientAdjuster
 
+MODES = {"eager": False, "compiled": True, "graphed": "reduce-overhead"}  # --mode -> GradientAdjuster(compile=)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast + channels_last (GPU recipe)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--mode", choices=list(MODES), default="eager", help="how GAL's step runs")
     return parser.parse_args(argv)
 
 
@@ -78,7 +83,9 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     memory_format = torch.channels_last if args.amp else torch.contiguous_format
     model = timm.create_model(args.model, num_classes=args.classes).to(device, memory_format=memory_format)
-    adjuster = GradientAdjuster(args.classes, tuple(int(w) for w in args.arch.split(",")), ratio=1e-3).to(device)
+    compile_option = {"compile": MODES[args.mode]} if MODES[args.mode] else {}  # eager: the default
+    adjuster = GradientAdjuster(args.classes, tuple(int(w) for w in args.arch.split(",")), ratio=1e-3,
+                                **compile_option).to(device)
     optimizer = torch.optim.SGD([*model.parameters(), *adjuster.parameters()], lr=0.05, momentum=0.9)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     images = images.contiguous(memory_format=memory_format)
@@ -108,6 +115,7 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "model": args.model, "image_size": args.image_size,
         "batch": args.batch, "classes": args.classes, "arch": args.arch, "amp": args.amp, "pairs": args.pairs,
+        "mode": args.mode, "cudagraph_skips": getattr(adjuster, "cudagraph_skips", []),  # [] before gal_core had it
         "plain_median_s": statistics.median(plain), "gal_median_s": statistics.median(gal),
         "median_pair_ratio": statistics.median(ratios),
         "pair_ratio_quartiles": [round(q, 4) for q in statistics.quantiles(ratios, n=4)],

@@ -24,6 +24,7 @@ NETWORK_KEYS = ("arch", "kind", "activation", "bias", "adjuster_lr")  # settings
 # GALStats every task logs per epoch (means over the epoch's steps): remainder, cos(g, â), acceptance; how often
 # the trial loss ties with the loss exactly; |R| in float32 spacings of L (mean of the per-step ratio: below 1,
 # float32 cannot resolve R); the norm of h's gradient (at output width 1 it is rounding only)
+# logged every step: the tasks ask GAL for its detailed statistics (adjuster_grad_norm, adjusted_better)
 STEP_STATS = ("remainder", "cosine", "accepted", "tie", "remainder_ulps", "adjuster_grad_norm")
 
 

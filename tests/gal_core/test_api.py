@@ -56,12 +56,16 @@ def test_bad_extra_loss_is_a_one_line_error(extra_loss, got):
 
 
 def test_stats_to_dict_gives_floats():
-    stats = GradientAdjuster(3, (4,)).backward(torch.randn(5, 3, requires_grad=True), lambda z: z.pow(2).mean(), 0.1)
+    adjuster = GradientAdjuster(3, (4,))
+    stats = adjuster.backward(torch.randn(5, 3, requires_grad=True), lambda z: z.pow(2).mean(), 0.1)
     values = stats.to_dict()
-    assert set(values) == {"loss", "tentative_loss", "remainder", "accepted", "cosine", "signed_remainder", "tie",
-                           "remainder_ulps", "adjuster_grad_norm"}
+    default = {"loss", "tentative_loss", "remainder", "accepted", "cosine", "signed_remainder", "tie", "remainder_ulps"}
+    assert set(values) == default and stats.adjuster_grad_norm is None and stats.adjusted_better is None
     assert all(type(v) is float for v in values.values())
     assert all(not t.requires_grad for t in (stats.loss, stats.tentative_loss, stats.remainder))
+    detailed = adjuster.backward(torch.randn(5, 3, requires_grad=True), lambda z: z.pow(2).mean(), 0.1,
+                                 per_sample_loss_fn=lambda z: z.pow(2).mean(-1), detailed=True)
+    assert set(detailed.to_dict()) == default | {"adjuster_grad_norm", "adjusted_better"}
 
 
 @pytest.mark.parametrize("dim, arch, kind, weights_only, expected", [

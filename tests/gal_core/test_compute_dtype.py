@@ -32,7 +32,7 @@ def test_float64_matches_float32_where_float32_resolves_the_remainder():
     results = []
     for adjuster in pair(5, (8,), ratio=0.1):
         model.zero_grad()
-        stats = adjuster.backward(model(x), loss_fn, 0.5)
+        stats = adjuster.backward(model(x), loss_fn, 0.5, detailed=True)
         results.append((stats, [p.grad.clone() for p in model.parameters()],
                         [p.grad.clone() for p in adjuster.parameters()]))
     (s32, model32, h32), (s64, model64, h64) = results
@@ -93,15 +93,16 @@ def test_adjuster_grad_norm_is_what_this_call_adds_to_h():
     z, labels = torch.randn(8, 5), torch.randint(0, 5, (8,))
     loss_fn = lambda out: F.cross_entropy(out, labels)  # noqa: E731
     adjuster = GradientAdjuster(5, (8,), ratio=0.1)
-    first = adjuster.backward(z.clone().requires_grad_(), loss_fn, 0.5)
+    first = adjuster.backward(z.clone().requires_grad_(), loss_fn, 0.5, detailed=True)
     grads = [p.grad.clone() for p in adjuster.parameters()]
     expected = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
     assert first.adjuster_grad_norm.item() == pytest.approx(expected.item(), rel=1e-6) and expected > 0
-    second = adjuster.backward(z.clone().requires_grad_(), loss_fn, 0.5)  # accumulates into .grad
+    second = adjuster.backward(z.clone().requires_grad_(), loss_fn, 0.5, detailed=True)  # accumulates into .grad
     assert second.adjuster_grad_norm.item() == pytest.approx(expected.item(), rel=1e-5)
     scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
     adjuster.zero_grad()
-    scaled = adjuster.backward(z.clone().requires_grad_(), loss_fn, 0.5, scaler=scaler)
+    scaled = adjuster.backward(z.clone().requires_grad_(), loss_fn, 0.5, scaler=scaler, detailed=True)
     assert scaled.adjuster_grad_norm.item() == pytest.approx(expected.item(), rel=1e-5)  # unscaled
-    noise = GradientAdjuster(5, ratio=0.1, source="uniform").backward(z.clone().requires_grad_(), loss_fn, 0.5)
+    noise = GradientAdjuster(5, ratio=0.1, source="uniform").backward(z.clone().requires_grad_(), loss_fn, 0.5,
+                                                                      detailed=True)
     assert noise.adjuster_grad_norm.item() == 0.0  # no h, no gradient

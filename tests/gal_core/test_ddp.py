@@ -53,7 +53,8 @@ def step(model, adjuster, x, target, labels, lr):
     output, aux = model(x)
     extra_loss = None if aux is None else F.cross_entropy(aux, labels)  # this shard's mean, as plain DDP
     stats = adjuster.backward(output, lambda z: F.mse_loss(z, target), lr, extra_loss=extra_loss,
-                              per_sample_loss_fn=lambda z: F.mse_loss(z, target, reduction="none").mean(-1))
+                              per_sample_loss_fn=lambda z: F.mse_loss(z, target, reduction="none").mean(-1),
+                              detailed=True)
     return {"model": [p.grad for p in model.parameters()], "h": [p.grad for p in adjuster.parameters()],
             "stats": stats.to_dict()}
 

@@ -194,7 +194,8 @@ def test_adjusted_better_fraction_matches_per_sample_comparison():
     adjuster = GradientAdjuster(4, (8,), ratio=0.8, scale=4.0)
     per_sample = lambda out: F.cross_entropy(out, target, reduction="none")  # noqa: E731
     oracle = reference_step(adjuster, z, lambda out: per_sample(out).mean(), 0.5)
-    stats = adjuster.backward(z, lambda out: per_sample(out).mean(), 0.5, per_sample_loss_fn=per_sample)
+    stats = adjuster.backward(z, lambda out: per_sample(out).mean(), 0.5, per_sample_loss_fn=per_sample,
+                              detailed=True)
     z0, g, a_hat = z.detach(), oracle["g"], oracle["a_hat"]
     better = per_sample(z0 - 0.5 * 4.0 * (g + a_hat)) < per_sample(z0 - 0.5 * 4.0 * g)
     assert stats.adjusted_better.item() == pytest.approx(better.float().mean().item())

@@ -15,7 +15,7 @@ def h_gradient_norm(dim: int, policy: str, remainder: str, dtype: torch.dtype) -
     model = nn.Linear(6, dim).to(dtype)
     x, target = torch.randn(32, 6, dtype=dtype), torch.randn(32, dim, dtype=dtype)
     adjuster = GradientAdjuster(dim, (16, 4), ratio=0.01, policy=policy, remainder=remainder).to(dtype)
-    stats = adjuster.backward(model(x), lambda z: F.mse_loss(z, target), 0.1)
+    stats = adjuster.backward(model(x), lambda z: F.mse_loss(z, target), 0.1, detailed=True)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in adjuster.parameters()]))
     assert stats.adjuster_grad_norm.item() == pytest.approx(norm.item(), rel=1e-6)
     return norm.item()

@@ -209,7 +209,7 @@ class Classification(runner.Task):
             else:
                 per_sample = lambda z: F.cross_entropy(z.float(), labels, reduction="none",  # noqa: E731
                                                        label_smoothing=smoothing)
-                stats = self.adjuster.backward(logits, loss_fn, lr, per_sample_loss_fn=per_sample,
+                stats = self.adjuster.backward(logits, loss_fn, lr, per_sample_loss_fn=per_sample, detailed=True,
                                                scaler=self.scaler if self.scaler.is_enabled() else None)
                 values = [stats.loss, *(getattr(stats, name) for name in GAL_STATS)]  # batch-global
             self.scaler.step(self.optimizer)  # optimizer.step() unless fp16 (then unscaled, inf steps skipped)

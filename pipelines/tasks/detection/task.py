@@ -169,7 +169,8 @@ class Detection(runner.Task):
                 (parts.box_loss_fn(parts.boxes) + parts.extra_loss).backward()
                 gal = []
             else:
-                stats = self.adjuster.backward(parts.boxes, parts.box_loss_fn, lr, extra_loss=parts.extra_loss)
+                stats = self.adjuster.backward(parts.boxes, parts.box_loss_fn, lr, extra_loss=parts.extra_loss,
+                                               detailed=True)
                 gal = [getattr(stats, name) for name in GAL_STATS]
             if cfg.task.clip_max_norm:
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.task.clip_max_norm)

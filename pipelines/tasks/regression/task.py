@@ -108,7 +108,7 @@ class Regression(runner.Task):
                 loss.backward()
                 step_stats = {"loss": loss.detach()}
             else:
-                stats = self.adjuster.backward(out, loss_fn, self.optimizer.param_groups[0]["lr"],
+                stats = self.adjuster.backward(out, loss_fn, self.optimizer.param_groups[0]["lr"], detailed=True,
                                                per_sample_loss_fn=lambda z: (z - yb).pow(2).mean(-1))
                 step_stats = {name: getattr(stats, name) for name in ("loss", *STEP_STATS, "adjusted_better")}
             self.optimizer.step()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from contextlib import nullcontext
 from numbers import Integral
 from typing import Callable, Sequence
 
@@ -10,56 +10,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .compiled import PACKED, CompiledStep
 from .modules import build_adjuster_net
+from .stats import GALStats
+from .step import StepConfig, StepResult, adjusted_step, eager_all_reduce, normalized, traceable_all_reduce
 
 POLICIES = ("safeguard", "strict", "always", "never")
 REMAINDERS = ("reference", "exact", "mean")
 SOURCES = ("learned", "uniform", "normal")
 COMPUTE_DTYPES = (torch.float32, torch.float64)
-_TINY = torch.finfo(torch.float32).tiny  # guards 0/0 for zero rows without changing any non-zero row
-
-
-@dataclass(frozen=True)
-class GALStats:
-    """Detached statistics of one GAL step; all stay on the device until ``to_dict`` is called."""
-
-    loss: Tensor
-    tentative_loss: Tensor
-    remainder: Tensor
-    accepted: Tensor
-    cosine: Tensor
-    # L_tent - L + first, the remainder before |.|: its sign orients h's gradient
-    signed_remainder: Tensor
-    # 1.0 when L_tent == L exactly: then the safeguard accepts (policy "safeguard") on a rounding tie
-    tie: Tensor
-    # |R| in units of float32's spacing at L (nextafter(L) - L): below 1, float32 cannot resolve R
-    remainder_ulps: Tensor
-    # norm of the gradient this call added to h's parameters (after DDP's averaging, unscaled); 0 without h
-    adjuster_grad_norm: Tensor
-    adjusted_better: Tensor | None = None
-
-    def to_dict(self) -> dict[str, float]:
-        """Floats for logging, in one device-to-host copy."""
-        names = [f.name for f in fields(self) if getattr(self, f.name) is not None]
-        values = torch.stack([getattr(self, name).float() for name in names]).tolist()
-        return dict(zip(names, values))
-
-
-def _row_cosine(u: Tensor, v: Tensor) -> Tensor:
-    norms = torch.linalg.vector_norm(u, dim=-1) * torch.linalg.vector_norm(v, dim=-1)
-    return (u * v).sum(-1) / norms.clamp_min(_TINY)
-
-
-def float32_spacing(value: Tensor) -> Tensor:
-    """The gap from float32(value) to the next float32 towards +inf: the resolution float32 has at value."""
-    value = value.float()
-    return torch.nextafter(value, torch.full_like(value, float("inf"))) - value
 
 
 def _added_grad_norm(params: list[Tensor], before: list[Tensor | None], like: Tensor) -> Tensor:
     """Norm of what one backward call added to ``params``' .grad (``before``: the grads it found)."""
     added = [p.grad if b is None else p.grad - b for p, b in zip(params, before) if p.grad is not None]
-    # one fused (foreach) norm over all of h's tensors, not a kernel per tensor: this runs every step
+    # one fused (foreach) norm over all of h's tensors, not a kernel per tensor
     return nn.utils.get_total_norm(added).to(like.dtype) if added else torch.zeros_like(like)
 
 
@@ -84,6 +49,14 @@ class GradientAdjuster(nn.Module):
     torch.float32 (default; what the authors' code computes) or torch.float64, for settings where the trial
     step's remainder is below float32's resolution at the loss (see ``GALStats.remainder_ulps``). h itself
     runs in its parameters' dtype; the gradient sent into the model is cast back to the output's dtype.
+
+    ``compile``: False (default) runs the step eagerly; True compiles its arithmetic with ``torch.compile``
+    (``fullgraph=True``); a string is a ``torch.compile`` mode, e.g. ``"reduce-overhead"`` for CUDA graphs
+    (fixed shapes only). It is a constructor argument (and :meth:`compile` for later) rather than a wrapper
+    around the module because the compiled region is not the module's forward: it is the arithmetic between
+    h's output and the one backward call, so that h (DDP-wrapped or not) and the model stay as the user built
+    them. See ``gal_core.compiled`` for what is compiled and why. The numbers equal the eager step's up to
+    rounding (float64: 1e-12, float32: 1e-6); ``loss_fn`` must then be traceable (tensor code, no host sync).
     """
 
     def __init__(
@@ -101,6 +74,7 @@ class GradientAdjuster(nn.Module):
         bias: bool = True,
         process_group: dist.ProcessGroup | None = None,
         compute_dtype: torch.dtype = torch.float32,
+        compile: bool | str = False,
     ):
         super().__init__()
         if compute_dtype not in COMPUTE_DTYPES:
@@ -121,6 +95,34 @@ class GradientAdjuster(nn.Module):
         self.process_group = process_group
         self.compute_dtype = compute_dtype
         self._net_ddp: nn.Module | None = None
+        self._compiled: CompiledStep | None = None
+        self._compiled_cfg: StepConfig | None = None
+        self._compile_options: dict | None = None
+        self._constants: dict[tuple, Tensor] = {}  # small device tensors made once: lr's buffer, a one
+        if compile:
+            self.compile(mode=None if compile is True else compile)
+
+    def compile(self, mode: str | None = None, backend: str = "inductor", dynamic: bool | None = None
+                ) -> "GradientAdjuster":
+        """Compile the step's arithmetic from the next call on (arguments as for ``torch.compile``; mode
+        "reduce-overhead" adds CUDA graphs, whose silent fallbacks are reported in ``cudagraph_skips``).
+        Overrides ``nn.Module.compile``, which would compile a forward this module does not have."""
+        self._compile_options = {"mode": mode, "backend": backend, "dynamic": dynamic}
+        self.__dict__["_compiled"] = None  # built on the first call, when the world size is known
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        return self._compile_options is not None
+
+    @property
+    def cudagraph_skips(self) -> list[str]:
+        """Why the compiled step could not use CUDA graphs (torch's reasons); empty when it does, or when no
+        CUDA-graph mode was asked for."""
+        return list(self._compiled.skips) if self._compiled is not None else []
+
+    def __getstate__(self):  # a compiled function does not pickle or deep-copy: it is rebuilt on first use
+        return {**self.__dict__, "_compiled": None, "_compiled_cfg": None, "_constants": {}}
 
     def wrap_ddp(self, **ddp_kwargs) -> "GradientAdjuster":
         """Wrap h in DistributedDataParallel (kwargs as for DDP) so its gradients are synchronised.
@@ -133,16 +135,18 @@ class GradientAdjuster(nn.Module):
     def propose(self, z: Tensor, g: Tensor) -> Tensor:
         """The normalised adjustment a_hat: per row, direction of h(z) (or noise) with norm ratio * ||g||;
         with ``normalize=False`` the drawn noise itself (uniform on [-1, 1) or standard normal)."""
-        if self.net is not None:  # h runs in its parameters' dtype; its proposal joins GAL's arithmetic
-            a = (self._net_ddp or self.net)(z.to(next(self.net.parameters()).dtype)).to(z.dtype)
-        elif self.source == "uniform":
-            a = torch.rand_like(z) * 2 - 1
-        else:
-            a = torch.randn_like(z)
+        a = self._draw(z)
         if not self.normalize:
             return a
-        unit = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min(_TINY)
-        return unit * (self.ratio * torch.linalg.vector_norm(g, dim=-1, keepdim=True))
+        return normalized(a, g, self.ratio)
+
+    def _draw(self, z: Tensor) -> Tensor:
+        """h(z) in z's dtype (h runs in its parameters' dtype), or the noise of a noise source."""
+        if self.net is not None:
+            return (self._net_ddp or self.net)(z.to(next(self.net.parameters()).dtype)).to(z.dtype)
+        if self.source == "uniform":
+            return torch.rand_like(z) * 2 - 1
+        return torch.randn_like(z)
 
     def backward(
         self,
@@ -153,17 +157,22 @@ class GradientAdjuster(nn.Module):
         extra_loss: Tensor | None = None,
         per_sample_loss_fn: Callable[[Tensor], Tensor] | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        detailed: bool = False,
     ) -> GALStats:
         """Back-propagate the (possibly adjusted) gradient of ``loss_fn(output)`` into the model and the
-        gradient of the remainder into h. ``lr`` is the optimiser's current learning rate.
+        gradient of the remainder into h. ``lr`` is the optimiser's current learning rate: a float, or a 0-d
+        tensor on the output's device.
         ``extra_loss``: a scalar that requires grad, for terms GAL does not adjust (e.g. DETR's class and
         auxiliary losses); it is back-propagated plainly, as by ``extra_loss.backward()``, in the same single
         autograd call as the rest (DDP sees one backward pass). It is not part of the statistics: loss,
         tentative loss and remainder are those of ``loss_fn`` alone. Under DDP, with or without a
         ``process_group``, pass each rank's own extra loss as with plain DDP: it is not all-reduced, and
         DDP's gradient averaging makes it the mean of the ranks' extra losses.
-        ``per_sample_loss_fn(z)`` -> losses of shape z.shape[0] adds the adjusted_better statistic.
-        ``scaler`` (a torch.amp.GradScaler) scales all backward roots like ``scaler.scale(loss)``."""
+        ``scaler`` (a torch.amp.GradScaler) scales all backward roots like ``scaler.scale(loss)``.
+        ``detailed``: also compute the statistics that cost work on every step they are computed:
+        ``adjuster_grad_norm`` and, with ``per_sample_loss_fn(z)`` -> losses of shape z.shape[0],
+        ``adjusted_better``. Without it both are None (and ``per_sample_loss_fn`` is not called): ask on the
+        steps you log them."""
         if extra_loss is not None and not (isinstance(extra_loss, Tensor) and extra_loss.dim() == 0
                                            and extra_loss.requires_grad):
             got = (f"shape {tuple(extra_loss.shape)}, requires_grad={extra_loss.requires_grad}"
@@ -174,95 +183,94 @@ class GradientAdjuster(nn.Module):
         if not output.requires_grad:
             raise ValueError("output must require grad (a model output, or a leaf with requires_grad=True)")
         world = dist.get_world_size(self.process_group) if self.process_group is not None else 1
-        with torch.enable_grad(), torch.autocast(output.device.type, enabled=False):
-            # 1. the plain gradient g = dL/dz at z0, in at least compute_dtype whatever the model's precision
-            z0 = output.detach().to(torch.promote_types(output.dtype, self.compute_dtype)).requires_grad_()
-            loss = loss_fn(z0)
-            if loss.dim() != 0:
-                raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
-            (g,) = torch.autograd.grad(loss, z0)
-            z0, loss = z0.detach(), loss.detach()
-            # In global mode the batch loss is the mean of the ranks' losses, so its gradient is g / world.
-            g_global = g / world if world > 1 else g
-            # 2-3. adjusted gradient and the trial step
-            adjustment = self.propose(z0, g_global)
-            delta = (lr * self.scale) * (g_global + adjustment)
-            tentative = loss_fn(z0 - delta)
-            first = (delta * g_global).sum()
-            rows = g.numel() // self.dim
-            cosine_sum = _row_cosine(g, adjustment.detach()).sum()
-            better_count, samples = self._better_count(z0, delta.detach(), lr, g_global, per_sample_loss_fn)
-            # 4. batch-level quantities, reduced over the process group in one collective
-            totals = torch.stack([loss, tentative.detach(), first.detach(), cosine_sum, better_count,
-                                  torch.full_like(loss, rows), torch.full_like(loss, samples)])
-            if world > 1:
-                dist.all_reduce(totals, group=self.process_group)
-            loss_sum, tentative_sum, first_sum, cosine_sum, better_count, rows_total, samples_total = totals
-            first_norm = self._first_order_divisor(rows_total)
-            inner = tentative_sum / world - loss_sum / world + first_sum / first_norm
-            # d|inner|/dh summed over ranks, times world because DDP averages h's gradients
-            remainder_grad_path = torch.sign(inner) * (tentative + world * first / first_norm)
-            # 5. safeguard as a tensor mask; no host synchronisation
-            accepted = self._accept(tentative_sum, loss_sum)
-            if self.policy == "never":
-                sent = g
+        cfg = StepConfig(self.ratio, self.scale, self.policy, self.remainder, self.normalize, self.dim, world)
+        compiled = self._compiled_step(cfg) if self.compiled else None
+        track_h = detailed and self.net is not None
+        h_params = [p for p in self.net.parameters() if p.requires_grad] if track_h else []
+        with torch.enable_grad(), torch.autocast(output.device.type, enabled=False), \
+                (compiled.watch(output.device) if compiled is not None else nullcontext()):
+            # 1. z0: the output detached, in at least compute_dtype whatever the model's precision
+            z0 = output.detach().to(torch.promote_types(output.dtype, self.compute_dtype))
+            a = self._draw(z0)  # h's proposal (with its graph into h) or noise: eager in both modes
+            if compiled is None:
+                step, packed = self._eager_step(cfg, z0, a, lr, loss_fn), None
             else:
-                sent = torch.where(accepted, g + world * adjustment.detach(), g)
-        roots, grads = [output], [sent.to(output.dtype)]
-        if self.net is not None:
-            roots.append(remainder_grad_path)
-            grads.append(torch.ones_like(remainder_grad_path))
-        if extra_loss is not None:
-            roots.append(extra_loss)
-            grads.append(torch.ones_like(extra_loss))
-        if scaler is not None:
-            grads = [scaler.scale(grad) for grad in grads]
-        h_params = [p for p in self.net.parameters() if p.requires_grad] if self.net is not None else []
-        h_before = [None if p.grad is None else p.grad.detach().clone() for p in h_params]  # grads accumulate
-        torch.autograd.backward(roots, grads)
-        h_grad_norm = _added_grad_norm(h_params, h_before, loss_sum)
-        if scaler is not None and h_params:
-            h_grad_norm = h_grad_norm / grads[1]  # grads[1] is the scaler's scale
-        loss_mean = loss_sum / world
-        return GALStats(
-            loss=loss_mean,
-            tentative_loss=tentative_sum / world,
-            remainder=inner.abs().detach(),
-            accepted=accepted.float(),
-            cosine=cosine_sum / rows_total.clamp_min(1),
-            signed_remainder=inner.detach(),
-            tie=(tentative_sum == loss_sum).float(),
-            remainder_ulps=inner.abs().detach() / float32_spacing(loss_mean).clamp_min(_TINY),  # finite at L = 0
-            adjuster_grad_norm=h_grad_norm.detach(),
-            adjusted_better=better_count / samples_total.clamp_min(1) if per_sample_loss_fn else None,
-        )
+                step, packed = compiled(z0, a, self._lr_tensor(lr, z0), loss_fn)
+            roots, grads = [output], [step.sent.to(output.dtype)]
+            if step.path is not None:
+                roots.append(step.path)
+                grads.append(step.sign)
+            if extra_loss is not None:
+                roots.append(extra_loss)
+                grads.append(self._one(extra_loss))
+            if scaler is not None:
+                grads = [scaler.scale(grad) for grad in grads]
+            h_before = [None if p.grad is None else p.grad.detach().clone() for p in h_params]  # grads accumulate
+            torch.autograd.backward(roots, grads)  # with autocast off, as the compiled backward was traced
+        if packed is None:
+            stats = dict(loss=step.loss, tentative_loss=step.tentative, signed_remainder=step.signed_remainder,
+                         accepted=step.accepted, cosine=step.cosine)
+        else:
+            stats = dict(zip(PACKED, packed.unbind()))
+        if detailed:
+            stats["adjuster_grad_norm"] = self._grad_norm(h_params, h_before, step.loss, scaler)
+            if per_sample_loss_fn is not None:
+                stats["adjusted_better"] = self._adjusted_better(z0, step, lr, per_sample_loss_fn, world)
+        return GALStats(**stats)
 
-    def _first_order_divisor(self, rows: Tensor) -> Tensor | float:
-        """'exact' sums delta*g; 'reference' (authors' CIFAR/ImageNet code) averages it over rows;
-        'mean' (authors' 3-D toy) over all elements."""
-        if self.remainder == "exact":
-            return 1.0
-        return rows.clamp_min(1) * (self.dim if self.remainder == "mean" else 1)
+    def _eager_step(self, cfg: StepConfig, z0: Tensor, a: Tensor, lr: float | Tensor, loss_fn) -> StepResult:
+        z_leaf = z0.detach().requires_grad_()
+        loss = loss_fn(z_leaf)
+        if loss.dim() != 0:
+            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+        (g,) = torch.autograd.grad(loss, z_leaf)
+        all_reduce = eager_all_reduce(self.process_group) if cfg.world > 1 else None
+        return adjusted_step(cfg, z0, loss.detach(), g, a, lr, loss_fn, all_reduce)
 
-    def _accept(self, tentative_sum: Tensor, loss_sum: Tensor) -> Tensor:
-        if self.policy == "safeguard":
-            return tentative_sum <= loss_sum
-        if self.policy == "strict":
-            return tentative_sum < loss_sum
-        return torch.full_like(loss_sum, self.policy == "always", dtype=torch.bool)
+    def _one(self, like: Tensor) -> Tensor:
+        """A 0-d one of ``like``'s device and dtype, made once (the extra loss's root gradient)."""
+        key = ("one", like.device, like.dtype)
+        if key not in self._constants:
+            self._constants[key] = torch.ones((), device=like.device, dtype=like.dtype)
+        return self._constants[key]
 
-    def _better_count(self, z0, delta, lr, g_global, per_sample_loss_fn) -> tuple[Tensor, int]:
-        """How many samples have a lower trial loss with the adjusted gradient than with the plain one."""
-        zero = z0.new_zeros(())
-        if per_sample_loss_fn is None:
-            return zero, 0
+    def _compiled_step(self, cfg: StepConfig) -> CompiledStep:
+        if self._compiled is None or self._compiled_cfg != cfg:
+            all_reduce = traceable_all_reduce(self.process_group) if cfg.world > 1 else None
+            self.__dict__["_compiled"] = CompiledStep(cfg, all_reduce, **self._compile_options)
+            self.__dict__["_compiled_cfg"] = cfg
+        return self._compiled
+
+    def _lr_tensor(self, lr: float | Tensor, like: Tensor) -> Tensor:
+        """lr as a 0-d tensor of GAL's dtype on the output's device: a changing float would recompile. A float
+        is written into a tensor kept for the purpose (a fill, not a host-to-device copy that would sync)."""
+        if isinstance(lr, Tensor):
+            return lr.to(like.device, like.dtype)  # a copy (and a host sync) only for a CPU tensor
+        key = ("lr", like.device, like.dtype)
+        if key not in self._constants:
+            self._constants[key] = torch.zeros((), device=like.device, dtype=like.dtype)
+        return self._constants[key].fill_(lr)
+
+    def _grad_norm(self, params, before, like, scaler) -> Tensor:
+        norm = _added_grad_norm(params, before, like)
+        if scaler is not None and params:
+            norm = norm / scaler.scale(torch.ones_like(norm))  # unscaled; the scale stays on the device
+        return norm.detach()
+
+    def _adjusted_better(self, z0, step, lr, per_sample_loss_fn, world) -> Tensor:
+        """The fraction of samples with a lower trial loss with the adjusted gradient than with the plain one."""
         with torch.no_grad():
-            adjusted = per_sample_loss_fn(z0 - delta)
-            vanilla = per_sample_loss_fn(z0 - (lr * self.scale) * g_global)
-        return (adjusted < vanilla).sum().to(zero.dtype), adjusted.numel()
+            adjusted = per_sample_loss_fn(z0 - (lr * self.scale) * step.g_adj)
+            vanilla = per_sample_loss_fn(z0 - (lr * self.scale) * step.g_global)
+            counts = torch.stack([(adjusted < vanilla).sum().to(z0.dtype),
+                                  torch.full_like(step.loss, adjusted.numel())])
+            if world > 1:
+                dist.all_reduce(counts, group=self.process_group)
+        return counts[0] / counts[1].clamp_min(1)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, arch={self.arch}, ratio={self.ratio}, scale={self.scale}, "
                 f"policy={self.policy!r}, remainder={self.remainder!r}, source={self.source!r}"
                 + ("" if self.normalize else ", normalize=False")
-                + ("" if self.compute_dtype == torch.float32 else f", compute_dtype={self.compute_dtype}"))
+                + ("" if self.compute_dtype == torch.float32 else f", compute_dtype={self.compute_dtype}")
+                + ("" if self._compile_options is None else f", compile={self._compile_options}"))

@@ -1,0 +1,164 @@
+"""The arithmetic of one GAL step as a pure tensor function, shared by the eager and the compiled step.
+
+Given the detached output z0, the loss and its gradient g there, h's proposal a (with its graph into h, or
+drawn noise) and lr, it returns the gradient to send into the model, the surrogate whose gradient is h's,
+and the statistics. No host synchronisation, no ``torch.autograd.grad`` and no Python branch on a tensor's
+value, so ``torch.compile(..., fullgraph=True)`` traces it whole; in eager mode it is written to dispatch
+few operators (one fused add for the adjustment, one root for h, scalar statistics derived on demand).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+TINY = torch.finfo(torch.float32).tiny  # guards 0/0 for zero rows without changing any non-zero row
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """The adjuster's settings the arithmetic needs; constant for an adjuster's lifetime (a compiled step
+    specialises on them)."""
+
+    ratio: float
+    scale: float
+    policy: str
+    remainder: str
+    normalize: bool
+    dim: int
+    world: int = 1
+
+
+class StepResult(NamedTuple):
+    sent: Tensor  # the gradient for the model's output (detached, GAL's compute dtype)
+    path: Tensor | None  # h's surrogate: its gradient times ``sign`` is d|R|/dh (None without a graph into h)
+    sign: Tensor | None  # sign(R): the gradient to send into ``path``
+    g_global: Tensor  # the plain gradient of the batch loss (g / world in global mode), detached
+    g_adj: Tensor  # g_global + a_hat: the trial step is lr * scale * g_adj; detached
+    loss: Tensor  # the batch's loss, tentative loss and signed remainder (detached scalars)
+    tentative: Tensor
+    signed_remainder: Tensor
+    accepted: Tensor | bool  # the safeguard's decision (a bool mask; a constant for "always" and "never")
+    cosine: Tensor  # mean over rows of cos(g, a_hat)
+
+
+def normalized(a: Tensor, g: Tensor, ratio: float) -> Tensor:
+    """a_hat: per row, the direction of a with norm ratio * ||g|| (a zero row of a gives 0)."""
+    g_norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+    return _AddNormalized.apply(torch.zeros_like(g), a, g_norm, ratio)[0]
+
+
+class _AddNormalized(torch.autograd.Function):
+    """g + ratio * ||g|| * u per row, u = a / ||a|| (Eq. 4 added to g), with a hand-written backward.
+
+    Per row the output's derivative in a is c (I - u u^T), c = ratio * ||g|| / ||a||: the backward is one
+    projection, c * (grad - u (u . grad)), where autograd's chain through norm, clamp, division and product
+    dispatches about fifteen small ops. Where ||a|| is below the clamp (a == 0) it gives c * grad, the
+    derivative of the clamped formula. g and ||g|| are constants. Returns (g_adj, u); u is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, a: Tensor, g_norm: Tensor, ratio: float):
+        a_norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min(TINY)
+        unit = a / a_norm
+        ctx.save_for_backward(unit, a_norm, g_norm)
+        ctx.ratio = ratio
+        ctx.mark_non_differentiable(unit)
+        return torch.addcmul(g, unit, g_norm, value=ratio), unit
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _unit_grad):
+        unit, a_norm, g_norm = ctx.saved_tensors
+        along = torch.linalg.vecdot(unit, grad).unsqueeze(-1)
+        projected = torch.addcmul(grad, unit, along, value=-1)  # grad - u (u . grad)
+        return None, projected * (g_norm / a_norm * ctx.ratio), None, None
+
+
+def adjusted_step(cfg: StepConfig, z0: Tensor, loss: Tensor, g: Tensor, a: Tensor, lr: float | Tensor,
+                  loss_fn: Callable[[Tensor], Tensor],
+                  all_reduce: Callable[[Tensor], Tensor] | None = None) -> StepResult:
+    """One GAL step after g: the adjustment, the trial step, the remainder's gradient path and the safeguard
+    (GAL.md, steps 2-5). ``all_reduce`` sums a tensor over the process group (global mode, world > 1)."""
+    world = cfg.world
+    g_global = g / world if world > 1 else g  # the batch loss is the mean of the ranks' losses
+    rows = g.numel() // cfg.dim
+    # 2-3. a_hat = ratio * a * ||g|| / ||a|| per row, added to g in one fused op
+    g_norm = torch.linalg.vector_norm(g_global, dim=-1, keepdim=True)
+    if cfg.normalize:
+        g_adj, unit = _AddNormalized.apply(g_global, a, g_norm, cfg.ratio)
+    else:  # the raw draw is the adjustment (noise sources only)
+        g_adj = g_global + a
+        unit = a.detach() / torch.linalg.vector_norm(a.detach(), dim=-1, keepdim=True).clamp_min(TINY)
+    step = lr * cfg.scale
+    delta = g_adj * step
+    tentative = loss_fn(z0 - delta)
+    first = (delta * g_global).sum()
+    # cos(g, a_hat) = g . u / ||g|| per row: a_hat is a non-negative multiple of u (0 where ||g|| is 0)
+    if cfg.normalize and cfg.ratio == 0:  # a_hat is 0
+        cos_sum = torch.zeros_like(loss)
+    else:
+        cos_sum = (torch.linalg.vecdot(g_global, unit) / g_norm.squeeze(-1).clamp_min(TINY)).sum()
+    # 4. batch-level quantities: in global mode one packed all-reduce
+    tentative_value = tentative.detach()
+    if world > 1:
+        totals = all_reduce(torch.stack([loss, tentative_value, first.detach(), cos_sum,
+                                         torch.full_like(loss, rows)]))
+        loss_sum, tentative_sum, first_sum, cos_sum, rows_total = totals.unbind()
+        first_norm = _first_order_divisor(cfg, rows_total)
+        signed_remainder = tentative_sum / world - loss_sum / world + first_sum / first_norm
+        # d|inner|/dh summed over ranks, times world because DDP averages h's gradients
+        path = tentative + first * (world / first_norm) if a.requires_grad else None
+        loss_mean, tentative_mean, rows_total = loss_sum / world, tentative_sum / world, rows_total.clamp_min(1)
+    else:
+        loss_sum, tentative_sum = loss, tentative_value
+        first_norm = _first_order_divisor(cfg, max(rows, 1))
+        first_value = first.detach() if cfg.remainder == "exact" else first.detach() / first_norm
+        signed_remainder = tentative_value - loss + first_value
+        path = torch.add(tentative, first, alpha=1 / first_norm) if a.requires_grad else None
+        loss_mean, tentative_mean, rows_total = loss, tentative_value, max(rows, 1)
+    # 5. the safeguard as a tensor mask; no host synchronisation
+    if cfg.policy in ("safeguard", "strict"):
+        accepted = tentative_sum <= loss_sum if cfg.policy == "safeguard" else tentative_sum < loss_sum
+    else:
+        accepted = cfg.policy == "always"
+    g_adj_value = g_adj.detach()
+    # the model's gradient: g, or g + a_hat (in global mode world * a_hat, as DDP averages over ranks)
+    if world == 1:
+        adjusted = g_adj_value
+    elif cfg.normalize:
+        adjusted = torch.addcmul(g, unit, g_norm, value=cfg.ratio * world)
+    else:
+        adjusted = torch.add(g, a.detach(), alpha=world)
+    if cfg.policy == "never":
+        sent = g
+    elif cfg.policy == "always":
+        sent = adjusted
+    else:
+        sent = torch.where(accepted, adjusted, g)
+    return StepResult(sent=sent, path=path, sign=None if path is None else torch.sign(signed_remainder),
+                      g_global=g_global, g_adj=g_adj_value, loss=loss_mean, tentative=tentative_mean,
+                      signed_remainder=signed_remainder, accepted=accepted, cosine=cos_sum / rows_total)
+
+
+def _first_order_divisor(cfg: StepConfig, rows):
+    """'exact' sums delta*g; 'reference' (authors' CIFAR/ImageNet code) averages it over rows;
+    'mean' (authors' 3-D toy) over all elements."""
+    if cfg.remainder == "exact":
+        return 1
+    return rows * cfg.dim if cfg.remainder == "mean" else rows
+
+
+def eager_all_reduce(group: dist.ProcessGroup) -> Callable[[Tensor], Tensor]:
+    def reduce(tensor: Tensor) -> Tensor:
+        dist.all_reduce(tensor, group=group)
+        return tensor
+    return reduce
+
+
+def traceable_all_reduce(group: dist.ProcessGroup) -> Callable[[Tensor], Tensor]:
+    """The functional all-reduce, which torch.compile traces into its graph (the in-place one breaks it)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    return lambda tensor: funcol.all_reduce(tensor, "sum", group)
