@@ -11,13 +11,15 @@ loss tied with its loss, and |R| (float64) in float32 spacings of L. Each settin
 runs/precision/<setting>/ (history.csv: one row per trial; metrics.json: the agreement fractions and medians),
 which the report's precision table reads. A setting *trains h on rounding* when the median |R| is below one
 float32 spacing of L: float32 then cannot represent R in most steps. Bad keys or values: one line on stderr,
-exit code 2, before anything is computed or written.
+exit code 2, before anything is computed or written. It says how far it is: a line as each setting starts, one
+at most every PROGRESS_INTERVAL_S while its draws run, and its result when it is done.
 """
 from __future__ import annotations
 
 import math
 import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -34,6 +36,8 @@ from pipelines.tracking.run import RunTracker
 
 TASK = "precision"
 LossFn = Callable[[torch.Tensor], torch.Tensor]
+PROGRESS_INTERVAL_S = 60.0  # at least this long between two lines on a setting's draws
+clock = time.monotonic      # tests drive it
 
 
 @dataclass
@@ -210,6 +214,19 @@ def trial(setting: Setting, pair, level: float, gen: torch.Generator) -> dict[st
             "tie_float32": single["tie"], "accepted_float64": double["accepted"]}
 
 
+def draws(setting: Setting, pair, trials: int, gen: torch.Generator, label: str) -> list[dict[str, float]]:
+    """``trials`` trials at each of the setting's levels, with a line on how many are done every
+    PROGRESS_INTERVAL_S (an ImageNet setting's draws take minutes)."""
+    total, rows, shown = trials * len(setting.levels), [], clock()
+    for level in setting.levels:
+        for _ in range(trials):
+            rows.append(trial(setting, pair, level, gen))
+            if clock() - shown >= PROGRESS_INTERVAL_S and len(rows) < total:
+                print(f"{label}: {len(rows)}/{total} draws", flush=True)
+                shown = clock()
+    return rows
+
+
 def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
     """The setting's final metrics over all its trials."""
     mean = lambda key: statistics.fmean(r[key] for r in rows)  # noqa: E731
@@ -224,7 +241,10 @@ def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
 def study(cfg: PrecisionConf) -> None:
     settings = [build_setting(cfg, name) for name in cfg.settings]  # every preset composes before any compute
     trials = cfg.smoke_trials if cfg.profile == "smoke" else cfg.trials
-    for setting in settings:
+    for number, setting in enumerate(settings, start=1):
+        label = f"[{number}/{len(settings)}] {setting.name}"
+        print(f"{label}: {trials * len(setting.levels)} draws of {setting.rows} x {setting.dim} outputs "
+              f"({setting.level_name} {', '.join(f'{v:g}' for v in setting.levels)})", flush=True)
         pair = adjusters(setting, cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         method = setting.preset.method
@@ -237,12 +257,12 @@ def study(cfg: PrecisionConf) -> None:
                   "trials": trials, "seed": cfg.seed, "profile": cfg.profile}
         with RunTracker(TASK, setting.name, config, profile=cfg.profile, step_name="trial",
                         runs_root=Path(cfg.runs_root)) as tracker:
-            rows = [trial(setting, pair, level, gen) for level in setting.levels for _ in range(trials)]
+            rows = draws(setting, pair, trials, gen, label)
             for i, row in enumerate(rows, start=1):
                 tracker.log_epoch(i, row)
             final = summarise(rows)
             tracker.log_final(final)
-        print(f"{setting.name:>24}: sign of R agrees {final['sign_agreement']:6.1%}, decision "
+        print(f"{label}: sign of R agrees {final['sign_agreement']:6.1%}, decision "
               f"{final['decision_agreement']:6.1%}, float32 ties {final['tie_fraction_float32']:6.1%}, median |R| "
               f"{final['median_remainder']:.2e} = {final['median_remainder_ulps']:.3g} spacings of L "
               f"({'rounding' if final['rounding'] else 'resolved'}; {len(rows)} draws)", flush=True)

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pipelines.report.model import Claim, Layout
-from pipelines.report.render import fmt, fmt_p, rows_csv
+from pipelines.report.render import UNDEFINED_NOTE, csv_value, fmt, fmt_p, rows_csv
 
 VERDICTS = ("reproduced", "direction only", "not reproduced", "too few runs")
 
@@ -99,19 +99,20 @@ class _NotRendered(Claim):
         return "too few runs"
 
 
-def _side(values: dict, digits: int = 4) -> str:
-    text = f"{fmt(values['baseline'], digits)} → {fmt(values['gal'], digits)}"
-    if values.get("t") is not None:
-        text += f" (t {fmt(values['t'], 2)}, p {fmt_p(values['p'])})"
-    return text
-
-
-def _ablation_side(claim: Ablation, texts: tuple[str, str], values: dict) -> str:
-    text = f"{claim.names[0]}: {texts[0]} → {claim.names[1]}: {texts[1]}"
+def _ttest(values: dict, undefined: str = "") -> str:
+    """" (t 5.02, p 1.02e-03)"; where the test is undefined, why (``undefined``), or nothing (no test made)."""
     t = values.get("t")
-    if t is not None and not math.isnan(t):
-        text += f" (t {fmt(t, 2)}, p {fmt_p(values['p'])})"
-    return text
+    if t is None or math.isnan(t):
+        return f" ({undefined})" if t is not None and undefined else ""
+    return f" (t {fmt(t, 2)}, p {fmt_p(values['p'])})"
+
+
+def _side(values: dict, digits: int = 4, undefined: str = "") -> str:
+    return f"{fmt(values['baseline'], digits)} → {fmt(values['gal'], digits)}" + _ttest(values, undefined)
+
+
+def _ablation_side(claim: Ablation, texts: tuple[str, str], values: dict, undefined: str = "") -> str:
+    return f"{claim.names[0]}: {texts[0]} → {claim.names[1]}: {texts[1]}" + _ttest(values, undefined)
 
 
 def _yes(flag: bool) -> str:
@@ -129,9 +130,10 @@ def _significance(claim: Claim) -> str:
 def _row(c: Claim) -> list[str]:
     if isinstance(c, Ablation):
         return [f"{c.table}: {c.statement}, {c.metric} ({c.better})", _ablation_side(c, c.paper_text, c.paper),
-                _ablation_side(c, c.ours_text, c.ours), _yes(c.direction_reproduced), _significance(c), c.verdict]
-    return [f"{c.table}: GAL better on {c.subject}, {c.metric} ({c.better})", _side(c.paper), _side(c.ours),
-            _yes(c.direction_reproduced), _significance(c), c.verdict]
+                _ablation_side(c, c.ours_text, c.ours, c.ttest_undefined), _yes(c.direction_reproduced),
+                _significance(c), c.verdict]
+    return [f"{c.table}: GAL better on {c.subject}, {c.metric} ({c.better})", _side(c.paper),
+            _side(c.ours, undefined=c.ttest_undefined), _yes(c.direction_reproduced), _significance(c), c.verdict]
 
 
 def _under(claim: Claim, other: dict[tuple[str, str, str], UnderProtocol]) -> list[str]:
@@ -139,7 +141,7 @@ def _under(claim: Claim, other: dict[tuple[str, str, str], UnderProtocol]) -> li
     c = other.get((claim.table, claim.subject, claim.metric))
     if c is None:
         return ["-", "-"]
-    return [f"{c.protocol} (distance {fmt(c.distance, 2)}): {_side(c.ours)}", c.verdict]
+    return [f"{c.protocol} (distance {fmt(c.distance, 2)}): {_side(c.ours, undefined=c.ttest_undefined)}", c.verdict]
 
 
 def layout(claims: list[Claim], extra_notes: list[str] = ()) -> Layout:
@@ -156,6 +158,11 @@ def layout(claims: list[Claim], extra_notes: list[str] = ()) -> Layout:
     notes = ["means over runs; t = baseline minus GAL, two-sided p of Student's t-test (equal variances)",
              "reproduced: GAL better in our means and p < 0.05; direction only: better but not significant; "
              "not reproduced: GAL not better in our means"]
+    if any(c.ttest_undefined for c in [*claims, *other.values()]):
+        notes.append(UNDEFINED_NOTE)
+    if any(isinstance(c, _NotRendered) for c in claims):
+        notes.append("- → -: the claim's own table is not rendered (its runs are missing), so ours has no numbers; "
+                     "only its re-check under another protocol is shown")
     if any(isinstance(c, Ablation) for c in claims):
         notes.append("ablation claims (\"A beats B\"): \"other → claimed better\", each side's final error over "
                      "seeds, t = other minus claimed better; a side whose runs diverged loses to one with fewer "
@@ -180,8 +187,8 @@ def _under_csv(claim: Claim, other: dict[tuple[str, str, str], UnderProtocol]) -
     c = other.get((claim.table, claim.subject, claim.metric))
     if c is None:
         return [""] * 8
-    return [c.protocol, repr(c.distance), *(repr(c.ours[k]) for k in ("baseline", "gal", "t", "p")), c.verdict,
-            "; ".join(c.keys)]
+    return [c.protocol, csv_value(c.distance), *(csv_value(c.ours[k]) for k in ("baseline", "gal", "t", "p")),
+            c.verdict, "; ".join(c.keys)]
 
 
 def to_csv(claims: list[Claim]) -> str:
@@ -192,7 +199,7 @@ def to_csv(claims: list[Claim]) -> str:
                "closest_gal", "closest_t", "closest_p", "closest_verdict", "closest_provenance_keys"]
     rows = [[c.table, c.subject, c.metric, c.better,
              *("" if c.paper.get(k) is None else c.paper[k] for k in ("baseline", "gal", "t", "p")),
-             *(repr(c.ours[k]) for k in ("baseline", "gal", "t", "p")),
+             *(csv_value(c.ours[k]) for k in ("baseline", "gal", "t", "p")),
              c.direction_reproduced, c.significant, c.verdict, "; ".join(c.keys), _row(c)[0],
              getattr(c, "why", ""), *_under_csv(c, other)] for c in claims]
     return rows_csv(columns, rows)

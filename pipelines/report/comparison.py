@@ -8,6 +8,7 @@ Which runs belong where comes from each run's config.yaml (dotted keys) and vari
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ from pipelines.report import stats
 from pipelines.report.model import Claim, Context, Layout, Number, Rendered
 from pipelines.report.paper import lookup
 from pipelines.report.records import RunRecord
-from pipelines.report.render import fmt, fmt_p, markdown, pm
+from pipelines.report.render import NONE, UNDEFINED_NOTE, fmt, fmt_p, markdown, pm, ttest_cell, ttest_text
 from pipelines.report.selection import Setting, select
 
 
@@ -123,9 +124,10 @@ class ComparisonTable:
             """One number: ``op`` of ``metric`` over ``groups``, keyed <table>/<group>/<row>/<metric>/<op>;
             ``show`` formats it (default by op), ``paper`` is the paper's value (default: paper.yaml at the key)."""
             key = "/".join([self.name, group_name, row, metric.key, op])
-            value = stats.compute(op, [[self.best_epoch.value(r, metric) for r in g] for g in groups])
-            text = (show or {"n": lambda v: str(int(v)), "t": lambda v: fmt(v, 2), "p": fmt_p}.get(
-                op, lambda v: fmt(v, metric.digits)))(value)
+            values = [[self.best_epoch.value(r, metric) for r in g] for g in groups]
+            value = stats.compute(op, values)
+            text = (show or {"n": lambda v: str(int(v)), "t": lambda v: ttest_text("t", v, values),
+                             "p": lambda v: ttest_text("p", v, values)}.get(op, lambda v: fmt(v, metric.digits)))(value)
             fields = {self.group_title.lower(): group_name, "method": row, "metric": metric.key, "stat": op}
             seeds = ", ".join(str(r.get(self.seed_key)) for r in groups[0])
             what = metric.source if metric.epoch == "final" else (
@@ -138,6 +140,7 @@ class ComparisonTable:
             numbers.append(num)
             return num
 
+        undefined = False  # a t-test without variance: its cell says why, a note says what that means
         for group, group_name in self.groups.items():
             base_runs, gal_runs = cells[(group, base_m)], cells[(group, gal_m)]
             for b, g in zip(base_runs, gal_runs):
@@ -159,8 +162,8 @@ class ComparisonTable:
             for metric in self.metrics:
                 t, p = (number(group_name, "t-test", metric, op, [base_runs, gal_runs]) for op in ("t", "p"))
                 paper = lookup(f"{self.name}/{group_name}/t-test/{metric.key}") or {}
-                ttest_row += [f"{t.text}, {p.text}",
-                              f"{fmt(paper['t'], 2)}, {fmt_p(paper['p'])}" if paper else "-"]
+                ttest_row += [ttest_cell(t, p), f"{fmt(paper['t'], 2)}, {fmt_p(paper['p'])}" if paper else NONE]
+                undefined |= math.isnan(t.value)
                 claim = self._claim(group_name, metric, ours[metric.key], t, p)
                 if claim is not None:
                     claims.append(claim)
@@ -176,6 +179,8 @@ class ComparisonTable:
         notes = ["mean ± sample std (ddof=1) over seeds; n = runs (seeds) per method",
                  "t, p: Student's two-sample t-test (scipy.stats.ttest_ind, equal variances, two-sided), "
                  "t = baseline minus GAL: positive when GAL's mean is lower"]
+        if undefined and self.show_ttest:
+            notes.append(UNDEFINED_NOTE)
         if self.params is not None:
             notes.append(f"{self.params.label}: mean over seeds of {self.params.model} (+ {self.params.extra} where "
                          f"non-zero), in millions, truncated as the paper prints them")
@@ -232,4 +237,4 @@ class ComparisonTable:
         return Claim(table=self.name, subject=group_name, metric=metric.title, better=metric.better,
                      paper={"baseline": paper_base, "gal": paper_gal, "t": paper_t.get("t"), "p": paper_t.get("p")},
                      ours={"baseline": base.value, "gal": gal.value, "t": t.value, "p": p.value},
-                     keys=[base.key, gal.key, t.key, p.key])
+                     keys=[base.key, gal.key, t.key, p.key], ttest_undefined=t.text if math.isnan(t.value) else "")

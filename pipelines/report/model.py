@@ -67,6 +67,7 @@ class Claim:
     ours: dict[str, float]            # baseline, gal, t, p
     keys: list[str]                   # provenance keys of ours' numbers
     alpha: float = 0.05
+    ttest_undefined: str = ""         # why our t-test is undefined (nan), as its table says it; "" where it is not
 
     @property
     def direction_reproduced(self) -> bool:

@@ -17,12 +17,13 @@ from pipelines.report import stats
 from pipelines.report.claims import Ablation
 from pipelines.report.model import Context, Number
 from pipelines.report.records import MissingRuns, ReportError, RunRecord
-from pipelines.report.render import fmt, fmt_p
+from pipelines.report.render import fmt, ttest_text
 from pipelines.report.selection import Setting
 
 TASK = "classification"
 SEED_KEY = "seed"
 COLORS = {"baseline": "#d62728", "gal": "#1f77b4"}
+DPI = 130  # the figures' PNG resolution
 
 
 # The runs Table VII and Figs. 5 and 8b take per dataset: CIFAR with SGD (Tables I/II), ImageNet ResNet-50
@@ -31,6 +32,7 @@ CIFAR10_SGD = Setting("CIFAR-10", {"experiment": "cifar10_sgd"}, "EfficientNet-B
 CIFAR100_SGD = Setting("CIFAR-100", {"experiment": "cifar100_sgd"}, "EfficientNet-B1, SGD", stage="train_cifar")
 IMAGENET_R50 = Setting("ImageNet", {"experiment": "imagenet_resnet50"}, "ResNet-50, RMSProp", stage="train_imagenet")
 PER_DATASET = (IMAGENET_R50, CIFAR10_SGD, CIFAR100_SGD)
+MEAN_STD_NOTE = "mean ± sample std (ddof=1) over seeds; for one run (n = 1) its value alone"
 
 
 def final_numbers(name: str, row: list[str], column: str, runs: list[RunRecord], digits: int = 4,
@@ -47,6 +49,11 @@ def final_numbers(name: str, row: list[str], column: str, runs: list[RunRecord],
             aggregation=stats.describe(op, f"final {column}", [runs], unit="seeds") + f" ({SEED_KEY}s {seeds})",
             fields={"setting": row[0], "method": row[1] if len(row) > 1 else "", "metric": column, "stat": op})
     return out
+
+
+def seeds(count: int) -> str:
+    """'1 seed', '3 seeds': a legend's count of runs."""
+    return f"{count} seed{'s' * (count != 1)}"
 
 
 def curve(runs: list[RunRecord], column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -72,11 +79,15 @@ def band(ax, epochs, mean, std, **kwargs) -> None:
 
 
 def save(fig, files: list[Path]) -> None:
-    """PNG and PDF; no creation date in the PDF, so the same runs give the same bytes."""
+    """PNG and PDF; no creation date in the PDF, so the same runs give the same bytes. Every figure is laid out
+    by matplotlib's constrained layout (``layout="constrained"``), so no text overlaps another at its size."""
     import matplotlib.pyplot as plt
 
+    if fig.get_layout_engine() is not None:  # lay it out once: the PDF gets the PNG's layout, at half the cost
+        fig.get_layout_engine().execute(fig)
+        fig.set_layout_engine("none")
     for file in files:
-        fig.savefig(file, dpi=130, metadata={"CreationDate": None} if file.suffix == ".pdf" else None)
+        fig.savefig(file, dpi=DPI, metadata={"CreationDate": None} if file.suffix == ".pdf" else None)
     plt.close(fig)
 
 
@@ -191,20 +202,23 @@ def versus(table: str, subject: str, statement: str, other: tuple[str, Outcome],
     (other_name, a), (better_name, b) = other, better
     numbers: list[Number] = []
     t = p = math.nan
+    undefined = ""
     if not a.diverged and not b.diverged and len(a.finished) >= 2 and len(b.finished) >= 2:
         groups = [a.finished, b.finished]
         assert a.best == b.best, "a claim compares values taken the same way"
         best = b.best  # both sides' values as their Outcomes took them
         what = f"final {ERROR}" if best is None else f"{ERROR} at each run's best epoch"
+        values = [[run_value(r, ERROR, best) for r in g] for g in groups]
         for op in ("t", "p"):
-            value = stats.compute(op, [[run_value(r, ERROR, best) for r in g] for g in groups])
+            value = stats.compute(op, values)
             numbers.append(Number(
-                key="/".join([*key, op]), value=value, text=fmt(value, 2) if op == "t" else fmt_p(value), op=op,
+                key="/".join([*key, op]), value=value, text=ttest_text(op, value, values), op=op,
                 metric=ERROR, groups=groups,
                 aggregation=stats.describe(op, what, groups, unit="seeds").replace(
                     "baseline minus GAL", f"{other_name} minus {better_name}"),
                 fields={"metric": ERROR, "stat": op}, best_epoch=best))
         t, p = (n.value for n in numbers)
+        undefined = numbers[0].text if math.isnan(t) else ""
     paper_values = [v if isinstance(v, (int, float)) else None for v in paper]
     claim = Ablation(
         table=table, subject=subject, metric=metric + (", best epoch" if b.best else ""), better="lower",
@@ -214,7 +228,7 @@ def versus(table: str, subject: str, statement: str, other: tuple[str, Outcome],
         paper_text=tuple("-" if v is None else fmt(v, digits) if isinstance(v, (int, float)) else str(v)
                          for v in paper),
         ours_text=(a.text, b.text), diverged=(a.diverged_fraction, b.diverged_fraction),
-        runs=(len(a.finished), len(b.finished)),
+        runs=(len(a.finished), len(b.finished)), ttest_undefined=undefined,
         diverged_at=tuple(diverged_where(side.diverged) if side.diverged else "" for side in (a, b)))
     return claim, numbers
 

@@ -5,32 +5,69 @@ import csv
 import io
 import math
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from pipelines.report.model import Layout, Number
 
 
+NONE = "-"                                # a number there is not (the paper gives none, a std of one run, ...)
+NO_VARIANCE = "identical, no variance"    # a t-test of two arms whose runs all gave one and the same value
+TOO_FEW = "too few runs"                  # a t-test of fewer than 3 runs in all (no degree of freedom)
+UNDEFINED_NOTE = (f"{NO_VARIANCE}: every run of both arms gave one and the same value, so Student's t is 0/0 and "
+                  f"the test is undefined (the arms do not differ); {TOO_FEW}: fewer than 3 runs in all")
+
+
+def missing(value: Any) -> bool:
+    """None or nan: no number to show."""
+    return value is None or math.isnan(float(value))
+
+
 def fmt(value: Any, digits: int = 4) -> str:
-    """Fixed-point with ``digits`` decimals; nan/None as 'nan'/'-'."""
-    if value is None:
-        return "-"
-    value = float(value)
-    return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    """Fixed-point with ``digits`` decimals; None and nan as '-', never 'nan'."""
+    return NONE if missing(value) else f"{float(value):.{digits}f}"
 
 
 def fmt_p(value: Any) -> str:
-    """A p-value as the paper prints it: 1.02e-03."""
-    if value is None:
-        return "-"
-    value = float(value)
-    return "nan" if math.isnan(value) else f"{value:.2e}"
+    """A p-value as the paper prints it: 1.02e-03; None and nan as '-'."""
+    return NONE if missing(value) else f"{float(value):.2e}"
 
 
 def pm(mean: Any, std: Any, digits: int = 4) -> str:
-    """"mean ± std"; the mean alone where there is no std (the paper's single runs)."""
-    if mean is None:
-        return "-"
-    return fmt(mean, digits) if std is None else f"{fmt(mean, digits)} ± {fmt(std, digits)}"
+    """"mean ± std"; the mean alone where there is no std (the paper's single runs, a std of one run)."""
+    if missing(mean):
+        return NONE
+    return fmt(mean, digits) if missing(std) else f"{fmt(mean, digits)} ± {fmt(std, digits)}"
+
+
+def fmt_g(value: Any, digits: int = 3) -> str:
+    """``digits`` significant digits, for numbers of any scale (1.23e-08, 0.74); None and nan as '-'."""
+    return NONE if missing(value) else f"{float(value):.{digits}g}"
+
+
+def pm_numbers(mean: Number, std: Number) -> str:
+    """pm of two rendered Numbers, each as its text shows it."""
+    return mean.text if missing(std.value) else f"{mean.text} ± {std.text}"
+
+
+def ttest_text(op: str, value: float, groups: Sequence[Sequence[float]]) -> str:
+    """Student's t (2 decimals) or its p (1.02e-03) as a table shows it; where the test is undefined (nan: 0/0),
+    why, in words: NO_VARIANCE, or TOO_FEW when the groups hold fewer than 3 runs together."""
+    if not math.isnan(value):
+        return fmt(value, 2) if op == "t" else fmt_p(value)
+    return TOO_FEW if sum(len(g) for g in groups) < 3 or min(map(len, groups)) < 1 else NO_VARIANCE
+
+
+def ttest_cell(t: Number, p: Number) -> str:
+    """A "t, p" cell; the reason alone (ttest_text) where the test is undefined."""
+    return t.text if math.isnan(t.value) else f"{t.text}, {p.text}"
+
+
+def csv_value(value: Any) -> str:
+    """A number in a CSV: repr (round-trips through float()), nan as an empty cell (a missing value, as CSV
+    readers take it), so no table the report writes says "nan"."""
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    return repr(value)
 
 
 def markdown(layout: Layout, heading: str | None = None) -> str:
@@ -82,7 +119,7 @@ def numbers_csv(numbers: list[Number]) -> str:
     writer.writerow(["key", *fields, "value", "text", "paper", "aggregation"])
     for n in numbers:
         paper = "" if n.paper is None else n.paper
-        writer.writerow([n.key, *(n.fields.get(f, "") for f in fields), repr(n.value), n.text, paper,
+        writer.writerow([n.key, *(n.fields.get(f, "") for f in fields), csv_value(n.value), n.text, paper,
                          n.aggregation])
     return buf.getvalue()
 

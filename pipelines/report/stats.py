@@ -30,7 +30,7 @@ Groups = Sequence[Sequence[float]]
 
 def _ttest(groups: Groups) -> tuple[float, float]:
     baseline, gal = (np.asarray(g, dtype=float) for g in groups)
-    with warnings.catch_warnings():  # zero variance in both groups: scipy warns and returns nan; we show nan
+    with warnings.catch_warnings():  # zero variance in both groups: scipy warns and returns nan (tables say why)
         warnings.simplefilter("ignore", RuntimeWarning)
         result = _scipy_stats.ttest_ind(baseline, gal, equal_var=True)
     return float(result.statistic), float(result.pvalue)

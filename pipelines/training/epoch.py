@@ -3,22 +3,29 @@
     self.net, self.adjuster = attach_method(cfg.method, self.model, width, procs)  # GAL + DDP wiring
     meter = EpochMeter(("train_loss", *STEP_STATS), epoch, steps_per_epoch(loader, cfg.task.max_steps),
                        cfg, procs, self.adjuster)
-    for images, labels in meter.batches(loader):  # sets the sampler's epoch, seeds each step, stops at steps
-        ...                                          # forward, backward or adjuster.backward, optimiser step
-        meter.add(values, len(labels))               # step values summed on the device: no sync per step
-    row = meter.finish(lr, reduce=True)  # column means, lr, time_per_image, time_per_step, images_per_s, h's movement
+    for images, labels in meter.batches(loader):  # sets the sampler's epoch, seeds each step, stops at steps,
+        ...                                          # shows progress (Progress); forward, backward or
+        meter.add(values, len(labels))               # adjuster.backward, optimiser step; step values summed on
+    row = meter.finish(lr, reduce=True)              # the device: no sync per step. finish: column means, lr,
+                                                     # time_per_image, time_per_step, images_per_s, h's movement
+
+Progress within an epoch, on rank 0 only: on a terminal a tqdm bar (steps, images/s, loss, ETA); elsewhere
+(Slurm logs, CI, DVC) one line every ``task.log_every`` steps or every PROGRESS_INTERVAL_S seconds, whichever
+comes later, so a log holds a line a minute at most. ``task.log_every=0``: none.
 
 ``method_state`` / ``load_method_state`` are the part of a task's ``state_dict`` every task holds.
 """
 from __future__ import annotations
 
+import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from tqdm import tqdm
 
 from gal_core import count_parameters
 from pipelines.training import launch
@@ -61,6 +68,55 @@ def load_method_state(state: dict[str, Any], model: nn.Module, adjuster, optimiz
     optimizer.load_state_dict(state["optimizer"])
 
 
+PROGRESS_INTERVAL_S = 60.0  # off a terminal: at least this long between two progress lines
+BAR_INTERVAL_S = 1.0        # on a terminal: how often the bar's loss and images/s are read again
+LOSS = "train_loss"         # the column the progress shows as the loss (its epoch mean so far)
+clock = time.perf_counter   # the meter's clock (tests drive it)
+
+
+def duration(seconds: float) -> str:
+    """H:MM:SS."""
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+class Progress:
+    """What an epoch shows as it goes (rank 0): a tqdm bar on a terminal (stdout), else a line every ``every``
+    steps and at least PROGRESS_INTERVAL_S apart. ``show`` after each step: its ``loss`` is a function, called
+    only when something prints, because reading a value off the GPU waits for it (a host-device sync)."""
+
+    def __init__(self, epoch: int, steps: int, every: int, start: float):
+        self.epoch, self.steps, self.every = epoch, steps, every
+        self.last_step, self.last_time = 0, start
+        self.start = start
+        self.bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", leave=False, file=sys.stdout,
+                        dynamic_ncols=True) if sys.stdout.isatty() else None
+
+    def _due(self, step: int, now: float, every: int, interval: float) -> bool:
+        return step - self.last_step >= every and now - self.last_time >= interval
+
+    def show(self, step: int, images: int, loss: Callable[[], float | None]) -> None:
+        now = clock()
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            if self._due(step, now, 1, BAR_INTERVAL_S):
+                self.bar.set_postfix_str(self._rates(images, now, loss()), refresh=False)
+                self.last_step, self.last_time = step, now
+        elif self._due(step, now, self.every, PROGRESS_INTERVAL_S):
+            eta = duration((now - self.start) / step * (self.steps - step))
+            print(f"  epoch {self.epoch} step {step}/{self.steps}, {self._rates(images, now, loss())}, ETA {eta}",
+                  flush=True)
+            self.last_step, self.last_time = step, now
+
+    def _rates(self, images: int, now: float, loss: float | None) -> str:
+        text = f"{images / max(now - self.start, 1e-9):.1f} images/s"
+        return text if loss is None else f"{text}, loss {loss:.4f}"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def steps_per_epoch(loader: Sized, max_steps: int | None) -> int:
     """The loader's batches, capped at ``task.max_steps`` (null: no cap)."""
     return len(loader) if max_steps is None else min(max_steps, len(loader))
@@ -78,38 +134,52 @@ class EpochMeter:
         self.adjuster = adjuster
         self.h_start = adjuster_snapshot(adjuster) if adjuster is not None else None
         self.images = 0
+        self.added = 0     # steps whose values ``add`` got
         self.waited = 0.0  # seconds spent waiting for the loader
-        self.start = time.perf_counter()
+        self.start = clock()
 
     def batches(self, loader: Iterable) -> Iterator[Any]:
         """The epoch's first ``steps`` batches; each step's RNGs seeded from (seed, epoch, step, rank), so
-        dropout and the like do not depend on resuming."""
+        dropout and the like do not depend on resuming. Shows the progress after each step (rank 0)."""
         loader.sampler.set_epoch(self.epoch)
         batches = iter(loader)
-        for step in range(self.steps):
-            asked = time.perf_counter()
-            batch = next(batches, None)
-            self.waited += time.perf_counter() - asked
-            if batch is None:
-                return
-            self.step = step
-            seed_everything(sample_seed(self.seed, self.epoch, step, self.procs.rank))
-            yield batch
+        progress = Progress(self.epoch, self.steps, self.log_every, self.start) \
+            if self.procs.main and self.log_every else None
+        try:
+            for step in range(self.steps):
+                asked = clock()
+                batch = next(batches, None)
+                self.waited += clock() - asked
+                if batch is None:
+                    return
+                self.step = step
+                seed_everything(sample_seed(self.seed, self.epoch, step, self.procs.rank))
+                yield batch
+                if progress is not None:
+                    progress.show(step + 1, self.images, self.running_loss)
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def running_loss(self) -> float | None:
+        """The epoch's mean loss so far on this process (None without a loss column). ``.item()`` waits for the
+        device (a host-device sync): called only on the steps that print."""
+        if LOSS not in self.columns or not self.added:
+            return None
+        return self.sums[self.columns.index(LOSS)].item() / self.added
 
     def add(self, values: Sequence[torch.Tensor | float], images: int) -> None:
         """One step's values (tensors stay on the device) and this process's batch size."""
         self.sums += torch.stack([torch.as_tensor(v, device=self.sums.device).to(torch.float64) for v in values])
         self.images += images * self.procs.world
-        if self.procs.main and self.log_every and (self.step + 1) % self.log_every == 0:
-            rate = self.images / (time.perf_counter() - self.start)
-            print(f"  epoch {self.epoch} step {self.step + 1}/{self.steps} ({rate:.1f} images/s)", flush=True)
+        self.added += 1
 
     def finish(self, lr: float, reduce: bool) -> dict[str, float]:
         """The history row's training columns. ``reduce``: the sums are this process's own (a plain loss), so
         they are averaged over processes; GAL's statistics are batch-global already."""
         if self.procs.device.type == "cuda":
             torch.cuda.synchronize(self.procs.device)
-        elapsed = time.perf_counter() - self.start
+        elapsed = clock() - self.start
         sums = launch.all_reduce_sum(self.sums, self.procs) / self.procs.world if reduce else self.sums
         row = dict(zip(self.columns, (sums / max(self.steps, 1)).tolist()))
         # time_per_step leaves the loader out, as the authors' proc_time (Table VII's times are per iteration)

@@ -108,3 +108,24 @@ def test_adjuster_movement_is_the_norm_of_the_change():
     assert moved["adjuster_move_rel"] == pytest.approx(0.5 / start.norm().item())
     noise = build_adjuster({"gal": True, "ratio": 0.01, "scale": 1.0, "source": "uniform"}, 3)
     assert adjuster_movement(noise, adjuster_snapshot(noise)) == {"adjuster_move": 0.0, "adjuster_move_rel": 0.0}
+
+
+def test_the_study_says_how_far_it_is(records, tmp_path, capsys, monkeypatch):
+    """A line as a setting starts, one a PROGRESS_INTERVAL_S at most while its draws run (here each draw takes a
+    fake 61 s), and its result."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{records.parent.parent / 'mlflow.db'}")  # made already
+    now = [0.0]
+    monkeypatch.setattr(precision, "clock", lambda: now[0])
+    real_trial = precision.trial
+
+    def slow_trial(*args):
+        now[0] += 61.0
+        return real_trial(*args)
+
+    monkeypatch.setattr(precision, "trial", slow_trial)
+    assert precision.main(["settings=[boston]", "profile=smoke", f"runs_root={tmp_path / 'runs'}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["[1/1] boston: 3 draws of 32 x 1 outputs (residual std 1, 0.5, 0.3)",
+                         "[1/1] boston: 1/3 draws", "[1/1] boston: 2/3 draws"]
+    assert lines[3].startswith("[1/1] boston: sign of R agrees") and lines[3].endswith("3 draws)")
+    assert len(lines) == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipelines.report import over_seeds
 from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.records import ReportError, RunRecord
 from pipelines.report.render import fmt, markdown
@@ -79,12 +80,10 @@ class Toy3dFigure:
                         markdown=md, files=files, baselines=baselines)
 
     def _plot(self, cells, paths, files) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         import numpy as np
         from matplotlib import patheffects
+
+        plt = over_seeds.pyplot()
 
         coords = [v for p in paths.values() for c in ("x", "y") for v in p[c]]
         coords += [v for o in self.optimizers for v in cells[(o, "gal")].get("start")]
@@ -97,9 +96,8 @@ class Toy3dFigure:
 
         n = len(self.optimizers)
         with plt.rc_context({"font.size": 10, "axes.titlesize": 10.5, "legend.fontsize": 8.5}):
-            fig, axes = plt.subplots(2, n, figsize=(3.6 * n + 1.2, 7.6), squeeze=False,
-                                     gridspec_kw={"height_ratios": [1.25, 1], "hspace": 0.34, "wspace": 0.3,
-                                                  "left": 0.04, "right": 0.93, "top": 0.87, "bottom": 0.065})
+            fig, axes = plt.subplots(2, n, figsize=(3.6 * n + 1.2, 7.6), squeeze=False, layout="constrained",
+                                     gridspec_kw={"height_ratios": [1.25, 1]})
             for col, opt in enumerate(self.optimizers):
                 gal_run = cells[(opt, "gal")]
                 label = gal_run.get("run.label")
@@ -121,13 +119,10 @@ class Toy3dFigure:
                 bottom.set(title=f"{label}: z per step", xlabel="step", ylabel="z(x, y)")
                 bottom.grid(alpha=0.3)
                 bottom.legend(loc="upper right")
-            bar = fig.add_axes((0.945, axes[0, -1].get_position().y0, 0.012, axes[0, -1].get_position().height))
-            fig.colorbar(image, cax=bar, label="z(x, y)")
+            fig.colorbar(image, ax=axes[0, :], label="z(x, y)", fraction=0.02, pad=0.01)  # beside the maps' row
             fig.suptitle(f"{self.name}: 3-D toy z = -sin(x²) cos(3y²) exp(-(xy)²) - exp(-(x+y)²), baseline vs GAL "
                          f"(profile {cells[(self.optimizers[0], 'gal')].profile})", fontsize=12.5)
-            for file in files:  # no creation date in the PDF: the same runs give the same bytes
-                fig.savefig(file, dpi=130, metadata={"CreationDate": None} if file.suffix == ".pdf" else None)
-            plt.close(fig)
+            over_seeds.save(fig, files)
 
 
 SPEC = Toy3dFigure()

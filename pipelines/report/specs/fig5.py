@@ -40,7 +40,8 @@ class CurvesFigure:
                              pm(nums["mean"].value, nums["std"].value)])
         files = [f"figures/{self.slug}.png", f"figures/{self.slug}.pdf"]
         self._plot(cells, finals, profile, [ctx.out / f for f in files])
-        layout = Layout(columns=["Dataset", "Runs", "Method", "n", f"final {self.column} (mean ± std)"], rows=rows)
+        layout = Layout(columns=["Dataset", "Runs", "Method", "n", f"final {self.column} (mean ± std)"], rows=rows,
+                        notes=[over_seeds.MEAN_STD_NOTE])
         md = (f"![{self.name}: {self.ylabel} per epoch, baseline vs GAL]({files[0]})\n\n"
               f"[{self.name} as PDF]({files[1]}). Final {self.column} of each curve (over seeds):\n\n"
               + markdown(layout))
@@ -52,16 +53,14 @@ class CurvesFigure:
     def _plot(self, cells, finals, profile, files) -> None:
         plt = over_seeds.pyplot()
         n = len(self.settings)
-        fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False,  # fixed margins (constrained
-                                 gridspec_kw={"left": 0.06, "right": 0.98, "bottom": 0.13,   # layout is slow)
-                                              "top": 0.84, "wspace": 0.25})
+        fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False, layout="constrained")
         for ax, s in zip(axes[0], self.settings):
             for method, method_name in self.methods.items():
                 runs = cells[(s.label, method)]
                 epochs, mean, std = over_seeds.curve(runs, self.column)
                 final = finals[(s.label, method)]["mean"].text
                 over_seeds.band(ax, epochs, mean, std, color=over_seeds.COLORS[method], lw=1.8,
-                         label=f"{method_name} ({len(runs)} seeds): final {final}")
+                         label=f"{method_name} ({over_seeds.seeds(len(runs))}): final {final}")
             ax.set(title=f"{s.label} ({s.detail})", xlabel="epoch", ylabel=self.ylabel)
             ax.grid(alpha=0.3)
             ax.legend()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pipelines.report import over_seeds
 from pipelines.report.model import Context, Layout, Number, Rendered
-from pipelines.report.render import markdown, pm
+from pipelines.report.render import fmt_g, markdown, pm_numbers
 from pipelines.report.selection import select
 from pipelines.report.specs.precision import rounding_note
 
@@ -46,14 +46,17 @@ class GalStatsFigure:
             row = [s.label, s.detail, str(len(runs))]
             for column, _, _ in self.columns:
                 nums = over_seeds.final_numbers(self.name, [s.label, self.method_name], column, runs)
+                for num in nums.values():  # the remainder is ~1e-8 at ImageNet: significant digits, not decimals
+                    num.text = fmt_g(num.value)
                 finals[(s.label, column)] = nums["mean"]
                 numbers += nums.values()
-                row.append(pm(nums["mean"].value, nums["std"].value))
+                row.append(pm_numbers(nums["mean"], nums["std"]))
             rows.append(row)
         files = [f"figures/{self.slug}.png", f"figures/{self.slug}.pdf"]
         self._plot(cells, shown, finals, profile, [ctx.out / f for f in files])
         layout = Layout(columns=["Model", "Runs", "n (seeds)",
-                                 *(f"final {text} (mean ± std)" for _, text, _ in self.columns)], rows=rows)
+                                 *(f"final {text} (mean ± std)" for _, text, _ in self.columns)], rows=rows,
+                        notes=[over_seeds.MEAN_STD_NOTE])
         md = (f"![{self.name}: GAL's remainder and cos(g, â) per epoch]({files[0]})\n\n"
               f"[{self.name} as PDF]({files[1]}). Final value of each curve (GAL runs, over seeds):\n\n"
               + markdown(layout) + "\n" + rounding_note(ctx, [str(s.where["experiment"]) for s in shown]) + "\n")
@@ -63,16 +66,15 @@ class GalStatsFigure:
     def _plot(self, cells, shown, finals, profile, files) -> None:
         plt = over_seeds.pyplot()
         n = len(self.columns)
-        fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.8), squeeze=False,
-                                 gridspec_kw={"left": 0.09, "right": 0.98, "bottom": 0.13, "top": 0.84,
-                                              "wspace": 0.3})
+        fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.8), squeeze=False, layout="constrained")
         for ax, (column, _, ylabel) in zip(axes[0], self.columns):
             for s in shown:
                 runs = cells[(s.label, self.method)]
                 epochs, mean, std = over_seeds.curve(runs, column)
                 over_seeds.band(ax, epochs, mean, std, lw=1.8,
-                         label=f"{s.label} ({len(runs)} seeds): final {finals[(s.label, column)].text}")
-            ax.set(title=f"{ylabel} per epoch", xlabel="epoch", ylabel=f"{ylabel} (epoch mean)")
+                         label=f"{s.label} ({over_seeds.seeds(len(runs))}): final {finals[(s.label, column)].text}")
+            # the formula is on the y axis; the title names the column (the formula there crowded the suptitle)
+            ax.set(title=f"{column} per epoch", xlabel="epoch", ylabel=f"{ylabel} (epoch mean)")
             ax.grid(alpha=0.3)
             ax.legend()
         fig.suptitle(f"{self.name}: GAL on ImageNet, mean ± std over seeds (profile {profile})")

@@ -183,8 +183,7 @@ class SensitivityFigure:
 
         plt = over_seeds.pyplot()
         fig, axes = plt.subplots(len(OPTIMISERS), len(AXES), figsize=(4.4 * len(AXES), 3.7 * len(OPTIMISERS)),
-                                 squeeze=False, gridspec_kw={"left": 0.06, "right": 0.98, "bottom": 0.1,
-                                                             "top": 0.9, "wspace": 0.25, "hspace": 0.5})
+                                 squeeze=False, layout="constrained")
         for row, o in enumerate(OPTIMISERS):
             for col, axis in enumerate(AXES):
                 ax, points = axes[row, col], panels[(o.label, axis.key)]

@@ -77,8 +77,7 @@ class PolicyFigure:
 
     def _plot(self, shown, outcomes, profile, files) -> None:
         plt = over_seeds.pyplot()
-        fig, ax = plt.subplots(figsize=(5.8, 4.2), gridspec_kw={"left": 0.12, "right": 0.97, "bottom": 0.12,
-                                                                "top": 0.86})
+        fig, ax = plt.subplots(figsize=(5.8, 4.2), layout="constrained")
         for s in shown:
             out = outcomes[s.label]
             color = COLORS[POLICIES.index(s)]
@@ -87,7 +86,7 @@ class PolicyFigure:
                 continue
             epochs, mean, std = over_seeds.curve(out.finished, self.column)
             over_seeds.band(ax, epochs, mean, std, color=color, lw=2.2 if s is POLICIES[0] else 1.6,
-                     label=f"{s.label} ({len(out.runs)} seed{'s' * (len(out.runs) != 1)}): final {out.text}")
+                     label=f"{s.label} ({over_seeds.seeds(len(out.runs))}): final {out.text}")
         ax.set(xlabel="epoch", ylabel="top-1 test error (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

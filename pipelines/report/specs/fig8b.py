@@ -36,7 +36,8 @@ class FractionFigure:
             rows.append([s.label, s.detail, str(len(runs)), pm(nums["mean"].value, nums["std"].value)])
         files = [f"figures/{self.slug}.png", f"figures/{self.slug}.pdf"]
         self._plot(cells, finals, profile, [ctx.out / f for f in files])
-        layout = Layout(columns=["Dataset", "Runs", "n (seeds)", f"final {self.column} (mean ± std)"], rows=rows)
+        layout = Layout(columns=["Dataset", "Runs", "n (seeds)", f"final {self.column} (mean ± std)"], rows=rows,
+                        notes=[over_seeds.MEAN_STD_NOTE])
         md = (f"![{self.name}: {self.column} per epoch]({files[0]})\n\n"
               f"[{self.name} as PDF]({files[1]}). Final value of each line (GAL runs, over seeds):\n\n"
               + markdown(layout))
@@ -45,13 +46,12 @@ class FractionFigure:
 
     def _plot(self, cells, finals, profile, files) -> None:
         plt = over_seeds.pyplot()
-        fig, ax = plt.subplots(figsize=(5.6, 4.0), gridspec_kw={"left": 0.13, "right": 0.97, "bottom": 0.12,
-                                                                "top": 0.86})
+        fig, ax = plt.subplots(figsize=(5.6, 4.0), layout="constrained")
         for s in self.settings:
             runs = cells[(s.label, self.method)]
             epochs, mean, std = over_seeds.curve(runs, self.column)
             over_seeds.band(ax, epochs, mean, std, lw=1.8,
-                     label=f"{s.label} ({s.detail}, {len(runs)} seeds): final {finals[s.label].text}")
+                     label=f"{s.label} ({s.detail}, {over_seeds.seeds(len(runs))}): final {finals[s.label].text}")
         ax.set(xlabel="epoch", ylabel=self.ylabel, ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
         ax.legend()

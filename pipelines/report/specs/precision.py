@@ -59,12 +59,12 @@ def rounding_note(ctx: Context, settings: list[str]) -> str:
                 f"are missing (make them with `dvc repro {STAGE}`).")
     parts, rounding = [], []
     for run in runs:
-        m = run.metrics
-        parts.append(f"{label(run)}: median |R| {m['median_remainder']:.1e} = {m['median_remainder_ulps']:.2g} "
+        m = run.metric  # a missing or non-finite metric is refused in one line, never printed as nan
+        parts.append(f"{label(run)}: median |R| {m('median_remainder'):.1e} = {m('median_remainder_ulps'):.2g} "
                      f"float32 spacings of L, float32's sign of R agrees with float64's in "
-                     f"{100 * m['sign_agreement']:.0f}% of {int(m['draws'])} draws, its trial loss ties with L in "
-                     f"{100 * m['tie_fraction_float32']:.0f}%")
-        if m["rounding"]:
+                     f"{100 * m('sign_agreement'):.0f}% of {int(m('draws'))} draws, its trial loss ties with L in "
+                     f"{100 * m('tie_fraction_float32'):.0f}%")
+        if m("rounding"):
             rounding.append(label(run))
     verdict = (f"At {'; '.join(rounding)} the remainder is below float32's resolution at the loss: the "
                "remainder curve of a float32 run there is rounding (where L_tent ties with L, only the first-order "
@@ -81,12 +81,12 @@ def claims_note(ctx: Context) -> str | None:
     runs = ordered(ctx.runs(TASK))
     if not runs:
         return None
-    rounding = [r for r in runs if r.metrics["rounding"]]
-    resolved = [r for r in runs if not r.metrics["rounding"]]
+    rounding = [r for r in runs if r.metric("rounding")]
+    resolved = [r for r in runs if not r.metric("rounding")]
 
     def span(rs: list[RunRecord], key: str, percent: bool = False) -> str:  # "a-b" over settings, or "a"
         show = (lambda v: f"{100 * v:.0f}") if percent else (lambda v: f"{v:.2g}")
-        low, high = (show(f(r.metrics[key] for r in rs)) for f in (min, max))
+        low, high = (show(f(r.metric(key) for r in rs)) for f in (min, max))
         return low if low == high else f"{low}-{high}"
     text = f"Precision study (profile {runs[0].profile}; random outputs of each setting's shape and scale): "
     if rounding:

@@ -26,7 +26,7 @@ from pipelines.report.claims import UnderProtocol
 from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.paper import lookup
 from pipelines.report.records import MissingRuns, ReportError, RunRecord, check_one_profile
-from pipelines.report.render import fmt, fmt_p, markdown
+from pipelines.report.render import UNDEFINED_NOTE, fmt, fmt_p, markdown, ttest_cell, ttest_text
 from pipelines.report.selection import Setting, changed, preset_config, select
 from pipelines.report.specs import table5
 
@@ -128,9 +128,10 @@ class Numbers:
 
     def add(self, parts: list[str], op: str, source: str, groups: list[list[RunRecord]], digits: int = 4,
             paper: Any = None, show=None) -> Number:
-        value = stats.compute(op, [[r.latest(source) for r in g] for g in groups])
-        show = show or {"n": lambda v: str(int(v)), "t": lambda v: fmt(v, 2), "p": fmt_p}.get(
-            op, lambda v: fmt(v, digits))
+        values = [[r.latest(source) for r in g] for g in groups]
+        value = stats.compute(op, values)
+        show = show or {"n": lambda v: str(int(v)), "t": lambda v: ttest_text("t", v, values),
+                        "p": lambda v: ttest_text("p", v, values)}.get(op, lambda v: fmt(v, digits))
         text = show(value)
         seeds = ", ".join(str(r.get("seed")) for r in groups[0])
         how = stats.describe(op, f"final {source}", groups, unit="seeds") + f" (seeds {seeds})"
@@ -223,7 +224,7 @@ class ProtocolStudy:
                 rows.append([group, label, n, *base_cells,
                              fmt(distances[p.name], 2) if p.own_baseline else "-",
                              *(means[p.name]["gal"][m.key].text for m in TABLE.metrics),
-                             *(f"{t.text}, {pv.text}" for t, pv in (ttests[p.name][m.key] for m in TABLE.metrics)),
+                             *(ttest_cell(*ttests[p.name][m.key]) for m in TABLE.metrics),
                              accepted[p.name].text + (f"; {h_text}" if h_text else "")])
             if best is not None:
                 claims += self._claims(group, best, distances[best], means[best], ttests[best])
@@ -231,6 +232,8 @@ class ProtocolStudy:
                    *(f"GAL {m.title}" for m in TABLE.metrics), *(f"t, p {m.title}" for m in TABLE.metrics),
                    "GAL: accepted" + ("; h's movement" if h_shown else "")]
         notes = self._notes(study, closest_of, h_shown)
+        if any(n.op == "t" and math.isnan(n.value) for n in nums.items):
+            notes.append(UNDEFINED_NOTE)
         layout = Layout(columns=columns, rows=rows, notes=notes, caption=(
             "Protocol study: Table V's baseline and GAL under protocol choices the paper leaves open (means over "
             "seeds), the protocol whose baseline comes closest to the paper's, and GAL against the baseline there"))
@@ -259,7 +262,8 @@ class ProtocolStudy:
                 table=TABLE.name, subject=group, metric=m.title, better=m.better,
                 paper={"baseline": paper_base, "gal": paper_gal, "t": paper_t.get("t"), "p": paper_t.get("p")},
                 ours={"baseline": base.value, "gal": gal.value, "t": t.value, "p": p.value},
-                keys=[base.key, gal.key, t.key, p.key], protocol=protocol, distance=dist))
+                keys=[base.key, gal.key, t.key, p.key], protocol=protocol, distance=dist,
+                ttest_undefined=t.text if math.isnan(t.value) else ""))
         return out
 
     @staticmethod
@@ -270,7 +274,7 @@ class ProtocolStudy:
             "protocol_grids); n = baseline+GAL runs (seeds); mean over seeds (std in the CSV)",
             "distance: root mean square over MAE, MSE and R² of (our baseline mean - the paper's baseline mean) / the "
             "paper's std, computed from the baseline means shown (each in provenance.json) and paper.yaml; the "
-            "smallest is the protocol closest to the paper's baseline: "
+            "smallest is the protocol closest to the paper's baseline (- where the paper gives no mean or std): "
             + ", ".join(f"{g}: {p}" for g, p in closest_of.items()),
             "t, p: Student's two-sample t-test as Table V's (t = baseline minus GAL, equal variances, two-sided); "
             "GAL-only rows are tested against our protocol's baseline runs",
@@ -333,9 +337,7 @@ class ProtocolCurves:
     def _plot(self, study: Study, panels: dict[str, dict[str, Protocol]], files) -> None:
         plt = over_seeds.pyplot()
         n = len(panels)
-        fig, axes = plt.subplots(2, n, figsize=(max(4.6 * n, 6.4), 8.0), squeeze=False,
-                                 gridspec_kw={"left": 0.1, "right": 0.98, "bottom": 0.18, "top": 0.9,
-                                              "wspace": 0.25, "hspace": 0.35})
+        fig, axes = plt.subplots(2, n, figsize=(max(4.6 * n, 6.4), 8.0), squeeze=False, layout="constrained")
         # one style per protocol name across the datasets (past 10 the colours repeat: the line style does not)
         names = list(dict.fromkeys(p.name for ps in study.protocols.values() for p in ps))
         styles = {name: {"color": f"C{i % 10}", "ls": ("-", "--", ":")[i // 10 % 3]} for i, name in enumerate(names)}
@@ -367,8 +369,8 @@ class ProtocolCurves:
         # the protocols' legend once, under the acceptance row: per panel it covered the curves
         entries = {label: handle for ax in axes[1] for handle, label in zip(*ax.get_legend_handles_labels())}
         if entries:
-            fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=min(4, len(entries)), fontsize=7,
-                       title="GAL under protocol", title_fontsize=7, frameon=False)
+            fig.legend(list(entries.values()), list(entries), loc="outside lower center", ncol=min(4, len(entries)),
+                       fontsize=7, title="GAL under protocol", title_fontsize=7, frameon=False)
         fig.suptitle(f"Protocol study (profile {study.profile}): ours solid, closest to the paper's\n"
                      f"baselines dashed; mean ± std over seeds", fontsize=10)
         over_seeds.save(fig, files)

@@ -2,6 +2,7 @@
 GAL, per dataset (mean over seeds), and GAL's slowdown as the ratio GAL / baseline next to the paper's."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from pipelines.report import over_seeds
@@ -76,6 +77,8 @@ class TimeTable:
                  "the paper's times (about 0.4-0.5 s, printed \"per image\") are the authors' proc_time, seconds per "
                  "iteration (batch), on their GPUs: they sit beside our time / step, which is comparable in kind, not "
                  "in hardware; compare the ratios"]
+        if any(n.op == "ratio" and math.isnan(n.value) for n in numbers):
+            notes.append("- in a GAL / Baseline row: the baseline's mean time is 0, so the ratio is undefined")
         layout = Layout(columns=["Dataset", "Runs", "Method", "n", "Time / image (s) (ours)",
                                  "Time / step (s) (ours)", "Time (s) (paper)"], rows=rows, caption=caption,
                         notes=notes)

@@ -9,12 +9,13 @@ and the remainder in float32 spacings of L. Where GAL runs of a wider output exi
 shows the same numbers for contrast."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pipelines.report import over_seeds
 from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.records import MissingRuns, RunRecord
-from pipelines.report.render import markdown
+from pipelines.report.render import NONE, markdown, pm_numbers
 from pipelines.report.selection import Setting, select
 
 DATASETS = {"boston": "Boston", "diabetes": "Diabetes", "california": "California"}
@@ -26,6 +27,8 @@ COLUMNS = (("adjuster_grad_norm", "h's gradient norm", 2), ("adjuster_move_rel",
 
 
 def _show(value: float, digits: int) -> str:
+    if math.isnan(value):  # the std of one run
+        return NONE
     return f"{value:.{digits}e}" if value and not 1e-2 <= abs(value) < 1e3 else f"{value:.{digits}g}"
 
 
@@ -69,8 +72,7 @@ class WidthOneTable:
                 means[(s.label, column)] = nums["mean"].value
                 for op, num in nums.items():
                     num.text = _show(num.value, digits)
-                std = nums["std"].value
-                row.append(nums["mean"].text + ("" if std != std else f" ± {nums['std'].text}"))
+                row.append(pm_numbers(nums["mean"], nums["std"]))
             rows.append(row)
         layout = Layout(columns=["Runs", "n (seeds)", *(f"{h} (last epoch)" for _, h, _ in COLUMNS)], rows=rows,
                         caption="h's gradient and movement at output width 1 (regression, GAL runs of Table V)",
