@@ -1,6 +1,6 @@
 """What every task's training epoch does besides its own forward and loss, written once.
 
-    self.net, self.adjuster = attach_method(cfg.method, self.model, width, procs)  # GAL + DDP wiring
+    self.net, self.adjuster = attach_method(cfg, self.model, width, procs)  # GAL + DDP wiring
     meter = EpochMeter(("train_loss", *STEP_STATS), epoch, steps_per_epoch(loader, cfg.task.max_steps),
                        cfg, procs, self.adjuster)
     for images, labels in meter.batches(loader):  # sets the sampler's epoch, seeds each step, stops at steps,
@@ -33,14 +33,17 @@ from pipelines.training.method import adjuster_movement, adjuster_snapshot, buil
 from pipelines.training.seeding import sample_seed, seed_everything
 
 
-def attach_method(method: DictConfig, model: nn.Module, width: int,
+def attach_method(cfg: DictConfig, model: nn.Module, width: int,
                   procs: launch.Processes) -> tuple[nn.Module, Any]:
     """The network to train (``model``, or its DDP wrapper on several processes) and the GradientAdjuster of
-    ``method`` for outputs of ``width`` (None for plain training) on the model's device, DDP-wrapped with it.
-    Call it right after building the model: h's initial weights are drawn here."""
-    adjuster = build_adjuster(method, width, process_group=procs.group)
+    cfg.method for outputs of ``width`` (None for plain training) on the model's device, DDP-wrapped with it,
+    its step compiled with trainer.compile. Call it right after building the model: h's initial weights are
+    drawn here."""
+    adjuster = build_adjuster(cfg.method, width, process_group=procs.group)
     if adjuster is not None:
         adjuster.to(procs.device)
+        if launch.compiled_step(cfg.trainer):
+            adjuster.compile()
     if procs.world == 1:
         return model, adjuster
     ids = [procs.device.index] if procs.device.type == "cuda" else None

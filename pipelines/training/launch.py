@@ -102,6 +102,12 @@ def precision(trainer, device_type: str) -> str:
     return ("bf16" if device_type == "cuda" else "fp32") if chosen == "auto" else chosen
 
 
+def compiled_step(trainer) -> bool:
+    """trainer.compile: GAL's step through torch.compile (gal_core's compiled step: the same numbers within
+    float rounding). auto is off until a GPU measurement shows it faster (BENCHMARKS.md, GAL step overhead)."""
+    return str(trainer.compile) == "True"
+
+
 def device_choice(trainer) -> str:
     """trainer.device as asked (auto, cuda or cpu), without asking this machine."""
     choice = str(trainer.device)

@@ -124,6 +124,8 @@ def check(cfg: DictConfig, task: type[Task], here: bool = True) -> int:
         raise ConfigError(f"trainer.channels_last={trainer.channels_last!r}: use auto, true or false")
     if str(trainer.on_divergence) not in ("fail", "record"):
         raise ConfigError(f"trainer.on_divergence={trainer.on_divergence!r}: use fail or record")
+    if str(trainer.compile) not in ("auto", "True", "False"):
+        raise ConfigError(f"trainer.compile={trainer.compile!r}: use auto, true or false")
     if str(trainer.system_metrics) not in ("auto", "True", "False"):
         raise ConfigError(f"trainer.system_metrics={trainer.system_metrics!r}: use auto, true or false")
     if nodes > 1 and here:  # a job's nodes rendezvous through its scheduler
@@ -145,7 +147,8 @@ def resolved_config(cfg: DictConfig, procs: launch.Processes) -> dict[str, Any]:
     gpus x nodes)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     config["trainer"].update(resolved_device=procs.device.type, world_size=procs.world,
-                             resolved_precision=launch.precision(cfg.trainer, procs.device.type))
+                             resolved_precision=launch.precision(cfg.trainer, procs.device.type),
+                             resolved_compile=launch.compiled_step(cfg.trainer))
     return config
 
 

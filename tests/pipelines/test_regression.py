@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.errors import ConfigError, UserError
@@ -31,6 +32,28 @@ def test_same_seed_gives_identical_metrics_twice(boston_root):
     assert record(boston_root, "boston-gal-epochs3-s1") == first
     regression.run(config(boston_root, "seed=2"))
     assert record(boston_root, "boston-gal-epochs3-s2")[0] != first[0]
+
+
+def test_a_compiled_gal_step_is_the_same_run_within_rounding(boston_root):
+    """trainer.compile=true: GAL's step through torch.compile; the run keeps its name, records what ran, and its
+    numbers are the eager run's within float32 rounding."""
+    compiled_root = boston_root / "compiled"
+    write_boston(compiled_root)
+    regression.run(config(boston_root))
+    regression.run(config(compiled_root, "trainer.compile=true"))
+    (eager, eager_history), (compiled, compiled_history) = (record(root, "boston-gal-epochs3-s0")
+                                                            for root in (boston_root, compiled_root))
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    (columns, *eager_rows), (_, *compiled_rows) = ([line.split(",") for line in history.splitlines()]
+                                                   for history in (eager_history, compiled_history))
+    for column, eager_values, compiled_values in zip(columns, zip(*eager_rows), zip(*compiled_rows)):
+        # the remainder (~1e-4) is a difference of numbers near 1: its rounding is absolute, about 1e-7, a unit
+        # or two of float32's spacing at the loss (remainder_ulps counts those units)
+        atol = 2 if column == "remainder_ulps" else 1e-6
+        assert np.allclose(np.float64(eager_values), np.float64(compiled_values), rtol=1e-5, atol=atol), column
+    resolved = [yaml.safe_load((root / "runs/regression/boston-gal-epochs3-s0/config.yaml").read_text())
+                ["trainer"]["resolved_compile"] for root in (boston_root, compiled_root)]
+    assert resolved == [False, True]
 
 
 def test_gal_and_baseline_runs_log_their_columns(boston_root):

@@ -140,7 +140,7 @@ class Classification(runner.Task):
         self.model = build_model(cfg, self.classes).to(self.device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.net, self.adjuster = attach_method(cfg.method, self.model, self.classes, procs)
+        self.net, self.adjuster = attach_method(cfg, self.model, self.classes, procs)
         self.optimizer = build_optimizer_for(cfg.optim, model_param_groups(cfg, self.model), self.adjuster,
                                              cfg.method, no_decay_1d=cfg.task.no_weight_decay_bias_norm)
         self.scheduler = build_scheduler(cfg, self.optimizer)

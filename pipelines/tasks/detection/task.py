@@ -98,7 +98,7 @@ class Detection(runner.Task):
         model_cfg = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()
                      if k not in ("name", "smoke_backbone")}
         self.model = build_detr(num_classes=cfg.data.num_classes, **model_cfg).to(self.device)
-        self.net, self.adjuster = attach_method(cfg.method, self.model, 4, procs)  # GAL on the boxes
+        self.net, self.adjuster = attach_method(cfg, self.model, 4, procs)  # GAL on the boxes
         self.optimizer = build_optimizer_for(cfg.optim, model_param_groups(self.model, cfg.task.lr_backbone),
                                              self.adjuster, cfg.method)
         for group in self.optimizer.param_groups:

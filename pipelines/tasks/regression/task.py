@@ -84,7 +84,7 @@ class Regression(runner.Task):
 
         torch.manual_seed(cfg.seed)
         self.model = mlp(X.shape[1], list(cfg.data.model.hidden)).to(self.device)
-        _, self.adjuster = attach_method(cfg.method, self.model, 1, procs)  # one process: no DDP
+        _, self.adjuster = attach_method(cfg, self.model, 1, procs)  # one process: no DDP
         self.optimizer = build_optimizer_for(cfg.optim, [{"params": list(self.model.parameters())}],
                                              self.adjuster, cfg.method)
         self.shuffle = torch.Generator().manual_seed(cfg.seed)
