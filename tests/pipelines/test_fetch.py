@@ -82,7 +82,8 @@ def one_line(excinfo) -> str:
 
 # --- downloads -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("checksum", [SHA256, MD5, SHA256.upper().replace("SHA256", "sha256"), None])
+@pytest.mark.parametrize("checksum", [SHA256, MD5, SHA256.upper().replace("SHA256", "sha256"), None],
+                         ids=["sha256", "md5", "sha256-uppercase", "none"])  # the same ids in every xdist worker
 def test_download_verifies(server, tmp_path, checksum):
     dest = tmp_path / "raw" / "data.bin"
     assert fetch(server.url + "/data.bin", dest, checksum=checksum, progress=False) == dest
