@@ -15,9 +15,10 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml packages/gal_core/py
 	$(PIP) install -c requirements.lock -r requirements.txt
 	touch $@
 
-# One pytest worker per core (pytest-xdist); a test file's tests share one worker and its module fixtures
-# (the end-to-end repro runs once). JOBS_TEST=0 runs them in this process.
-JOBS_TEST ?= auto
+# JOBS_TEST=auto: one pytest worker per core (pytest-xdist; a test file's tests share one worker and its module
+# fixtures, so the end-to-end repro runs once). Off by default: under two workers the CPU preflight's loader
+# workers hung twice (tests/pipelines/test_preflight.py), a cause not yet found.
+JOBS_TEST ?= 0
 test: setup
 	$(BIN)/python -m pytest $(if $(filter 0,$(JOBS_TEST)),,-n $(JOBS_TEST) --dist loadfile)
 

@@ -48,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=None,
                         help="task.workers (default: 0 on cpu, the config's value on cuda)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--compile", action="store_true", help="trainer.compile=true: GAL's compiled step")
     return parser.parse_args(argv)
 
 
@@ -67,7 +68,7 @@ def compose_config(experiment: str, root: Path, args: argparse.Namespace) -> Dic
     overrides = [f"experiment={experiment}", "profile=paper", f"root={root}", f"model.name={args.model}",
                  "model.pretrained=false", f"task.batch_size={args.batch}", f"task.max_steps={args.steps}",
                  f"task.image_size={args.image_size}", f"trainer.device={args.device}", "trainer.gpus=1",
-                 "trainer.nodes=1", "task.log_every=0"]
+                 "trainer.nodes=1", "task.log_every=0", f"trainer.compile={args.compile}"]
     if args.workers is not None:
         overrides.append(f"task.workers={args.workers}")
     elif args.device == "cpu":

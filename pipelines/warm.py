@@ -14,7 +14,8 @@ it: the server kills the fork when the client's connection closes.
 
 The fork runs the code the server imported. So the server serves only a client whose code state is the
 server's: the same interpreter, import path, files of pipelines/ and gal_core (path, size, modification
-time) and the environment variables read at import (``IMPORT_ENV``). Any difference, or no server answering,
+time) and the environment variables read at import (``IMPORT_ENV``; those the server's own imports set count
+only where the client's value differs). Any difference, or no server answering,
 and the client runs the command itself, cold: a warm start is never a different run, only a faster one.
 DVC sees the same command, outputs and exit code either way; a plain ``dvc repro`` runs cold.
 """
@@ -43,9 +44,9 @@ PRELOAD = ("torch", "torch._dynamo", "torch.optim", "numpy", "omegaconf", "hydra
            "pipelines.tasks.classification.task", "pipelines.tasks.detection.task")
 
 
-def code_state(environ: dict[str, str]) -> str:
-    """A digest of what a fork's run would import: interpreter, import path, every file of the pipelines and
-    gal_core packages as this process would find them, and the variables of ``environ`` that imports read."""
+def code_state() -> str:
+    """A digest of what a fork's run would import: interpreter, import path, and every file of the pipelines
+    and gal_core packages as this process would find them."""
     from importlib.util import find_spec
 
     digest = hashlib.sha256(repr((sys.executable, sys.version, sys.flags, sys.path)).encode())
@@ -56,8 +57,12 @@ def code_state(environ: dict[str, str]) -> str:
                 if path.is_file() and "__pycache__" not in path.parts:
                     stat = path.stat()
                     digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    digest.update(repr(sorted((k, v) for k, v in environ.items() if k.startswith(IMPORT_ENV))).encode())
     return digest.hexdigest()
+
+
+def import_vars(environ: dict[str, str]) -> dict[str, str]:
+    """The variables of ``environ`` that imports read."""
+    return {k: v for k, v in environ.items() if k.startswith(IMPORT_ENV)}
 
 
 # ------------------------------------------------------------------------------------------------ client
@@ -74,7 +79,7 @@ def run_served(module: str) -> None:
         return
     ignored = [int(s) for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN]
     request = {"module": module, "argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ),
-               "ignored": ignored, "state": code_state(dict(os.environ))}
+               "ignored": ignored, "state": code_state()}
     reader = conn.makefile("r")
     try:
         socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
@@ -120,12 +125,13 @@ def serve(path: str) -> None:
         importlib.import_module(name)
     # what imports put in the environment (torch's compile cache folder, MLflow's session) goes to each run,
     # as a cold run's own imports would have put it there
-    Server(path, code_state(cold), {k: v for k, v in os.environ.items() if k not in cold}).loop(os.getppid())
+    Server(path, cold, {k: v for k, v in os.environ.items() if k not in cold}).loop(os.getppid())
 
 
 class Server:
-    def __init__(self, path: str, state: str, import_env: dict[str, str]):
-        self.path, self.state, self.import_env = path, state, import_env
+    def __init__(self, path: str, cold: dict[str, str], import_env: dict[str, str]):
+        self.path, self.state, self.import_env = path, code_state(), import_env
+        self.cold_vars = import_vars(cold)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(64)
@@ -166,7 +172,7 @@ class Server:
         except (OSError, ValueError):
             conn.close()
             return
-        if request.get("state") != self.state or request.get("module") not in SERVED or len(fds) != 3:
+        if not self.serves(request) or len(fds) != 3:
             for fd in fds:
                 os.close(fd)
             with contextlib.suppress(OSError):
@@ -189,6 +195,13 @@ class Server:
         self.selector.register(conn, selectors.EVENT_READ, ("client", pid))
         with contextlib.suppress(OSError):
             conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+
+    def serves(self, request: dict) -> bool:
+        """Whether the client's code state is this server's: the same code, and the same variables that imports
+        read, but for those the server's own imports set (a client whose process imported torch has them)."""
+        client_vars = {k: v for k, v in import_vars(request.get("env", {})).items() if self.import_env.get(k) != v}
+        return (request.get("state") == self.state and request.get("module") in SERVED
+                and client_vars == self.cold_vars)
 
     def finish(self, pid: int, status: int) -> None:
         conn, pidfd = self.forks.pop(pid)

@@ -118,7 +118,8 @@ def test_the_sample_runs_at_full_size_and_leaves_the_workspace_and_dvc_as_they_w
     repo = copy_project(tmp_path / "repo")
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    env = {**os.environ, "TMPDIR": str(scratch), "PYTHONWARNINGS": "ignore::UserWarning"}
+    env = {**os.environ, "TMPDIR": str(scratch), "PYTHONWARNINGS": "ignore::UserWarning",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "torch-cache")}  # torch's own cache, kept across runs
     run = lambda *cmd, **kw: subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, **kw)  # noqa: E731
     prepared = run(BIN / "python", "-m", "pipelines.prepare.regression", "data=diabetes", "profile=paper")
     assert prepared.returncode == 0, prepared.stderr

@@ -53,6 +53,8 @@ def served_env(root: Path, socket: Path, **extra: str) -> dict:
 
 
 def test_a_served_run_is_the_cold_run(socket_path, tmp_path):
+    import torch._dynamo  # noqa: F401  (sets torch's variables in this environment, as the server's imports did)
+
     served_root, cold_root = tmp_path / "served", tmp_path / "cold"
     for root in (served_root, cold_root):
         write_boston(root)

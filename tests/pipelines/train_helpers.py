@@ -56,6 +56,7 @@ def train_env(store: Path, **extra: str) -> dict:
 
 
 WARM: dict = {}  # the session's warm server: started by the first train(), stopped by conftest.py
+SESSION_ENV = dict(os.environ)  # the server's, whatever a test has monkeypatched when the first train() runs
 
 
 def warm_server() -> tuple[Path, subprocess.Popen]:
@@ -64,7 +65,8 @@ def warm_server() -> tuple[Path, subprocess.Popen]:
     if not WARM:
         socket = Path(tempfile.mkdtemp(prefix="gal-warm-test-")) / "socket"
         WARM["socket"], WARM["server"] = socket, subprocess.Popen(
-            [sys.executable, "-m", "pipelines.warm", "--serve", str(socket)], cwd=ROOT, start_new_session=True)
+            [sys.executable, "-m", "pipelines.warm", "--serve", str(socket)], cwd=ROOT, env=SESSION_ENV,
+            start_new_session=True)
     return WARM["socket"], WARM["server"]
 
 
