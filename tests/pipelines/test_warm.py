@@ -5,7 +5,6 @@ client whose code state is not the server's runs cold. Whether a command was ser
 library, no plotting (torch._dynamo it cannot avoid: every torch.optim step imports it)."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
