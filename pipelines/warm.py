@@ -15,8 +15,9 @@ it: the server kills the fork when the client's connection closes.
 The fork runs the code the server imported. So the server serves only a client whose code state is the
 server's: the same interpreter, import path, files of pipelines/ and gal_core (path, size, modification
 time) and the environment variables read at import (``IMPORT_ENV``; those the server's own imports set count
-only where the client's value differs). Any difference, or no server answering,
-and the client runs the command itself, cold: a warm start is never a different run, only a faster one.
+only where the client's value differs). At any difference the client says which in one line and runs the
+command itself, cold, as it does when no server answers: a warm start is never a different run, only a faster
+one.
 DVC sees the same command, outputs and exit code either way; a plain ``dvc repro`` runs cold.
 """
 from __future__ import annotations
@@ -36,8 +37,11 @@ from pathlib import Path
 SOCKET_ENV = "GAL_WARM"
 SERVED = ("pipelines.train",)  # the entry points a fork runs
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-IMPORT_ENV = ("PYTHON", "LD_", "TORCH", "PYTORCH", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "CUDA", "CUBLAS",
-              "NVIDIA", "NCCL", "TRITON", "MLFLOW_CONFIGURE_LOGGING")  # prefixes of what imports read
+# prefixes of the variables imports read. Those read when CUDA or NCCL start (CUDA_VISIBLE_DEVICES,
+# CUBLAS_WORKSPACE_CONFIG, NCCL_*) are not among them: the server never starts CUDA, its forks do, with the
+# client's environment (and a run sets CUBLAS_WORKSPACE_CONFIG itself, in-process in tests)
+IMPORT_ENV = ("PYTHON", "LD_", "TORCH", "PYTORCH", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "CUDA_HOME", "CUDA_PATH",
+              "TRITON", "MLFLOW_CONFIGURE_LOGGING")
 PRELOAD = ("torch", "torch._dynamo", "torch.optim", "numpy", "omegaconf", "hydra", "hydra.core.global_hydra",
            "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "sqlalchemy.dialects.sqlite",
            "pipelines.config", "pipelines.training.runner", "pipelines.tasks.regression.task",
@@ -87,6 +91,7 @@ def run_served(module: str) -> None:
     except (OSError, ValueError):
         return
     if "pid" not in reply:
+        print(f"{module}: not started warm ({reply.get('refused', 'no reply')}): starting cold", file=sys.stderr)
         return
     pid = reply["pid"]
     for signum in FORWARDED:
@@ -172,11 +177,12 @@ class Server:
         except (OSError, ValueError):
             conn.close()
             return
-        if not self.serves(request) or len(fds) != 3:
+        refused = self.refusal(request) or (len(fds) != 3 and "no standard streams")
+        if refused:
             for fd in fds:
                 os.close(fd)
             with contextlib.suppress(OSError):
-                conn.sendall(b"{}\n")
+                conn.sendall(json.dumps({"refused": refused}).encode() + b"\n")
             conn.close()
             return
         conn.settimeout(None)
@@ -196,12 +202,17 @@ class Server:
         with contextlib.suppress(OSError):
             conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
 
-    def serves(self, request: dict) -> bool:
-        """Whether the client's code state is this server's: the same code, and the same variables that imports
-        read, but for those the server's own imports set (a client whose process imported torch has them)."""
+    def refusal(self, request: dict) -> str | None:
+        """Why the client's code state is not this server's (None: it is): the same code, and the same variables
+        that imports read, but for those the server's own imports set (a client that imported torch has them)."""
+        if request.get("module") not in SERVED:
+            return f"{request.get('module')} is not served"
+        if request.get("state") != self.state:
+            return "the code or interpreter differs from the warm server's"
         client_vars = {k: v for k, v in import_vars(request.get("env", {})).items() if self.import_env.get(k) != v}
-        return (request.get("state") == self.state and request.get("module") in SERVED
-                and client_vars == self.cold_vars)
+        differing = sorted(k for k in client_vars.keys() | self.cold_vars.keys()
+                           if client_vars.get(k) != self.cold_vars.get(k))
+        return f"{', '.join(differing)} differ from the warm server's" if differing else None
 
     def finish(self, pid: int, status: int) -> None:
         conn, pidfd = self.forks.pop(pid)
