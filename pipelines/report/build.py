@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipelines.atomic import nearest_existing, replace_dir, temp_dir_beside, write_atomic
 from pipelines.report import claims as claims_mod
-from pipelines.report import index, provenance
+from pipelines.report import findings, index, provenance
 from pipelines.report.model import Context, Rendered, Skipped, Spec
 from pipelines.report.records import MissingRuns, ReportError, display_path
 from pipelines.report.render import latex, markdown, numbers_csv
@@ -33,7 +33,7 @@ def flag_mixed_commits(item: Rendered) -> None:
     item.markdown = item.markdown.rstrip("\n") + f"\n\n> [!WARNING]\n> {note}.\n"
 
 
-def _render_files(items: list[Rendered | Skipped], tmp: Path, runs_root: str) -> dict[str, str]:
+def _render_files(items: list[Rendered | Skipped], tmp: Path, runs_root: str, names: list[str]) -> dict[str, str]:
     """Write the tables and figures' numbers under ``tmp``; returns index.md and provenance.json's text."""
     rendered = [item for item in items if isinstance(item, Rendered)]
     files: dict[str, list[str]] = {}
@@ -61,7 +61,10 @@ def _render_files(items: list[Rendered | Skipped], tmp: Path, runs_root: str) ->
     for key, entry in prov["numbers"].items():
         if key in claimed:
             entry["files"] = entry["files"] + CLAIMS_FILES
-    return {"index.md": index.render(items, markdown(claims_layout), files, runs_root),
+    # what we found, read back from the files just written, as the README's block reads a published report
+    found = findings.findings(findings.load(tmp, provenance=prov, preflight=False), names=names,
+                                banner=False)
+    return {"index.md": index.render(items, markdown(claims_layout), files, runs_root, found),
             "provenance.json": provenance.dumps(prov)}
 
 
@@ -105,7 +108,7 @@ def build(runs_root: Path, out: Path, specs: list[Spec], profile: str | None = N
             raise ReportError(f"no table or figure has its runs under {display_path(runs_root)}/ (first: "
                               f"{items[0].name}: {items[0].missing}); make them first (dvc repro)"
                               if items else "no table or figure to render")
-        tops = _render_files(items, tmp, display_path(runs_root))
+        tops = _render_files(items, tmp, display_path(runs_root), [spec.name for spec in specs])
         out.mkdir(parents=True, exist_ok=True)
         for sub in DIRS:  # all rendering is done before the first output is replaced
             replace_dir(tmp / sub, out / sub)

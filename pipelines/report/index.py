@@ -1,5 +1,6 @@
-"""reports/index.md: every table inline, every figure embedded, the profile in the title, a loud warning
-when the runs come from the smoke profile, and a note for every spec skipped because its runs are missing."""
+"""reports/index.md: what we found (pipelines/report/findings.py), every table inline, every figure embedded, the
+profile in the title, a loud warning when the runs come from the smoke profile, and a note for every spec skipped
+because its runs are missing."""
 from __future__ import annotations
 
 from pipelines.report import recipe
@@ -52,8 +53,9 @@ def skipped_note(item: Skipped) -> str:
             f"> Make them with `{item.make}`, then rerun `python -m pipelines.report`.\n\n")
 
 
-def render(items: list[Rendered | Skipped], claims_md: str, files: dict[str, list[str]], runs_root: str) -> str:
-    """index.md for the specs' results in order: Rendered ones shown, Skipped ones as a note."""
+def render(items: list[Rendered | Skipped], claims_md: str, files: dict[str, list[str]], runs_root: str,
+           findings_md: str = "") -> str:
+    """index.md for the specs' results in order, after what we found: Rendered ones shown, Skipped ones as a note."""
     rendered = [item for item in items if isinstance(item, Rendered)]
     skipped = [item for item in items if isinstance(item, Skipped)]
     parts = [f"# GAL reproduction: results ({profile_title(rendered)})\n\n", smoke_banner(rendered),
@@ -63,6 +65,8 @@ def render(items: list[Rendered | Skipped], claims_md: str, files: dict[str, lis
              "[provenance.json](provenance.json) (value, aggregation, runs, MLflow run ids, git commits, "
              "`dvc repro` targets); to walk one back and cross-check it against MLflow, run e.g. "
              "`python -m pipelines.audit \"Table V\" Boston GAL MAE`.\n\n"]
+    if findings_md:
+        parts.append("## What we found\n\n" + findings_md + "\n")
     for item in items:
         if isinstance(item, Skipped):
             parts.append(skipped_note(item))

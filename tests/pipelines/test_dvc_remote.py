@@ -1,4 +1,4 @@
-"""Prepared data shared between machines (README: A team server and shared data), with real DVC: pushed once
+"""Prepared data shared between machines (docs/team-server.md), with real DVC: pushed once
 to a DVC remote (a local directory here) and pulled by another clone, or read from a DVC cache that clones
 share on a cluster file system; either way the other clone reproduces a training stage without preparing."""
 from __future__ import annotations
