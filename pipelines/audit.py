@@ -5,7 +5,9 @@
     python -m pipelines.audit "Table V/Boston/GAL/MAE/mean"     # a provenance key as is
     python -m pipelines.audit "Fig. 4" GD GAL final_z
     python -m pipelines.audit "Table I" SGD GAL error
-    options: --reports DIR (default reports), --tracking-uri URI, --diff (print dirty runs' patches)
+    python -m pipelines.audit --published results/regression "Table V" Boston GAL MAE   # a published copy
+    options: --reports DIR (default reports), --tracking-uri URI, --diff (print dirty runs' patches),
+             --published DIR (or a profile's name: results/<name>)
 
 Names match case-insensitively, ignoring spaces, dots, dashes and underscores ("table v" boston gal mae).
 Prints the value and how it was aggregated; for each contributing run: run dir, MLflow run id, variant
@@ -15,10 +17,14 @@ checksums, the config diff from the matching baseline run, the `dvc repro` targe
 metric back from MLflow (--tracking-uri, else MLFLOW_TRACKING_URI, else the tracking URI recorded in the
 run's run.json, else the project default), compares it with the run record, recomputes the aggregate and
 compares it with the reported value.
-Exit codes: 0 cross-check OK; 1 a mismatch (or a run or MLflow run that cannot be read, or a patch that
-does not match its checksum in run.json); 2 a user error (pipelines.errors): no such number (the message
-lists what exists), or no readable or well-formed provenance.json (invalid JSON, a missing key, a value of the
-wrong type: one line naming the file and the field, checked before anything is traced).
+With --published (a copy `make publish` made: pipelines/publish.py) it reads that copy alone, never MLflow: the
+report, the run records and stamp.json there. It says so, with the copy's commit, and checks instead that each
+file it reads is the one published (stamp.json's sha256) and that the records give the reported value.
+Exit codes: 0 cross-check OK; 1 a mismatch (or a run or MLflow run that cannot be read, a patch that does not
+match its checksum in run.json, or a published file edited or missing); 2 a user error (pipelines.errors): no
+such number (the message lists what exists), no readable or well-formed provenance.json (invalid JSON, a missing
+key, a value of the wrong type: one line naming the file and the field, checked before anything is traced), or
+no published copy (with a readable stamp.json) where --published points.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import math
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,57 @@ from pipelines.report.records import ReportError, RunRecord, load_run
 
 class AuditError(UserError):
     """Bad request or missing provenance: one line, exit code 2 (pipelines.errors)."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """A copy `make publish` made (pipelines/publish.py): its folder and stamp.json."""
+
+    path: Path
+    stamp: dict
+
+    STAMP_FIELDS = {"commit": str, "command": str, "published_utc": str, "files": dict}
+
+    @classmethod
+    def open(cls, where: str) -> "Published":
+        """The copy at ``where``, else at results/<where>; AuditError in one line if there is none or its
+        stamp.json is unreadable or lacks a field the audit reads."""
+        path = Path(where)
+        if not path.is_dir() and Path("results", where).is_dir():
+            path = Path("results", where)
+        stamp_path = path / "stamp.json"
+        if not stamp_path.is_file():
+            copies = ", ".join(sorted(p.parent.as_posix() for p in Path("results").glob("*/stamp.json")))
+            raise AuditError(f"no published copy at {where} (no {stamp_path}); "
+                             + (f"choose one of: {copies}" if copies else "make one: make publish PROFILE=<profile>"))
+        try:
+            stamp = json.loads(stamp_path.read_text())
+        except (OSError, ValueError) as err:
+            raise AuditError(f"unreadable {stamp_path} ({type(err).__name__}: {err}); publish again") from None
+        for name, kind in cls.STAMP_FIELDS.items():
+            if not isinstance(stamp, dict) or not isinstance(stamp.get(name), kind):
+                raise AuditError(f"malformed {stamp_path}: no {name} ({kind.__name__}); publish again")
+        return cls(path, stamp)
+
+    def describe(self) -> str:
+        return (f"  source: the published copy {self.path.as_posix()}/, not MLflow\n"
+                f"  published: commit {self.stamp['commit']}, {self.stamp['published_utc']}, by "
+                f"`{self.stamp['command']}`")
+
+    def edited(self, path: Path) -> str | None:
+        """Why the file ``path`` of the copy is not the one published (missing, changed, not stamped), or None."""
+        try:
+            rel = path.relative_to(self.path).as_posix()
+        except ValueError:  # provenance.json names a run outside the copy
+            return f"{path.as_posix()} lies outside the published copy {self.path.as_posix()}/"
+        want = self.stamp["files"].get(rel)
+        if want is None:
+            return f"{path.as_posix()} is not in {self.path.as_posix()}/stamp.json: added after publishing"
+        if not path.is_file():
+            return f"{path.as_posix()} is missing from the published copy"
+        if hashlib.sha256(path.read_bytes()).hexdigest() != want:
+            return f"{path.as_posix()} was edited after publishing (sha256 differs from stamp.json)"
+        return None
 
 
 def _malformed(path: Path, what: str) -> AuditError:
@@ -205,9 +263,13 @@ def _tracking_uri(meta: dict[str, Any], override: str | None) -> str:
 
 
 def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_override: str | None = None,
-          show_diff: bool = False) -> int:
-    """Print the trace of one number; 0 if MLflow agrees with the run records and the reported value."""
+          show_diff: bool = False, published: Published | None = None) -> int:
+    """Print the trace of one number; 0 if MLflow agrees with the run records and the reported value (with
+    ``published``: if the copy's files are those published and its records give the reported value)."""
     from pipelines.tracking import store
+    from pipelines.tracking.record import RECORD_FILES
+
+    root = published.path if published else Path()  # provenance names run dirs relative to the report's cwd
 
     metric, op, best = entry["metric"], entry["op"], entry.get("best_epoch")
     # a value at each run's best epoch comes from both sides' per-epoch histories
@@ -216,6 +278,8 @@ def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_overri
     value = math.nan if entry["value"] is None else float(entry["value"])
     paper = "" if entry.get("paper") is None else f"   (paper: {entry['paper']})"
     print(f"{key} = {entry['text']}{paper}")
+    if published:
+        print(published.describe())
     print(f"  how: {entry['aggregation']}")
     print(f"  exact value: {value!r}")
     print(f"  remake: dvc repro {' '.join(entry['dvc_repro'])}" if entry["dvc_repro"] else
@@ -224,12 +288,18 @@ def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_overri
     print(f"contributing runs ({len(entry['runs'])}):")
 
     problems: list[str] = []
+    if published:
+        problems += filter(None, [published.edited(root / "provenance.json")])
     logged: dict[str, float] = {}
     for item in entry["runs"]:
         run_dir = item["dir"]
-        print(f"  {run_dir}")
+        print(f"  {(root / run_dir).as_posix()}")
+        if published:  # each file of the record as published: the four of every record, and any other stamped
+            stamped = {Path(rel).name for rel in published.stamp["files"] if Path(rel).parent == Path(run_dir)}
+            problems += filter(None, (published.edited(root / run_dir / name)
+                                      for name in sorted(stamped | set(RECORD_FILES))))
         try:
-            run = load_run(Path(run_dir))
+            run = load_run(root / run_dir)
         except ReportError as err:
             problems.append(str(err))
             print(f"    cannot read the run record: {err}")
@@ -249,9 +319,11 @@ def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_overri
         if base_dir is None:
             print("    config diff: none (a baseline run)")
         else:
+            if published:
+                problems += filter(None, [published.edited(root / base_dir / "config.yaml")])
             try:
-                diff = config_diff(run.flat, load_run(Path(base_dir)).flat)
-                print(f"    config diff from baseline {base_dir} (baseline -> this run):")
+                diff = config_diff(run.flat, load_run(root / base_dir).flat)
+                print(f"    config diff from baseline {(root / base_dir).as_posix()} (baseline -> this run):")
                 print("\n".join(f"      {line}" for line in diff) if diff else "      (identical)")
             except ReportError as err:
                 problems.append(str(err))
@@ -266,6 +338,13 @@ def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_overri
             recorded: Any = run.at_best_epoch(best) if best else run.latest(metric)
         except ReportError:
             recorded = None
+        if published:  # the copy is the source: its records must give the reported value
+            print(f"    {what}: run record {_show(recorded)}")
+            if recorded is None:
+                problems.append(f"{run.dir}: its record has no {what!r}")
+            else:
+                logged[run_dir] = float(recorded)
+            continue
         try:
             values = store.logged_metrics(meta.get("mlflow_run_id"), _tracking_uri(meta, tracking_override),
                                           histories=columns)
@@ -287,16 +366,23 @@ def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_overri
         else:
             logged[run_dir] = mlflow_value
 
+    check, source = ("Published copy check", "the published records") if published else ("MLflow cross-check", "MLflow")
+    problems = list(dict.fromkeys(problems))  # a baseline several runs share is named once
     if not problems:
         recomputed = stats.compute(op, [[logged[d] for d in group] for group in entry["groups"]])
         if not stats.same(recomputed, value):
-            problems.append(f"{op} recomputed from MLflow is {recomputed!r} but the report shows {value!r}: "
-                            f"the reports are stale; rerun python -m pipelines.report")
+            problems.append(f"{op} recomputed from {source} is {recomputed!r} but the report shows {value!r}: "
+                            + ("the copy is inconsistent; publish again" if published else
+                               "the reports are stale; rerun python -m pipelines.report"))
+        elif published:
+            print(f"{check}: OK ({len(logged)} runs' records and provenance.json as published at commit "
+                  f"{published.stamp['commit'][:12]}; {op} recomputed from the records = {recomputed:.10g})")
+            return 0
         else:
-            print(f"MLflow cross-check: OK ({len(logged)} runs' {what} match their run records; "
+            print(f"{check}: OK ({len(logged)} runs' {what} match their run records; "
                   f"{op} recomputed from MLflow = {recomputed:.10g})")
             return 0
-    print(f"MLflow cross-check: MISMATCH ({len(problems)} problem{'s' * (len(problems) != 1)})")
+    print(f"{check}: MISMATCH ({len(problems)} problem{'s' * (len(problems) != 1)})")
     for problem in problems:
         print(f"  - {problem}")
     return 1
@@ -305,15 +391,25 @@ def audit(key: str, entry: dict[str, Any], runs: dict[str, Any], tracking_overri
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.audit", description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help='e.g. "Table V" Boston GAL MAE, or a provenance key')
-    parser.add_argument("--reports", default="reports", help="where provenance.json is (default: reports)")
+    parser.add_argument("--reports", default=None, help="where provenance.json is (default: reports)")
     parser.add_argument("--tracking-uri", default=None, help="read every run from this MLflow store")
+    parser.add_argument("--published", default=None, metavar="DIR",
+                        help="trace the number in a published copy (make publish) instead, without MLflow: "
+                             "its folder, or a profile's name for results/<name>")
     parser.add_argument("--diff", action="store_true", help="print the git diff of each dirty run")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.published and (args.reports or args.tracking_uri):
+        parser.error("--published reads the copy's own report and records: leave out --reports and --tracking-uri")
 
     def run() -> int:  # 1 for a mismatch is a result; a user error is one line and exit code 2
-        path = Path(args.reports) / "provenance.json"
+        published = Published.open(args.published) if args.published else None
+        path = (published.path if published else Path(args.reports or "reports")) / "provenance.json"
+        if published and not path.is_file():
+            raise AuditError(f"no {path}: the published copy is not whole; publish it again (make publish)")
         if not path.is_file():
-            raise AuditError(f"no {path}; render the reports first: python -m pipelines.report")
+            copies = sorted(p.parent.as_posix() for p in Path("results").glob("*/stamp.json"))
+            hint = f", or audit a published copy: --published {copies[0]}" if copies else ""
+            raise AuditError(f"no {path}; render the reports first: python -m pipelines.report{hint}")
         try:
             prov = json.loads(path.read_text())
         except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError included
@@ -322,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         check_provenance(path, prov)
         key = resolve(prov["numbers"], args.names)
         check_entry(path, key, prov["numbers"][key])
-        return audit(key, prov["numbers"][key], prov.get("runs", {}), args.tracking_uri, args.diff)
+        return audit(key, prov["numbers"][key], prov.get("runs", {}), args.tracking_uri, args.diff, published)
 
     return run_cli("audit", run)
 
