@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: setup test profile repro fanout preflight bench ui lock clean
+.PHONY: setup test profile repro fanout publish preflight bench ui lock clean
 
 setup: $(STAMP)
 
@@ -15,12 +15,12 @@ $(STAMP): requirements.txt requirements.lock pyproject.toml packages/gal_core/py
 	$(PIP) install -c requirements.lock -r requirements.txt
 	touch $@
 
-# JOBS_TEST=auto: one pytest worker per core (pytest-xdist; a test file's tests share one worker and its module
-# fixtures, so the end-to-end repro runs once). Off by default: under two workers the CPU preflight's loader
-# workers hung twice (tests/pipelines/test_preflight.py), a cause not yet found.
-JOBS_TEST ?= 0
+# One pytest worker per core (pytest-xdist; JOBS_TEST=0: one process). A test file's tests share one worker and
+# its module fixtures, so the end-to-end repro runs once; files go out in collection order, so that repro, the
+# longest, starts first.
+JOBS_TEST ?= auto
 test: setup
-	$(BIN)/python -m pytest $(if $(filter 0,$(JOBS_TEST)),,-n $(JOBS_TEST) --dist loadfile)
+	$(BIN)/python -m pytest $(if $(filter 0,$(JOBS_TEST)),,-n $(JOBS_TEST) --dist loadfile --no-loadscope-reorder)
 
 # `make repro PROFILE=regression` (or fanout) switches the profile in params.yaml first, and the grids with it
 # (pipelines/profile.py): ablations (paper for `paper`, else smoke), the Table V protocol study (smoke for
@@ -41,6 +41,17 @@ JOBS ?= 4
 fanout: setup profile
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipelines.warm $(BIN)/python -m pipelines.fanout --jobs $(JOBS) $(STAGES)
 
+# `make publish PROFILE=regression`: from a clean checkout (else one line, nothing run), `make repro PROFILE=...`
+# (VIA=fanout: `make fanout`, with its JOBS and STAGES), params.yaml put back after it, then the report and the run
+# records it used copied into results/<profile>/ with stamp.json (pipelines/publish.py, docs/publishing.md).
+# `python -m pipelines.audit --published results/<profile> ...` traces its numbers without MLflow.
+VIA ?= repro
+# (not $(MAKE) in the recipe itself: make would run that line under `make -n` too)
+SUBMAKE = $(MAKE)
+publish: setup
+	$(if $(PROFILE),,$(error name the profile to publish: make publish PROFILE=regression))
+	$(BIN)/python -m pipelines.publish $(PROFILE) -- $(SUBMAKE) --no-print-directory $(VIA) PROFILE=$(PROFILE)
+
 # Every training run of a profile at its real size for a few steps, before the GPU-hours are spent
 # (pipelines/preflight/): step time, memory, the device-hours each stage will take, and what fails. It plans
 # PROFILE from a copy of params.yaml: the workspace is left as it is. STAGES: DVC stages (default all).
@@ -54,9 +65,12 @@ preflight: setup
 bench: setup
 	$(BIN)/python -m benchmarks.gal_overhead
 
-# Browse the tracked runs (the default store, mlflow.db at the repo root) at http://127.0.0.1:5000.
+# Browse the tracked runs (the default store, mlflow.db at the repo root) at http://127.0.0.1:$(UI_PORT): once the
+# server answers it prints each experiment's runs link, which opens MLflow 3 in its Model training view
+# (pipelines/ui.py). Ctrl-C stops it.
+UI_PORT ?= 5000
 ui: setup
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/python -m pipelines.ui --store sqlite:///mlflow.db --port $(UI_PORT)
 
 # Re-resolve every dependency from scratch and pin the result (run after changing a pyproject).
 lock:

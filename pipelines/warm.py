@@ -15,9 +15,9 @@ it: the server kills the fork when the client's connection closes.
 The fork runs the code the server imported. So the server serves only a client whose code state is the
 server's: the same interpreter, import path, files of pipelines/ and gal_core (path, size, modification
 time) and the environment variables read at import (``IMPORT_ENV``; those the server's own imports set count
-only where the client's value differs). At any difference the client says which in one line and runs the
-command itself, cold, as it does when no server answers: a warm start is never a different run, only a faster
-one.
+only where the client's value differs). At any difference the server says which on its own stderr (the
+terminal of `make repro`, not the run's output) and the client runs the command itself, cold, as it does when
+no server answers: a warm start is never a different run, only a faster one.
 DVC sees the same command, outputs and exit code either way; a plain ``dvc repro`` runs cold.
 """
 from __future__ import annotations
@@ -39,8 +39,9 @@ SERVED = ("pipelines.train",)  # the entry points a fork runs
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # prefixes of the variables imports read. Those read when CUDA or NCCL start (CUDA_VISIBLE_DEVICES,
 # CUBLAS_WORKSPACE_CONFIG, NCCL_*) are not among them: the server never starts CUDA, its forks do, with the
-# client's environment (and a run sets CUBLAS_WORKSPACE_CONFIG itself, in-process in tests)
-IMPORT_ENV = ("PYTHON", "LD_", "TORCH", "PYTORCH", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "CUDA_HOME", "CUDA_PATH",
+# client's environment (and a run sets CUBLAS_WORKSPACE_CONFIG itself, in-process in tests). Nor is KMP_*:
+# torch's GNU OpenMP reads OMP_*, and only Intel's reads KMP_* (which importing scikit-learn sets)
+IMPORT_ENV = ("PYTHON", "LD_", "TORCH", "PYTORCH", "OMP_", "MKL_", "OPENBLAS_", "CUDA_HOME", "CUDA_PATH",
               "TRITON", "MLFLOW_CONFIGURE_LOGGING")
 PRELOAD = ("torch", "torch._dynamo", "torch.optim", "numpy", "omegaconf", "hydra", "hydra.core.global_hydra",
            "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "sqlalchemy.dialects.sqlite",
@@ -91,7 +92,6 @@ def run_served(module: str) -> None:
     except (OSError, ValueError):
         return
     if "pid" not in reply:
-        print(f"{module}: not started warm ({reply.get('refused', 'no reply')}): starting cold", file=sys.stderr)
         return
     pid = reply["pid"]
     for signum in FORWARDED:
@@ -178,11 +178,13 @@ class Server:
             conn.close()
             return
         refused = self.refusal(request) or (len(fds) != 3 and "no standard streams")
-        if refused:
+        if refused:  # said here, not in the run's own output, which stays a cold run's
+            print(f"warm server: {' '.join(['python -m', str(request.get('module')), *request.get('argv', [])])} "
+                  f"starts cold: {refused}", file=sys.stderr, flush=True)
             for fd in fds:
                 os.close(fd)
             with contextlib.suppress(OSError):
-                conn.sendall(json.dumps({"refused": refused}).encode() + b"\n")
+                conn.sendall(b"{}\n")
             conn.close()
             return
         conn.settimeout(None)

@@ -175,12 +175,28 @@ def _pathspecs(root: Path, exclude: Sequence[Path]) -> list[str]:
     top = _git(root, "rev-parse", "--show-toplevel")
     top = Path(top.strip()).resolve() if top else root
     specs = [":(top)"]
-    for path in [*exclude, *(root / name for name in _OWN_OUTPUTS)]:
+    for path in [*exclude, *(root / name for name in _OWN_OUTPUTS), *_profile_switch(top)]:
         try:
             specs.append(f":(top,exclude){Path(path).resolve().relative_to(top).as_posix()}")
         except ValueError:
             pass  # outside the checkout: git would not list it anyway
     return specs
+
+
+def _profile_switch(top: Path) -> list[Path]:
+    """[params.yaml] when it differs from the commit's only by the profile switch (`make repro PROFILE=...`,
+    pipelines/profile.py): not a change, as the run's config records its profile. Else []."""
+    from pipelines.errors import ConfigError
+    from pipelines.profile import switched
+
+    path = top / "params.yaml"
+    committed = _git(top, "show", "HEAD:params.yaml")
+    try:
+        current = path.read_text()
+        profile = next(line.split(":", 1)[1].strip() for line in current.splitlines() if line.startswith("profile:"))
+        return [path] if committed is not None and current == switched(committed, profile) else []
+    except (OSError, StopIteration, ConfigError):
+        return []
 
 
 def git_state(root: Path, exclude: Sequence[Path] = ()) -> tuple[str, bool | None]:

@@ -272,6 +272,22 @@ def make_repo(root: Path):
     return git
 
 
+def test_a_params_yaml_only_switched_to_a_profile_is_not_a_change(tmp_path):
+    from pipelines.profile import switched
+    from pipelines.tracking.provenance import git_changes, git_state
+    from tests.pipelines.prepare_helpers import ROOT
+
+    git = make_repo(tmp_path)
+    committed = (ROOT / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(committed)
+    git("add", "params.yaml")
+    git("commit", "-q", "-m", "params")
+    (tmp_path / "params.yaml").write_text(switched(committed, "regression"))  # what `make repro PROFILE=...` does
+    assert git_state(tmp_path)[1] is False and git_changes(tmp_path) == (b"", [])
+    (tmp_path / "params.yaml").write_text(switched(committed, "regression") + "# edited\n")
+    assert git_state(tmp_path)[1] is True and b"+# edited" in git_changes(tmp_path)[0]
+
+
 def test_git_commit_and_dirty(env, sqlite_uri):
     git = make_repo(env)
     head = git("rev-parse", "HEAD", text=True).strip()

@@ -64,10 +64,16 @@ def warm_server() -> tuple[Path, subprocess.Popen]:
     the first call; runs started before it listens (or after this tree's code changed) start cold."""
     if not WARM:
         socket = Path(tempfile.mkdtemp(prefix="gal-warm-test-")) / "socket"
-        WARM["socket"], WARM["server"] = socket, subprocess.Popen(
-            [sys.executable, "-m", "pipelines.warm", "--serve", str(socket)], cwd=ROOT, env=SESSION_ENV,
-            start_new_session=True)
+        with open(socket.parent / "server.log", "w") as log:  # why a client started cold: warm_log()
+            WARM["socket"], WARM["server"] = socket, subprocess.Popen(
+                [sys.executable, "-m", "pipelines.warm", "--serve", str(socket)], cwd=ROOT, env=SESSION_ENV,
+                stderr=log, start_new_session=True)
     return WARM["socket"], WARM["server"]
+
+
+def warm_log() -> str:
+    """What the session's warm server said so far (each client it refused, and why)."""
+    return (warm_server()[0].parent / "server.log").read_text()
 
 
 def stop_warm_server() -> None:
