@@ -11,7 +11,8 @@ In order, each step stopping everything after it:
 3. The checkout must still be the commit it started from, and clean: the runs must be that commit's.
 4. The report (reports/: index.md, tables/, figures/, provenance.json) must be of profile <p> alone and its run
    records (runs/<task>/<run>/ of every number, and their baselines) those it used.
-5. All of it is copied into a work folder beside results/<p>/, with dvc.lock as the command left it,
+5. All of it is copied into a work folder beside results/<p>/ (the checkout's own path written as <checkout>
+   in its text files: runs' roots, data paths, sqlite stores), with dvc.lock as the command left it,
    reports/preflight.{md,csv} where `make preflight` left them, and stamp.json (commit, command, UTC time,
    machine, torch, the sha256 of every file), then renamed into place: results/<p>/ is the old copy or the
    whole new one, never a part (pipelines/atomic.py).
@@ -36,6 +37,8 @@ from pipelines.atomic import replace_dir, temp_dir_beside, write_atomic
 from pipelines.errors import UserError, run_cli
 
 STAMP = "stamp.json"
+CHECKOUT = "<checkout>"  # the checkout's own path in the copy's text: where the runs ran is not part of a result
+TEXT = {".json", ".yaml", ".csv", ".md", ".tex", ".txt", ".lock"}  # not git_diff.patch: its sha256 is recorded
 PARAMS = "params.yaml"
 LOCK = "dvc.lock"
 PREFLIGHT = ("preflight.md", "preflight.csv")  # not the report stage's: what `make preflight` measured last
@@ -213,6 +216,17 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "torch": torch.__version__}
 
 
+def copy_file(src: Path, dst: Path, root: Path) -> None:
+    """``src`` to ``dst``, the checkout's path in a text file written as <checkout> (a run's root, its data's
+    paths, its sqlite store)."""
+    data = src.read_bytes()
+    if src.suffix in TEXT:
+        for path in {str(root.resolve()), str(root.absolute())}:
+            data = data.replace(path.encode(), CHECKOUT.encode())
+    dst.write_bytes(data)
+    shutil.copystat(src, dst)
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -244,7 +258,7 @@ def publish(profile: str, command: list[str], root: Path, reports: Path, dest: P
             copies.append((root / LOCK, Path(LOCK)))
         for src, rel in copies:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, tmp / rel)
+            copy_file(src, tmp / rel, root)
         stamp = {"profile": profile, "commit": commit, "command": invocation, "run": shlex.join(command),
                  "makeflags": os.environ.get("MAKEFLAGS") or None,
                  "published_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

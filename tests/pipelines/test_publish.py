@@ -65,6 +65,8 @@ def published(tmp_path_factory) -> dict:
     commit = checkout(root)
     (root / "reports").mkdir()
     (root / "reports/preflight.csv").write_text("stage,hours\n")  # `make preflight`'s, not the report's
+    with open(root / "runs/regression/boston-gal-s0/config.yaml", "a") as f:
+        f.write(f"root: {root}\n")  # a real run's config names its checkout
     done = run_publish(root, "smoke", command())
     return {"root": root, "commit": commit, "done": done, "copy": root / "results/smoke"}
 
@@ -92,6 +94,8 @@ def test_publish_copies_the_report_and_the_runs_it_used_with_a_stamp(published):
     assert "runs/regression/boston-gal-s0" in runs and not any(r.startswith("runs/other") for r in runs)
     assert {Path(rel).name for rel in files if rel.startswith("runs/regression/boston-gal-s0/")} == \
         {"config.yaml", "history.csv", "metrics.json", "run.json"}
+    assert "root: <checkout>\n" in (copy / "runs/regression/boston-gal-s0/config.yaml").read_text()
+    assert not [rel for rel in files if str(root).encode() in (copy / rel).read_bytes()]  # nowhere in the copy
 
     assert stamp["commit"] == published["commit"] and stamp["profile"] == "smoke" and stamp["runs"] == len(runs)
     assert stamp["command"].startswith("python -m pipelines.publish smoke -- sh -c ")
