@@ -18,13 +18,13 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from pipelines.hashing import digest, record_identity
+from pipelines.machine import describe
 from pipelines.tracking.provenance import data_checksum
 
 
@@ -82,8 +82,7 @@ def main(argv=None) -> dict:
         "median_s": {k: round(v, 3) for k, v in median.items()},
         "all_s": {k: [round(s, 3) for s in v] for k, v in runs.items()},
         "speedup_before_over_after": round(median["before"] / median["after"], 1),
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-        "python": platform.python_version(),
+        "machine": describe(),
     }
     print(json.dumps(result, indent=2))
     return result

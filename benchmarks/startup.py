@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ def timed_run(root: Path, seed: int, epochs: int, env: dict) -> tuple[float, flo
 
 def main(argv=None) -> dict:
     from pipelines import warm
+    from pipelines.machine import describe
 
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="gal-startup-") as tmp:
@@ -77,8 +77,7 @@ def main(argv=None) -> dict:
         "median_wall_s": {k: round(statistics.median(w for w, _ in v), 2) for k, v in runs.items()},
         "median_command_cpu_s": {k: round(statistics.median(c for _, c in v), 2) for k, v in runs.items()},
         "all_wall_s": {k: [round(w, 2) for w, _ in v] for k, v in runs.items()},
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-        "python": platform.python_version(),
+        "machine": describe(),
     }
     print(json.dumps(result, indent=2))
     return result

@@ -25,7 +25,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ from typing import Any
 
 from pipelines.atomic import replace_dir, temp_dir_beside, write_atomic
 from pipelines.errors import UserError, run_cli
+from pipelines.machine import describe
 
 STAMP = "stamp.json"
 CHECKOUT = "<checkout>"  # the checkout's own path in the copy's text: where the runs ran is not part of a result
@@ -198,24 +198,6 @@ def record_files(run_dir: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------ the stamp
-def machine() -> dict[str, Any]:
-    """Where the copy was made: CPU model and cores, GPUs (torch's names), OS, Python and torch versions."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cuda = torch.cuda.is_available()
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpus": gpus, "os": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__}
-
-
 def copy_file(src: Path, dst: Path, root: Path) -> None:
     """``src`` to ``dst``, the checkout's path in a text file written as <checkout> (a run's root, its data's
     paths, its sqlite store)."""
@@ -262,7 +244,7 @@ def publish(profile: str, command: list[str], root: Path, reports: Path, dest: P
         stamp = {"profile": profile, "commit": commit, "command": invocation, "run": shlex.join(command),
                  "makeflags": os.environ.get("MAKEFLAGS") or None,
                  "published_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                 "machine": machine(), "runs": len(runs),
+                 "machine": describe(), "runs": len(runs),
                  "files": {rel.as_posix(): sha256(tmp / rel) for _, rel in sorted(copies, key=lambda c: c[1])}}
         (tmp / STAMP).write_text(json.dumps(stamp, indent=1, ensure_ascii=False) + "\n")
         replace_dir(tmp, dest)

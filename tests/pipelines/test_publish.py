@@ -195,7 +195,7 @@ def test_a_failure_while_copying_leaves_the_previous_copy(tmp_path, monkeypatch)
     def broken() -> dict:
         raise OSError("disk full")
 
-    monkeypatch.setattr(publish, "machine", broken)
+    monkeypatch.setattr(publish, "describe", broken)
     with pytest.raises(OSError, match="disk full"):
         publish_smoke()
     assert {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
