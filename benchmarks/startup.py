@@ -60,10 +60,7 @@ def main(argv=None) -> dict:
         server = subprocess.Popen([sys.executable, "-m", "pipelines.warm", "--serve", str(socket)], cwd=ROOT,
                                   start_new_session=True)
         try:
-            while not socket.exists():
-                if server.poll() is not None:
-                    raise SystemExit("the warm server did not start")
-                time.sleep(0.1)
+            warm.wait_listening(socket, server)
             timed_run(root, 1000, args.epochs, env)  # the store's first run creates its tables: not timed
             runs: dict[str, list[tuple[float, float]]] = {"cold": [], "warm": []}
             for i in range(args.repeats):  # interleaved, so drift in machine load hits both alike

@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 SOCKET_ENV = "GAL_WARM"
@@ -280,6 +281,16 @@ def _fresh_randomness() -> None:
     random.seed()
     numpy.random.seed()
     torch.seed()
+
+
+def wait_listening(path: Path, server: subprocess.Popen, limit: float = 600.0) -> None:
+    """Return once ``server`` (``python -m pipelines.warm --serve path``) listens; RuntimeError if it ended or
+    ``limit`` seconds passed first (until then a client would start cold: a benchmark or test waits)."""
+    deadline = time.monotonic() + limit
+    while not Path(path).exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the warm server at {path} did not start (exit code {server.poll()})")
+        time.sleep(0.1)
 
 
 # ------------------------------------------------------------------------------------------------ wrapper

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -27,10 +26,7 @@ RUN = ("experiment=boston_gal", "task.epochs=3")
 @pytest.fixture(scope="module")
 def socket_path() -> Path:
     socket, server = warm_server()
-    deadline = time.monotonic() + 600
-    while not socket.exists():
-        assert server.poll() is None and time.monotonic() < deadline, "the warm server did not start"
-        time.sleep(0.1)
+    warm.wait_listening(socket, server)
     return socket
 
 
