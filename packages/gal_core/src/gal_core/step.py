@@ -56,8 +56,10 @@ class _AddNormalized(torch.autograd.Function):
 
     Per row the output's derivative in a is c (I - u u^T), c = ratio * ||g|| / ||a||: the backward is one
     projection, c * (grad - u (u . grad)), where autograd's chain through norm, clamp, division and product
-    dispatches about fifteen small ops. Where ||a|| is below the clamp (a == 0) it gives c * grad, the
-    derivative of the clamped formula. g and ||g|| are constants. Returns (g_adj, u); u is not differentiable."""
+    dispatches about fifteen small ops. Where ||a|| is below the clamp (a == 0) it gives 0, as for a zero row
+    of a the spec's a_hat is the constant 0: the clamped formula's derivative there, c = ratio * ||g|| / TINY,
+    is about 1e38 and overflowed h's gradient to inf (a real Boston run, raw target, epoch 197). g and ||g||
+    are constants. Returns (g_adj, u); u is not differentiable."""
 
     @staticmethod
     def forward(ctx, g: Tensor, a: Tensor, g_norm: Tensor, ratio: float):
@@ -73,7 +75,8 @@ class _AddNormalized(torch.autograd.Function):
         unit, a_norm, g_norm = ctx.saved_tensors
         along = torch.linalg.vecdot(unit, grad).unsqueeze(-1)
         projected = torch.addcmul(grad, unit, along, value=-1)  # grad - u (u . grad)
-        return None, projected * (g_norm / a_norm * ctx.ratio), None, None
+        scale = torch.where(a_norm > TINY, g_norm / a_norm * ctx.ratio, 0.0)  # 0 where a's row is 0
+        return None, projected * scale, None, None
 
 
 def adjusted_step(cfg: StepConfig, z0: Tensor, loss: Tensor, g: Tensor, a: Tensor, lr: float | Tensor,
