@@ -465,5 +465,19 @@ class RunTracker:
             self._monitor = None
 
 
+def changed_since_state(state: Mapping, data_files: Sequence[Path], profile: str, runs_root: Path) -> list[str]:
+    """What of the code, data and environment differs now from what the run of resume ``state`` was made with
+    (resume.changed_since's names; a data file gone counts as changed data)."""
+    root = store.project_root()
+    try:
+        checksums = {provenance.display_path(p, root): provenance.data_checksum(p) for p in data_files}
+    except OSError:
+        return ["data checksums"]
+    commit, dirty = provenance.git_state(root, exclude=[runs_root])
+    diff = provenance.git_changes(root, exclude=[runs_root])[0] if dirty else b""
+    return _resume.changed_since(state["record"], commit=commit, diff=diff, checksums=checksums,
+                                 lock_sha=provenance.env_lock_sha(root), profile=profile)
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)

@@ -38,8 +38,8 @@ from pipelines.config import first_nonfinite_setting
 from pipelines.errors import ConfigError
 from pipelines.training import checkpoint, cluster, identity, launch, method
 from pipelines.tracking.record import first_nonfinite
-from pipelines.tracking.resume import config_digest, decide, recorded_run_id
-from pipelines.tracking.run import RunTracker
+from pipelines.tracking.resume import Resume, config_digest, decide, recorded_run_id
+from pipelines.tracking.run import RunTracker, changed_since_state
 from pipelines.tracking import store
 from pipelines.tracking.store import check_tracking_server, tracking_uri
 
@@ -211,6 +211,11 @@ def _fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant
         saved = checkpoint.load(ckpt_path)
         decision = decide(saved, config, cfg.task.epochs, where=str(ckpt_path),
                           recorded=recorded_run_id(record_dir))
+        if decision.finish:  # a finished run of other code, data or environment: DVC reruns the stage for that
+            data = [store.project_root() / path for path in saved["tracker"]["record"]["data_checksums"]]
+            changed = changed_since_state(saved["tracker"], data, cfg.profile, root / "runs")
+            if changed:
+                decision = Resume(False, 1, f"holds a finished run whose {' and '.join(changed)} differ")
         if saved is not None and not decision.resume and not decision.finish:
             print(f"starting {name} over: {ckpt_path} {decision.reason}", flush=True)
     tracking = dict(profile=cfg.profile, runs_root=root / "runs", variant=variant, tags=cluster.job_tags(),

@@ -98,6 +98,25 @@ def test_a_run_killed_before_its_record_is_finished_from_its_checkpoint(root, tm
     assert weights.keys() == weights_0.keys() and all(torch.equal(weights[k], weights_0[k]) for k in weights)
 
 
+def test_a_finished_run_of_another_environment_whose_record_dvc_removed_starts_over(root, tmp_path_factory):
+    """DVC reruns a stage whose code, data or environment changed, removing its record first: the finished
+    checkpoint left by the old run is then no record to write (which a resume would refuse), but a run to redo."""
+    project = tmp_path_factory.mktemp("project")  # the project root, as DVC_ROOT gives it inside a stage
+    (project / "requirements.lock").write_text("torch==1\n")
+    env, name = train_env(root, DVC_ROOT=str(project)), name_of(*RUN)
+    assert train(root, *RUN, env=env).returncode == 0
+    record = root / "runs/regression" / name
+    (project / "requirements.lock").write_text("torch==2\n")  # what made DVC rerun it
+    for path in record.iterdir():  # DVC removes a stage's outputs before it runs its command
+        path.unlink()
+    rerun = train(root, *RUN, env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"starting {name} over: {checkpoint_path(root, 'regression', name)} holds a finished run whose env " \
+           "lock differ" in rerun.stdout and "epoch " in rerun.stdout
+    assert [status for _, _, status in runs(root)] == ["FINISHED", "FINISHED"]
+    assert json.loads((record / "run.json").read_text())["mlflow_run_id"] == runs(root)[1][0]
+
+
 @pytest.mark.slow
 def test_an_orphaned_running_run_is_closed_at_the_next_start(root):
     env, name = train_env(root), name_of(*LONG)
