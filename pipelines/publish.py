@@ -27,6 +27,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path, PurePosixPath
@@ -99,18 +100,18 @@ def check_clean(root: Path) -> str:
 
 # ------------------------------------------------------------------------------------------------ the command
 def run_command(command: list[str]) -> int:
-    """``command``'s exit code; a SIGTERM or SIGHUP this process gets is passed on and the command waited for
-    (a terminal's Ctrl-C reaches both already)."""
+    """``command``'s exit code. It runs in a process group of its own, and a SIGINT, SIGTERM or SIGHUP this
+    process gets goes to all of that group (make, DVC, the fan-out, the runs: make passes nothing on), then the
+    command is waited for."""
     try:
-        child = subprocess.Popen(command)
+        child = subprocess.Popen(command, process_group=0)
     except OSError as err:
         raise PublishError(f"cannot run {shlex.join(command)}: {err.strerror or err}") from None
     try:
         return child.wait()
     except KeyboardInterrupt as err:
-        signum = getattr(err, "signum", None)
-        if signum is not None and child.poll() is None:
-            child.send_signal(signum)
+        if child.poll() is None:
+            os.killpg(child.pid, getattr(err, "signum", signal.SIGINT))
         child.wait()
         raise
 

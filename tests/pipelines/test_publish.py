@@ -8,11 +8,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -166,6 +169,26 @@ def test_a_failed_run_publishes_nothing_and_puts_params_back(tmp_path):
     assert done.stderr.splitlines()[-1].endswith("failed (exit code 3); nothing published")
     assert (tmp_path / "params.yaml").read_text() == PARAMS and git(tmp_path, "status", "--porcelain") == ""
     assert not (tmp_path / "results").exists()
+
+
+def test_a_signal_to_publish_ends_the_whole_command_and_puts_params_back(tmp_path):
+    """make passes no signal on to its recipe's processes: publish signals the command's whole process group."""
+    checkout(tmp_path, runs=False)
+    grandchild = tmp_path / "grandchild.pid"  # a process under the command, as a run is under make and DVC
+    proc = subprocess.Popen([PY, "-m", "pipelines.publish", "smoke", "--", "sh", "-c",
+                             f"{PY} -m pipelines.profile regression && (sleep 600 & echo $! > {grandchild}; wait)"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not grandchild.exists() or not grandchild.read_text().strip():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.splitlines()[-1] == "publish: interrupted by SIGTERM; nothing published; " \
+        "params.yaml put back", err
+    assert not psutil.pid_exists(int(grandchild.read_text())) or \
+        psutil.Process(int(grandchild.read_text())).status() == psutil.STATUS_ZOMBIE
+    assert (tmp_path / "params.yaml").read_text() == PARAMS and not (tmp_path / "results").exists()
 
 
 def test_a_report_of_another_profile_is_refused(tmp_path):
