@@ -206,7 +206,7 @@ def _fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant
     config_sha = config_digest(config)  # what its checkpoints say they hold
     ckpt_path, record_dir = ckpt_dir / "last.pt", root / "runs" / task_cls.name / name
     # rank 0 decides and sends the checkpoint: only node 0 has it, and other nodes' configs may differ (root)
-    saved, decision = None, None
+    saved, decision, data = None, None, []
     if procs.main:
         saved = checkpoint.load(ckpt_path)
         decision = decide(saved, config, cfg.task.epochs, where=str(ckpt_path),
@@ -223,7 +223,6 @@ def _fit(cfg: DictConfig, task_cls: type[Task], procs: launch.Processes, variant
     if launch.all_reduce_sum(torch.tensor([float(procs.main and decision.finish)], device=procs.device),
                              procs).item() > 0:
         if procs.main:  # the training is done: only the record is missing (the data it read is checked)
-            data = [store.project_root() / path for path in saved["tracker"]["record"]["data_checksums"]]
             with RunTracker(task_cls.name, name, config, data_files=data, resume=saved["tracker"],
                             **tracking) as tracker:
                 tracker.log_final(saved["final"])
