@@ -35,8 +35,9 @@ from pipelines.tracking.store import redact
 
 LOCK_FILE = "requirements.lock"
 CHECK_ENV = "GAL_DATA_CHECK"  # "full": rehash prepared data at a run's start instead of checking size and mtime
-# Not code: the tracking store, and dvc.lock, which DVC rewrites after every stage it runs.
-_OWN_OUTPUTS = ("mlflow.db", "mlruns", "mlartifacts", "dvc.lock")
+# Not code: the tracking store (with sqlite's journal files, there while another run writes to it: the fan-out's
+# runs at once), and dvc.lock, which DVC rewrites after every stage it runs.
+_OWN_OUTPUTS = ("mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm", "mlruns", "mlartifacts", "dvc.lock")
 
 
 # ------------------------------------------------------------------------------------------ checksums

@@ -288,6 +288,18 @@ def test_a_params_yaml_only_switched_to_a_profile_is_not_a_change(tmp_path):
     assert git_state(tmp_path)[1] is True and b"+# edited" in git_changes(tmp_path)[0]
 
 
+def test_sqlite_journals_of_the_store_are_not_a_change(tmp_path):
+    """A run that starts while another writes to mlflow.db sees sqlite's journal beside it (the fan-out)."""
+    from pipelines.tracking.provenance import git_state
+
+    make_repo(tmp_path)
+    for name in ("mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm"):
+        (tmp_path / name).write_bytes(b"x")
+    assert git_state(tmp_path)[1] is False
+    (tmp_path / "other.db-journal").write_bytes(b"x")  # not the store's: an untracked file like any other
+    assert git_state(tmp_path)[1] is True
+
+
 def test_git_commit_and_dirty(env, sqlite_uri):
     git = make_repo(env)
     head = git("rev-parse", "HEAD", text=True).strip()
