@@ -9,7 +9,8 @@ In order, each step stopping everything after it:
 2. COMMAND runs (its output is the terminal's); params.yaml is then put back as it was, whatever happened (the
    command switches the profile in it). A failed command: one line, its exit code, nothing published.
 3. The checkout must still be the commit it started from, and clean: the runs must be that commit's.
-4. The report (reports/: index.md, tables/, figures/, provenance.json) must be of profile <p> alone and its run
+4. The report (reports/: index.md, tables/, figures/, provenance.json) must be of profile <p> (a table may be
+   smoke only where <p> runs its data at smoke size: the regression profile's image tables) and its run
    records (runs/<task>/<run>/ of every number, and their baselines) those it used.
 5. All of it is copied into a work folder beside results/<p>/ (the checkout's own path written as <checkout>
    in its text files: runs' roots, data paths, sqlite stores), with dvc.lock as the command left it,
@@ -149,6 +150,25 @@ def _run_dir(reports: Path, name: Any) -> str:
     return path.as_posix()
 
 
+def _runs_at_smoke(root: Path, reports: Path, prov: dict, table: str, profile: str) -> bool:
+    """Whether ``profile`` itself runs every run of ``table`` at smoke size: a data_profile of its data for that
+    profile that sets the profile to smoke (the regression profile's image stages). Such a table is smoke in
+    that profile's report by design (and labelled so); any other smoke table is stale."""
+    import yaml
+
+    from pipelines.config import CONF
+
+    try:
+        dirs = {_run_dir(reports, run["dir"]) for key, entry in prov["numbers"].items() if key.split("/")[0] == table
+                for run in entry["runs"]}
+        data = {yaml.safe_load((root / run_dir / "config.yaml").read_text())["data"]["name"] for run_dir in dirs}
+        confs = [CONF / "data_profile" / f"{name}_{profile}.yaml" for name in data]
+        return bool(confs) and all(c.is_file() and (yaml.safe_load(c.read_text()) or {}).get("profile") == "smoke"
+                                   for c in confs)
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return False  # unreadable: not shown to be by design, so refused as stale
+
+
 def used_runs(root: Path, reports: Path, profile: str) -> dict[str, str | None]:
     """Run dir -> the MLflow run id the report used, for every run behind a number of the report and every
     baseline it diffs against; PublishError unless the report is whole, of ``profile`` alone, and its records
@@ -164,7 +184,8 @@ def used_runs(root: Path, reports: Path, profile: str) -> dict[str, str | None]:
     except (OSError, ValueError) as err:
         raise PublishError(f"unreadable {path} ({type(err).__name__}); nothing published") from None
     check_provenance(path, prov)
-    others = {name: p for name, p in (prov.get("profiles") or {}).items() if p != profile}
+    others = {name: p for name, p in (prov.get("profiles") or {}).items()
+              if p != profile and not (p == "smoke" and _runs_at_smoke(root, reports, prov, name, profile))}
     if others:
         name, other = next(iter(others.items()))
         raise PublishError(f"{path}: {name} is of profile {other}, not {profile} ({len(others)} of "

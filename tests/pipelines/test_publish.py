@@ -201,6 +201,21 @@ def test_a_report_of_another_profile_is_refused(tmp_path):
     assert not (tmp_path / "results").exists() and git(tmp_path, "status", "--porcelain") == ""
 
 
+def test_tables_a_profile_runs_at_smoke_size_are_published_with_it(tmp_path):
+    """The regression profile runs the image stages at smoke size (conf/data_profile/*_regression.yaml): its
+    report is published with those tables smoke and Table V at regression."""
+    root = tmp_path / "checkout"
+    checkout(root, runs=False)
+    names = make_runs(tmp_path / "names")
+    make_runs(root / "runs", "regression", profiles={n: "smoke" for n, d in names.items() if d.parent.name == "classification"})
+    for task in ("toy3d", "detection"):
+        shutil.rmtree(root / "runs" / task)
+    done = run_publish(root, "regression", command("regression"))
+    assert done.returncode == 0, done.stderr
+    profiles = json.loads((root / "results/regression/provenance.json").read_text())["profiles"]
+    assert profiles["Table V"] == "regression" and profiles["Table I"] == profiles["Table VIII"] == "smoke"
+
+
 def test_a_failure_while_copying_leaves_the_previous_copy(tmp_path, monkeypatch):
     """The copy is built beside results/<profile> and renamed into place: a failure keeps the old one whole."""
     checkout(tmp_path)
