@@ -10,11 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def copy_project(repo: Path) -> Path:
     """Copy the tracked and untracked-but-not-ignored files into ``repo`` (not dvc.lock: this checkout's
-    lock describes its own outputs) and commit them there."""
+    lock describes its own outputs; not results/: the published reports, which nothing runs from) and commit
+    them there."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for name in files:
-        if (ROOT / name).is_file() and name != "dvc.lock":
+        if (ROOT / name).is_file() and name != "dvc.lock" and not name.startswith("results/"):
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
     git = lambda *args: subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)  # noqa: E731

@@ -203,7 +203,7 @@ def _width_one(report: Report) -> str:
             "float rounding (`tests/gal_core/test_width_one.py`), so h does not learn and GAL, when the safeguard "
             "accepts, rescales each sample's gradient by 1 ± eps. Measured in the last epoch: h's gradient norm "
             f"{shown('adjuster_grad_norm')}; h's weights moved by {shown('adjuster_move_rel')} of their norm; the "
-            f"safeguard accepted {shown('accepted')} of the steps ({width_one.SPEC.name}).")
+            f"fraction of steps the safeguard accepted: {shown('accepted')} ({width_one.SPEC.name}).")
 
 
 def _protocol(report: Report) -> str:

@@ -100,7 +100,7 @@ def test_a_regression_report_states_table5_from_its_files(regression):
            f"standard deviations): {closest} of 3 reproduced" in text
     # the measured reasons, each from its table's CSV
     assert "h's gradient norm Boston 1.00e-12, Diabetes 1.00e-12, California 1.00e-12" in text
-    assert "the safeguard accepted Boston 0.9, Diabetes 0.9, California 0.9 of the steps" in text
+    assert "the fraction of steps the safeguard accepted: Boston 0.9, Diabetes 0.9, California 0.9" in text
     r2 = {c["subject"]: c for c in claims if c["metric"] == "R²"}
     assert f"California {float(r2['California']['paper_baseline']):.3g} vs " \
            f"{float(r2['California']['ours_baseline']):.3g}" in text
