@@ -14,7 +14,8 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 USER_ERROR = 2  # exit code of every stage for an error the user fixes
 
@@ -51,9 +52,32 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_held: list[int] | None = None  # the signals that came inside signals_held(), else None
+
+
 def _interrupt(signum: int, frame) -> None:
     signal.signal(signum, signal.SIG_DFL)  # a second one stops the process at once, mid-cleanup or not
+    if _held is not None:
+        _held.append(signum)
+        return
     raise Interrupted(signum)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGTERM and SIGHUP (under run_cli) wait until the block is done, then interrupt as usual: a write that
+    must not be cut in two (torch.save's zip writer, interrupted, fails with an error of its own)."""
+    global _held
+    if _held is not None:  # nested: the outer block holds them
+        yield
+        return
+    _held = []
+    try:
+        yield
+    finally:
+        pending, _held = _held, None
+    if pending:
+        raise Interrupted(pending[0])
 
 
 def print_error(stage: str, err: UserError) -> int:

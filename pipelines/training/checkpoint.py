@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 
 from pipelines.atomic import nearest_existing, open_atomic
-from pipelines.errors import RunError
+from pipelines.errors import RunError, signals_held
 
 LOCK_NAME = ".lock"  # beside last.pt
 
@@ -37,7 +37,7 @@ def check_writable(directory: Path) -> None:
 
 def save(state: dict[str, Any], path: Path) -> None:
     try:
-        with open_atomic(path) as f:
+        with signals_held(), open_atomic(path) as f:  # a stop request waits for the whole checkpoint
             torch.save(state, f)
     except OSError as err:
         kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was kept"
