@@ -171,7 +171,7 @@ def _runs_at_smoke(root: Path, reports: Path, prov: dict, table: str, profile: s
 
 def used_runs(root: Path, reports: Path, profile: str) -> dict[str, str | None]:
     """Run dir -> the MLflow run id the report used, for every run behind a number of the report and every
-    baseline it diffs against; PublishError unless the report is whole, of ``profile`` alone, and its records
+    baseline it diffs against; PublishError unless the report is whole, of ``profile`` (_runs_at_smoke), and its records
     are still those runs."""
     from pipelines.audit import check_entry, check_provenance
     from pipelines.report.records import ReportError, load_run

@@ -207,7 +207,8 @@ def test_tables_a_profile_runs_at_smoke_size_are_published_with_it(tmp_path):
     root = tmp_path / "checkout"
     checkout(root, runs=False)
     names = make_runs(tmp_path / "names")
-    make_runs(root / "runs", "regression", profiles={n: "smoke" for n, d in names.items() if d.parent.name == "classification"})
+    image_runs = {name: "smoke" for name, made in names.items() if made.parent.name == "classification"}
+    make_runs(root / "runs", "regression", profiles=image_runs)
     for task in ("toy3d", "detection"):
         shutil.rmtree(root / "runs" / task)
     done = run_publish(root, "regression", command("regression"))
