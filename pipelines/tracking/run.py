@@ -103,10 +103,7 @@ class RunTracker:
         root = store.project_root()
         self.uri = store.tracking_uri()
         store.check_tracking_server(self.uri)
-        checksums = {provenance.display_path(p, root): provenance.data_checksum(p) for p in self.data_files}
-        lock_sha = provenance.env_lock_sha(root)
-        commit, dirty = provenance.git_state(root, exclude=[self.runs_root])
-        diff, untracked = provenance.git_changes(root, exclude=[self.runs_root]) if dirty else (None, None)
+        checksums, lock_sha, commit, dirty, diff, untracked = _made_from(root, self.data_files, self.runs_root)
         if self._resume is not None:
             self._enter_resumed(checksums, lock_sha, commit, diff or b"")
             self._start_monitor(resumed=True)
@@ -465,18 +462,25 @@ class RunTracker:
             self._monitor = None
 
 
+def _made_from(root: Path, data_files: Sequence[Path], runs_root: Path) -> tuple:
+    """(data checksums, env lock sha256, commit, dirty, diff, untracked) of the checkout now, as a run records
+    what it was made from; diff and untracked are None for a clean tree."""
+    checksums = {provenance.display_path(p, root): provenance.data_checksum(p) for p in data_files}
+    lock_sha = provenance.env_lock_sha(root)
+    commit, dirty = provenance.git_state(root, exclude=[runs_root])
+    diff, untracked = provenance.git_changes(root, exclude=[runs_root]) if dirty else (None, None)
+    return checksums, lock_sha, commit, dirty, diff, untracked
+
+
 def changed_since_state(state: Mapping, data_files: Sequence[Path], profile: str, runs_root: Path) -> list[str]:
     """What of the code, data and environment differs now from what the run of resume ``state`` was made with
-    (resume.changed_since's names; a data file gone counts as changed data)."""
-    root = store.project_root()
+    (resume.changed_since's names; a data file that cannot be read counts as changed data)."""
     try:
-        checksums = {provenance.display_path(p, root): provenance.data_checksum(p) for p in data_files}
+        checksums, lock_sha, commit, _, diff, _ = _made_from(store.project_root(), data_files, runs_root)
     except OSError:
         return ["data checksums"]
-    commit, dirty = provenance.git_state(root, exclude=[runs_root])
-    diff = provenance.git_changes(root, exclude=[runs_root])[0] if dirty else b""
-    return _resume.changed_since(state["record"], commit=commit, diff=diff, checksums=checksums,
-                                 lock_sha=provenance.env_lock_sha(root), profile=profile)
+    return _resume.changed_since(state["record"], commit=commit, diff=diff or b"", checksums=checksums,
+                                 lock_sha=lock_sha, profile=profile)
 
 
 def _now_ms() -> int:
