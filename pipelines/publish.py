@@ -150,28 +150,41 @@ def _run_dir(reports: Path, name: Any) -> str:
     return path.as_posix()
 
 
-def _runs_at_smoke(root: Path, reports: Path, prov: dict, table: str, profile: str) -> bool:
-    """Whether ``profile`` itself runs every run of ``table`` at smoke size: a data_profile of its data for that
-    profile that sets the profile to smoke (the regression profile's image stages). Such a table is smoke in
-    that profile's report by design (and labelled so); any other smoke table is stale."""
+def _smoke_by_design(root: Path, reports: Path, prov: dict, profile: str) -> set[str]:
+    """The tables ``profile`` itself runs at smoke size: every run behind them read data whose data_profile for
+    ``profile`` sets the profile to smoke (the regression profile's image stages). Such a table is smoke in that
+    profile's report by design (and labelled so); any other smoke table is stale. A run or an entry that cannot
+    be read is not shown to be by design."""
     import yaml
 
     from pipelines.config import CONF
+    from pipelines.report.records import ReportError, load_run
 
+    def at_smoke(run_dir: str) -> bool:
+        try:
+            conf = CONF / "data_profile" / f"{load_run(root / run_dir).config['data']['name']}_{profile}.yaml"
+            return conf.is_file() and (yaml.safe_load(conf.read_text()) or {}).get("profile") == "smoke"
+        except (ReportError, OSError, TypeError, KeyError, yaml.YAMLError):
+            return False
+
+    runs: dict[str, bool] = {}  # run dir -> at smoke; a run is behind several tables
+    tables: dict[str, bool] = {}
     try:
-        dirs = {_run_dir(reports, run["dir"]) for key, entry in prov["numbers"].items() if key.split("/")[0] == table
-                for run in entry["runs"]}
-        data = {yaml.safe_load((root / run_dir / "config.yaml").read_text())["data"]["name"] for run_dir in dirs}
-        confs = [CONF / "data_profile" / f"{name}_{profile}.yaml" for name in data]
-        return bool(confs) and all(c.is_file() and (yaml.safe_load(c.read_text()) or {}).get("profile") == "smoke"
-                                   for c in confs)
-    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
-        return False  # unreadable: not shown to be by design, so refused as stale
+        for key, entry in prov["numbers"].items():
+            table = key.split("/")[0]
+            for run in entry["runs"]:
+                run_dir = _run_dir(reports, run["dir"])
+                if run_dir not in runs:
+                    runs[run_dir] = at_smoke(run_dir)
+                tables[table] = tables.get(table, True) and runs[run_dir]
+    except (TypeError, KeyError, AttributeError):
+        return set()
+    return {table for table, smoke in tables.items() if smoke}
 
 
 def used_runs(root: Path, reports: Path, profile: str) -> dict[str, str | None]:
     """Run dir -> the MLflow run id the report used, for every run behind a number of the report and every
-    baseline it diffs against; PublishError unless the report is whole, of ``profile`` (_runs_at_smoke), and its records
+    baseline it diffs against; PublishError unless the report is whole, of ``profile`` (_smoke_by_design), and its records
     are still those runs."""
     from pipelines.audit import check_entry, check_provenance
     from pipelines.report.records import ReportError, load_run
@@ -184,8 +197,10 @@ def used_runs(root: Path, reports: Path, profile: str) -> dict[str, str | None]:
     except (OSError, ValueError) as err:
         raise PublishError(f"unreadable {path} ({type(err).__name__}); nothing published") from None
     check_provenance(path, prov)
-    others = {name: p for name, p in (prov.get("profiles") or {}).items()
-              if p != profile and not (p == "smoke" and _runs_at_smoke(root, reports, prov, name, profile))}
+    others = {name: p for name, p in (prov.get("profiles") or {}).items() if p != profile}
+    if "smoke" in others.values():
+        by_design = _smoke_by_design(root, reports, prov, profile)
+        others = {name: p for name, p in others.items() if not (p == "smoke" and name in by_design)}
     if others:
         name, other = next(iter(others.items()))
         raise PublishError(f"{path}: {name} is of profile {other}, not {profile} ({len(others)} of "
