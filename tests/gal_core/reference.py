@@ -15,10 +15,16 @@ def reference_step(adjuster, z, loss_fn, lr):
     rows = g.reshape(-1, g.shape[-1])
     a = adjuster.net(z0) if adjuster.net is not None else None
     a_rows = a.reshape(-1, g.shape[-1])
-    a_hat = torch.stack([
-        adjuster.ratio * a_row / a_row.norm() * g_row.norm() if a_row.norm() > 0 else torch.zeros_like(a_row)
-        for a_row, g_row in zip(a_rows, rows)
-    ]).reshape(g.shape) if len(rows) else torch.zeros_like(g)
+    proposal = getattr(adjuster, "proposal", "row")
+    if proposal == "batch":  # one norm over the whole batch
+        a_hat = adjuster.ratio * a / a.norm() * g.norm() if a.norm() > 0 else torch.zeros_like(g)
+    else:  # "row" (Eq. 4), or "bounded": the row's norm times tanh(||a_row||)
+        squash = (lambda r: torch.tanh(r)) if proposal == "bounded" else (lambda r: 1.0)
+        a_hat = torch.stack([
+            adjuster.ratio * squash(a_row.norm()) * a_row / a_row.norm() * g_row.norm() if a_row.norm() > 0
+            else torch.zeros_like(a_row)
+            for a_row, g_row in zip(a_rows, rows)
+        ]).reshape(g.shape) if len(rows) else torch.zeros_like(g)
     delta = lr * adjuster.scale * (g + a_hat)
     tentative = loss_fn(z0 - delta)
     directional = (delta * g).sum()

@@ -13,6 +13,8 @@ from gal_core import GradientAdjuster, count_parameters
     (dict(policy="sometimes"), "policy must be one of"),
     (dict(remainder="taylor"), "remainder must be one of"),
     (dict(source="laplace"), "source must be one of"),
+    (dict(proposal="frobenius"), "proposal must be one of"),
+    (dict(source="uniform", normalize=False, proposal="batch"), "normalize=False adds the raw draw"),
     (dict(kind="rnn"), "unknown adjuster kind"),
     (dict(activation="swish2"), "unknown activation"),
     (dict(ratio=-0.1), "ratio must be >= 0"),

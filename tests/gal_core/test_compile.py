@@ -30,6 +30,8 @@ CASES = {  # name -> adjuster kwargs, step options
     "safeguard_float32": (dict(), dict(dtype=torch.float32)),
     "always_cnn_float32_detailed": (dict(policy="always", kind="cnn", arch=(3,)), dict(dtype=torch.float32,
                                                                                          detailed=True)),
+    "safeguard_batch_proposal": (dict(proposal="batch"), dict()),
+    "safeguard_bounded_proposal": (dict(proposal="bounded"), dict()),
 }
 
 
@@ -189,10 +191,13 @@ WORLD = 2
 def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     results = {}
-    for compile in (False, True):
-        model, adjuster = build({"process_group": dist.group.WORLD}, torch.float64, compile=compile)
-        adjuster.wrap_ddp()
-        results[compile] = run(nn.parallel.DistributedDataParallel(model), adjuster, extra=True, detailed=True)
+    for proposal in ("row", "batch"):  # "batch" all-reduces its norms, differentiably, inside the graph
+        for compile in (False, True):
+            model, adjuster = build({"process_group": dist.group.WORLD, "proposal": proposal}, torch.float64,
+                                    compile=compile)
+            adjuster.wrap_ddp()
+            results[proposal, compile] = run(nn.parallel.DistributedDataParallel(model), adjuster, extra=True,
+                                             detailed=True)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -202,5 +207,6 @@ def test_compiled_step_equals_eager_with_a_process_group(tmp_path):
     mp.start_processes(_worker, args=(tmp_path / "init", tmp_path), nprocs=WORLD, start_method="spawn")
     for rank in range(WORLD):
         results = torch.load(tmp_path / f"rank{rank}.pt")
-        assert_equal_steps(results[False], results[True], torch.float64)
-        assert results[True][0][0]["adjusted_better"] >= 0  # the detailed statistics are all-reduced too
+        for proposal in ("row", "batch"):
+            assert_equal_steps(results[proposal, False], results[proposal, True], torch.float64)
+            assert results[proposal, True][0][0]["adjusted_better"] >= 0  # the detailed statistics are all-reduced

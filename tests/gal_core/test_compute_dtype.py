@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gal_core import GradientAdjuster, float32_spacing
+from gal_core import PROPOSALS, GradientAdjuster, float32_spacing
 
 
 def pair(dim, arch, **kwargs):
@@ -24,13 +24,14 @@ def imagenet_like(seed=0):
     return z, lambda out: F.cross_entropy(out, labels)
 
 
-def test_float64_matches_float32_where_float32_resolves_the_remainder():
+@pytest.mark.parametrize("proposal", PROPOSALS)
+def test_float64_matches_float32_where_float32_resolves_the_remainder(proposal):
     torch.manual_seed(1)
     model = nn.Linear(6, 5)
     x, labels = torch.randn(16, 6), torch.randint(0, 5, (16,))
     loss_fn = lambda z: F.cross_entropy(z, labels)  # noqa: E731
     results = []
-    for adjuster in pair(5, (8,), ratio=0.1):
+    for adjuster in pair(5, (8,), ratio=0.1, proposal=proposal):
         model.zero_grad()
         stats = adjuster.backward(model(x), loss_fn, 0.5, detailed=True)
         results.append((stats, [p.grad.clone() for p in model.parameters()],

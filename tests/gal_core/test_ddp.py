@@ -21,6 +21,14 @@ CASES = {  # name -> adjuster kwargs, lr, extra loss?; lr 0.05 accepts, lr 400 r
     "safeguard_accept_extra": (dict(ratio=0.3, scale=1.0), 0.05, True),
     "safeguard_reject_extra": (dict(ratio=0.3, scale=1.0), 400.0, True),
     "never_extra": (dict(ratio=0.3, scale=1.0, policy="never"), 0.1, True),
+    # the proposal variants; "batch" takes ||G||_F and ||H||_F over both ranks, its gradient included
+    "batch_safeguard_accept": (dict(ratio=0.3, scale=1.0, proposal="batch"), 0.05, False),
+    "batch_safeguard_reject": (dict(ratio=0.3, scale=1.0, proposal="batch"), 400.0, False),  # h's gradient O(1)
+    "batch_always_exact_extra": (dict(ratio=0.5, scale=2.0, policy="always", remainder="exact", proposal="batch"),
+                                 0.1, True),
+    "bounded_safeguard_accept": (dict(ratio=0.3, scale=1.0, proposal="bounded"), 0.05, False),
+    "bounded_strict_mean_extra": (dict(ratio=0.2, scale=1.0, policy="strict", remainder="mean",
+                                       proposal="bounded"), 0.1, True),
 }
 CLASSES = 3
 
@@ -108,6 +116,9 @@ def test_cases_cover_both_safeguard_decisions(two_process_global):
     assert two_process_global["safeguard_reject"][0]["stats"]["accepted"] == 0.0
     assert two_process_global["safeguard_accept_extra"][0]["stats"]["accepted"] == 1.0
     assert two_process_global["safeguard_reject_extra"][0]["stats"]["accepted"] == 0.0
+    assert two_process_global["batch_safeguard_accept"][0]["stats"]["accepted"] == 1.0
+    assert two_process_global["batch_safeguard_reject"][0]["stats"]["accepted"] == 0.0
+    assert two_process_global["bounded_safeguard_accept"][0]["stats"]["accepted"] == 1.0
 
 
 def test_without_process_group_ranks_decide_alone_but_share_h_gradients(tmp_path):

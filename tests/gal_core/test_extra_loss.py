@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gal_core import POLICIES, GradientAdjuster
+from gal_core import POLICIES, PROPOSALS, GradientAdjuster
 
 
 class TwoHeads(nn.Module):
@@ -53,10 +53,11 @@ def test_gal_off_matches_plain_backward_of_the_sum_bitwise(kwargs):
     assert all(torch.equal(a, b) for a, b in zip(plain, model_grads))
 
 
+@pytest.mark.parametrize("proposal", PROPOSALS)
 @pytest.mark.parametrize("policy", ["safeguard", "always"])
-def test_gal_on_adds_the_extra_gradient_and_leaves_h_and_statistics_alone(policy):
+def test_gal_on_adds_the_extra_gradient_and_leaves_h_and_statistics_alone(policy, proposal):
     torch.manual_seed(3)
-    adjuster = GradientAdjuster(5, (8,), ratio=0.5, policy=policy)
+    adjuster = GradientAdjuster(5, (8,), ratio=0.5, policy=policy, proposal=proposal)
     adjusted, h_adjusted, stats_adjusted = run(adjuster, with_extra=False)
     combined, h_combined, stats_combined = run(adjuster)
     extra_only, _, _ = run(with_main=False)

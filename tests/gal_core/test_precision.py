@@ -1,9 +1,10 @@
 """Mixed precision: GAL's arithmetic stays float32; GradScaler scales both backward passes."""
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gal_core import GradientAdjuster
+from gal_core import PROPOSALS, GradientAdjuster
 
 
 def problem():
@@ -42,11 +43,12 @@ def test_autocast_region_does_not_lower_gal_precision():
     assert all(torch.isfinite(p.grad).all() for p in [*model.parameters(), *adjuster.parameters()])
 
 
-def test_grad_scaler_scales_model_and_adjuster_gradients():
+@pytest.mark.parametrize("proposal", PROPOSALS)
+def test_grad_scaler_scales_model_and_adjuster_gradients(proposal):
     runs = []
     for use_scaler in (False, True):
         model, x, loss_fn = problem()
-        adjuster = GradientAdjuster(4, (8,), ratio=0.1, policy="always")
+        adjuster = GradientAdjuster(4, (8,), ratio=0.1, policy="always", proposal=proposal)
         scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if use_scaler else None
         adjuster.backward(model(x), loss_fn, 0.1, scaler=scaler)
         runs.append([p.grad.clone() for p in [*model.parameters(), *adjuster.parameters()]])

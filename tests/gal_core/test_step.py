@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gal_core import POLICIES, GradientAdjuster
+from gal_core import POLICIES, PROPOSALS, GradientAdjuster
 
 from .reference import reference_step
 
@@ -24,13 +24,14 @@ def grads(module):
     return [p.grad.clone() for p in module.parameters()]
 
 
+@pytest.mark.parametrize("proposal", PROPOSALS)
 @pytest.mark.parametrize("policy", POLICIES)
-def test_ratio_zero_matches_plain_backward_bitwise(policy):
+def test_ratio_zero_matches_plain_backward_bitwise(policy, proposal):
     model, x, loss_fn = make_problem()
     loss_fn(model(x)).backward()
     plain = grads(model)
     model.zero_grad()
-    GradientAdjuster(5, (8,), ratio=0.0, policy=policy).backward(model(x), loss_fn, lr=0.5)
+    GradientAdjuster(5, (8,), ratio=0.0, policy=policy, proposal=proposal).backward(model(x), loss_fn, lr=0.5)
     assert all(torch.equal(a, b) for a, b in zip(plain, grads(model)))
 
 
@@ -46,12 +47,12 @@ def test_policy_never_matches_plain_backward_bitwise_with_large_ratio():
 
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(1, 6), dim=st.integers(1, 7), ratio=st.floats(0.0, 2.0), lr=st.floats(1e-3, 2.0),
-       scale=st.floats(0.1, 5.0), seed=st.integers(0, 10_000))
-def test_quadratic_exact_remainder_is_half_squared_step(rows, dim, ratio, lr, scale, seed):
+       scale=st.floats(0.1, 5.0), seed=st.integers(0, 10_000), proposal=st.sampled_from(PROPOSALS))
+def test_quadratic_exact_remainder_is_half_squared_step(rows, dim, ratio, lr, scale, seed, proposal):
     torch.manual_seed(seed)
     target = torch.randn(rows, dim, dtype=torch.float64)
     z = torch.randn(rows, dim, dtype=torch.float64, requires_grad=True)
-    adjuster = GradientAdjuster(dim, (4,), ratio=ratio, scale=scale, remainder="exact").double()
+    adjuster = GradientAdjuster(dim, (4,), ratio=ratio, scale=scale, remainder="exact", proposal=proposal).double()
     loss_fn = lambda out: 0.5 * ((out - target) ** 2).sum()  # noqa: E731
     stats = adjuster.backward(z, loss_fn, lr)
     g = (z - target).detach()
@@ -72,15 +73,17 @@ def test_adjustment_norm_is_ratio_times_gradient_norm_per_row(shape, ratio, sour
     torch.testing.assert_close(a_hat.norm(dim=-1), ratio * g.norm(dim=-1))
 
 
+@pytest.mark.parametrize("proposal", PROPOSALS)
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("remainder", ["reference", "exact", "mean"])
 @pytest.mark.parametrize("lr", [0.05, 3.0])  # a small and a too-large trial step: both decisions occur
-def test_step_matches_reference_oracle(policy, remainder, lr):
+def test_step_matches_reference_oracle(policy, remainder, lr, proposal):
     torch.manual_seed(1)
     z = torch.randn(8, 5, requires_grad=True)
     target = torch.randint(0, 5, (8,))
     loss_fn = lambda out: F.cross_entropy(out, target)  # noqa: E731
-    adjuster = GradientAdjuster(5, (16, 8), ratio=0.3, scale=2.0, policy=policy, remainder=remainder)
+    adjuster = GradientAdjuster(5, (16, 8), ratio=0.3, scale=2.0, policy=policy, remainder=remainder,
+                                proposal=proposal)
     oracle = reference_step(adjuster, z, loss_fn, lr)
     h_grads = torch.autograd.grad(oracle["remainder"], list(adjuster.parameters()))
 
@@ -107,13 +110,14 @@ def test_safeguard_takes_both_branches_and_strict_rejects_ties():
     assert torch.equal(z.grad, 2 * torch.ones(1, 2))  # rejected: the plain gradient is sent
 
 
+@pytest.mark.parametrize("proposal", PROPOSALS)
 @pytest.mark.parametrize("shape", [(7, 5), (2, 3, 4), (4,), (3, 1)])
-def test_output_shapes_batch_rows_3d_and_1d_leaf(shape):
+def test_output_shapes_batch_rows_3d_and_1d_leaf(shape, proposal):
     torch.manual_seed(0)
     dim = shape[-1]
     z = torch.randn(*shape, requires_grad=True)
     target = torch.randn(*shape)
-    adjuster = GradientAdjuster(dim, (6,), ratio=0.2, policy="always")
+    adjuster = GradientAdjuster(dim, (6,), ratio=0.2, policy="always", proposal=proposal)
     stats = adjuster.backward(z, lambda out: F.l1_loss(out, target), 0.1)
     assert z.grad.shape == z.shape
     assert all(math.isfinite(v) for v in stats.to_dict().values())
@@ -153,16 +157,18 @@ class RowsMasked(nn.Module):
         return self.inner(x) * self.mask
 
 
-def test_empty_batch_gives_finite_statistics():
+@pytest.mark.parametrize("proposal", PROPOSALS)
+def test_empty_batch_gives_finite_statistics(proposal):
     z = torch.zeros(0, 3, requires_grad=True)
-    stats = GradientAdjuster(3, (4,)).backward(z, lambda out: out.sum(), 0.1)
+    stats = GradientAdjuster(3, (4,), proposal=proposal).backward(z, lambda out: out.sum(), 0.1)
     assert all(math.isfinite(v) for v in stats.to_dict().values())
 
 
+@pytest.mark.parametrize("proposal", PROPOSALS)
 @pytest.mark.parametrize("source", ["uniform", "normal"])
-def test_random_sources_have_no_parameters_and_adjust(source):
+def test_random_sources_have_no_parameters_and_adjust(source, proposal):
     model, x, loss_fn = make_problem()
-    adjuster = GradientAdjuster(5, (8,), ratio=0.5, source=source, policy="always")
+    adjuster = GradientAdjuster(5, (8,), ratio=0.5, source=source, policy="always", proposal=proposal)
     assert list(adjuster.parameters()) == []
     loss_fn(model(x)).backward()
     plain = grads(model)

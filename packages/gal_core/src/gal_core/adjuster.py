@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from .compiled import PACKED, CompiledStep
 from .modules import build_adjuster_net
 from .stats import GALStats
-from .step import StepConfig, StepResult, adjusted_step, eager_all_reduce, normalized, traceable_all_reduce
+from .step import (PROPOSALS, StepConfig, StepResult, adjusted_step, eager_all_reduce, normalized,
+                   traceable_all_reduce)
 
 POLICIES = ("safeguard", "strict", "always", "never")
 REMAINDERS = ("reference", "exact", "mean")
@@ -45,6 +46,16 @@ class GradientAdjuster(nn.Module):
     decision and the gradients match a single process on the whole batch. When None, each process decides
     on its own shard. Either way, call :meth:`wrap_ddp` so h's gradients are averaged like the model's.
 
+    ``proposal``: how h's output a (or the noise) becomes the adjustment a_hat. "row" (default; the paper's
+    Eq. 4): per row ratio * ||g_i|| * a_i / ||a_i||. At output width 1 that is sign(a) * ratio * |g|, whose
+    derivative in h is zero, so h never learns there; the two variants keep a gradient into h at d = 1.
+    "batch": ratio * ||G||_F * H / ||H||_F, one norm over the whole batch (G: all rows of g, H: all rows of a;
+    in global mode over all ranks), so the direction of H in batch space is learned. "bounded": per row
+    ratio * ||g_i|| * tanh(||a_i||) * a_i / ||a_i|| (at d = 1, ratio * |g| * tanh(h(z))): smooth, at most the
+    paper's norm, and dependent on the size of h's output. Every variant keeps a_i's direction row by row, so
+    ``GALStats.cosine`` (the mean over rows of cos(g_i, a_hat_i)) is the same quantity for each. The noise
+    sources use the same map; ``normalize=False`` (the raw draw) accepts only "row".
+
     ``compute_dtype``: the precision of GAL's arithmetic (g, the trial loss, the remainder, the safeguard):
     torch.float32 (default; what the authors' code computes) or torch.float64, for settings where the trial
     step's remainder is below float32's resolution at the loss (see ``GALStats.remainder_ulps``). h itself
@@ -69,6 +80,7 @@ class GradientAdjuster(nn.Module):
         remainder: str = "reference",
         source: str = "learned",
         normalize: bool = True,
+        proposal: str = "row",
         kind: str = "mlp",
         activation: str | None = None,
         bias: bool = True,
@@ -91,6 +103,10 @@ class GradientAdjuster(nn.Module):
             raise ValueError("normalize=False is for the noise sources (uniform, normal): h's proposal is always "
                              "normalised (Eq. 4)")
         self.normalize = bool(normalize)
+        self.proposal = _choice("proposal", proposal, PROPOSALS)
+        if not normalize and proposal != "row":
+            raise ValueError(f"proposal={proposal!r} maps a proposal to a normalised adjustment; normalize=False "
+                             "adds the raw draw, so it takes only the default proposal='row'")
         self.net = build_adjuster_net(kind, dim, arch, activation, bias) if source == "learned" else None
         self.process_group = process_group
         self.compute_dtype = compute_dtype
@@ -133,12 +149,13 @@ class GradientAdjuster(nn.Module):
         return self
 
     def propose(self, z: Tensor, g: Tensor) -> Tensor:
-        """The normalised adjustment a_hat: per row, direction of h(z) (or noise) with norm ratio * ||g||;
+        """The normalised adjustment a_hat of h(z) (or noise) for the gradient g, by ``proposal`` ("row": per row,
+        direction of h(z) with norm ratio * ||g||; "batch": norms over the rows given here, not over the ranks);
         with ``normalize=False`` the drawn noise itself (uniform on [-1, 1) or standard normal)."""
         a = self._draw(z)
         if not self.normalize:
             return a
-        return normalized(a, g, self.ratio)
+        return normalized(a, g, self.ratio, self.proposal)
 
     def _draw(self, z: Tensor) -> Tensor:
         """h(z) in z's dtype (h runs in its parameters' dtype), or the noise of a noise source."""
@@ -183,7 +200,8 @@ class GradientAdjuster(nn.Module):
         if not output.requires_grad:
             raise ValueError("output must require grad (a model output, or a leaf with requires_grad=True)")
         world = dist.get_world_size(self.process_group) if self.process_group is not None else 1
-        cfg = StepConfig(self.ratio, self.scale, self.policy, self.remainder, self.normalize, self.dim, world)
+        cfg = StepConfig(self.ratio, self.scale, self.policy, self.remainder, self.normalize, self.dim, world,
+                         self.proposal)
         compiled = self._compiled_step(cfg) if self.compiled else None
         track_h = detailed and self.net is not None
         h_params = [p for p in self.net.parameters() if p.requires_grad] if track_h else []
@@ -272,5 +290,6 @@ class GradientAdjuster(nn.Module):
         return (f"dim={self.dim}, arch={self.arch}, ratio={self.ratio}, scale={self.scale}, "
                 f"policy={self.policy!r}, remainder={self.remainder!r}, source={self.source!r}"
                 + ("" if self.normalize else ", normalize=False")
+                + ("" if self.proposal == "row" else f", proposal={self.proposal!r}")
                 + ("" if self.compute_dtype == torch.float32 else f", compute_dtype={self.compute_dtype}")
                 + ("" if self._compile_options is None else f", compile={self._compile_options}"))

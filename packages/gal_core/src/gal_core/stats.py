@@ -41,7 +41,8 @@ class GALStats:
 
     loss, tentative_loss: L and L_tent of the batch (global mode: of the global batch).
     remainder, signed_remainder: |R| and R = L_tent - L + first (its sign orients h's gradient).
-    accepted: 1.0 when the model received the adjusted gradient. cosine: mean over rows of cos(g, a_hat).
+    accepted: 1.0 when the model received the adjusted gradient. cosine: mean over rows of cos(g, a_hat) (for
+    every proposal; with "batch" too it is per row, not the cosine of the whole batch's G and a_hat).
     tie: 1.0 when L_tent == L exactly (then the safeguard accepts on a rounding tie).
     remainder_ulps: |R| in units of float32's spacing at L (nextafter(L) - L): below 1, float32 cannot resolve R.
     adjuster_grad_norm: the norm of the gradient the step added to h's parameters (after DDP's averaging,

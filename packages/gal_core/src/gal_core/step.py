@@ -4,7 +4,8 @@ Given the detached output z0, the loss and its gradient g there, h's proposal a 
 drawn noise) and lr, it returns the gradient to send into the model, the surrogate whose gradient is h's,
 and the statistics. No host synchronisation, no ``torch.autograd.grad`` and no Python branch on a tensor's
 value, so ``torch.compile(..., fullgraph=True)`` traces it whole; in eager mode it is written to dispatch
-few operators (one fused add for the adjustment, one root for h, scalar statistics derived on demand).
+few operators (one fused add for the adjustment, one root for h, scalar statistics derived on demand). The
+proposal variants ("batch", "bounded"; ``proposal_map``) are plain autograd ops: clarity over op count there.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 TINY = torch.finfo(torch.float32).tiny  # guards 0/0 for zero rows without changing any non-zero row
+PROPOSALS = ("row", "batch", "bounded")  # how h's output becomes a_hat (see ``proposal_map``)
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class StepConfig:
     normalize: bool
     dim: int
     world: int = 1
+    proposal: str = "row"
 
 
 class StepResult(NamedTuple):
@@ -45,10 +48,43 @@ class StepResult(NamedTuple):
     cosine: Tensor  # mean over rows of cos(g, a_hat)
 
 
-def normalized(a: Tensor, g: Tensor, ratio: float) -> Tensor:
-    """a_hat: per row, the direction of a with norm ratio * ||g|| (a zero row of a gives 0)."""
+def normalized(a: Tensor, g: Tensor, ratio: float, proposal: str = "row") -> Tensor:
+    """a_hat for the proposal a and the gradient g (``proposal_map``; "row": per row, the direction of a with
+    norm ratio * ||g||, a zero row of a gives 0). "batch" takes its norms over the rows given."""
     g_norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
-    return _AddNormalized.apply(torch.zeros_like(g), a, g_norm, ratio)[0]
+    if proposal == "row":
+        return _AddNormalized.apply(torch.zeros_like(g), a, g_norm, ratio)[0]
+    return proposal_map(proposal, a, g, g_norm, ratio)
+
+
+def proposal_map(proposal: str, a: Tensor, g: Tensor, g_norm: Tensor, ratio: float,
+                 all_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """a_hat for the variants of Eq. 4 that keep a gradient into h at output width 1 (the paper's "row" is
+    fused into ``_AddNormalized``). Plain autograd ops; g and g_norm (its per-row norm) are constants.
+
+    "batch": ratio * ||G||_F * H / ||H||_F, one norm over the whole batch: the direction of H in batch space
+    is learnable at d = 1. In global mode ``all_reduce`` (differentiable) sums the squared norms over the ranks,
+    and in the backward sums their gradients through ||H||_F, so each rank's h receives d(sum of the ranks'
+    surrogates)/dH_rank = world * dR/dH_rank (the surrogate is world times the rank's share of R), which DDP's
+    averaging turns into the single process's dR/dh. A zero H gives 0 and no gradient (as a zero row does for
+    "row"); so does an H whose squared norm is below TINY.
+    "bounded": per row ratio * ||g|| * tanh(r) * a / r, r = ||a||: at d = 1 ratio * |g| * tanh(h(z)). Its norm
+    is below ratio * ||g|| (equal as r -> inf) and depends on r, so h gets a gradient at d = 1. tanh(r) / r is
+    smooth at 0 (limit 1); r is clamped at TINY, where it is 1 to any float precision, so a zero row gives 0
+    with the derivative ratio * ||g|| * I, no 0/0. Near 0 autograd's chain through a * tanh(r) / r has terms
+    of the incoming gradient's size (a is of size r), not 1/r: no series branch is needed."""
+    if proposal == "bounded":
+        r = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min(TINY)
+        return a * (torch.tanh(r) / r * g_norm * ratio)
+    if proposal != "batch":
+        raise ValueError(f"unknown proposal {proposal!r}")
+    squares = torch.stack([g.square().sum(), a.square().sum()])
+    if all_reduce is not None:  # global mode: ||G||_F and ||H||_F of the global batch; H's gradient summed too
+        squares = all_reduce(squares)
+    g_square, a_square = squares.unbind()
+    # the clamp keeps the masked branch finite; where() gives a zero H the constant 0 and no gradient
+    scale = torch.where(a_square >= TINY, g_square.sqrt() * ratio / a_square.clamp_min(TINY).sqrt(), 0.0)
+    return a * scale
 
 
 class _AddNormalized(torch.autograd.Function):
@@ -87,12 +123,15 @@ def adjusted_step(cfg: StepConfig, z0: Tensor, loss: Tensor, g: Tensor, a: Tenso
     world = cfg.world
     g_global = g / world if world > 1 else g  # the batch loss is the mean of the ranks' losses
     rows = g.numel() // cfg.dim
-    # 2-3. a_hat = ratio * a * ||g|| / ||a|| per row, added to g in one fused op
+    # 2-3. a_hat = ratio * a * ||g|| / ||a|| per row, added to g in one fused op ("row", the paper's)
     g_norm = torch.linalg.vector_norm(g_global, dim=-1, keepdim=True)
-    if cfg.normalize:
+    if cfg.normalize and cfg.proposal == "row":
         g_adj, unit = _AddNormalized.apply(g_global, a, g_norm, cfg.ratio)
-    else:  # the raw draw is the adjustment (noise sources only)
-        g_adj = g_global + a
+        a_hat = None
+    else:  # another proposal map, or the raw draw as the adjustment (noise sources only)
+        a_hat = proposal_map(cfg.proposal, a, g_global, g_norm, cfg.ratio, all_reduce) if cfg.normalize else a
+        g_adj = g_global + a_hat
+        # every map keeps a's direction per row (a non-negative multiple of a): the cosine below holds for all
         unit = a.detach() / torch.linalg.vector_norm(a.detach(), dim=-1, keepdim=True).clamp_min(TINY)
     step = lr * cfg.scale
     delta = g_adj * step
@@ -130,10 +169,10 @@ def adjusted_step(cfg: StepConfig, z0: Tensor, loss: Tensor, g: Tensor, a: Tenso
     # the model's gradient: g, or g + a_hat (in global mode world * a_hat, as DDP averages over ranks)
     if world == 1:
         adjusted = g_adj_value
-    elif cfg.normalize:
+    elif a_hat is None:
         adjusted = torch.addcmul(g, unit, g_norm, value=cfg.ratio * world)
     else:
-        adjusted = torch.add(g, a.detach(), alpha=world)
+        adjusted = torch.add(g, a_hat.detach(), alpha=world)
     if cfg.policy == "never":
         sent = g
     elif cfg.policy == "always":
@@ -154,14 +193,37 @@ def _first_order_divisor(cfg: StepConfig, rows):
 
 
 def eager_all_reduce(group: dist.ProcessGroup) -> Callable[[Tensor], Tensor]:
+    """Sums a tensor over the group: in place for statistics; differentiable for a tensor that requires grad
+    (the "batch" proposal's norm of H, whose gradient must reach every rank's h)."""
     def reduce(tensor: Tensor) -> Tensor:
+        if tensor.requires_grad:
+            return _SumOverRanks.apply(tensor, group)
         dist.all_reduce(tensor, group=group)
         return tensor
     return reduce
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """A differentiable all-reduce (sum): the gradient of each rank's input is the sum of the ranks' output
+    gradients. (torch.distributed.nn.functional.all_reduce does this too, but is deprecated in recent torch.)"""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, group=group)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def traceable_all_reduce(group: dist.ProcessGroup) -> Callable[[Tensor], Tensor]:
-    """The functional all-reduce, which torch.compile traces into its graph (the in-place one breaks it)."""
+    """The functional all-reduce, which torch.compile traces into its graph (the in-place one breaks it); it is
+    differentiable (its backward sums the gradients over the ranks), as the "batch" proposal needs."""
     from torch.distributed import _functional_collectives as funcol
 
     return lambda tensor: funcol.all_reduce(tensor, "sum", group)
