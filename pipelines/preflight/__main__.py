@@ -12,8 +12,10 @@ estimated device-hours, before the GPU-hours are spent.
    steps, one evaluation batch, a checkpoint save and load. Nothing is recorded: no run record, no MLflow run,
    no checkpoint under checkpoints/, DVC's state untouched.
 4. The table (printed, and written to <out>.md and <out>.csv) with the device-hours each run, stage and the
-   profile will take, estimated from the measured images/s and the dataset's real size and epochs. The exit
-   code is 1 when any run failed; a bad argument is one line (exit 2) before any work.
+   profile will take, estimated from the measured images/s and the dataset's real size and epochs, and at the
+   seeds the paper's claims the run serves need (``seeds_needed``: the runs per arm a t-test needs to detect the
+   paper's difference at its std, pipelines/report/power.py, from paper.yaml alone). The exit code is 1 when any
+   run failed; a bad argument is one line (exit 2) before any work.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipelines.atomic import write_atomic
 from pipelines.config import compose
@@ -39,6 +41,9 @@ from pipelines.errors import ConfigError, UserError, print_error
 from pipelines.preflight import data as preflight_data
 from pipelines.preflight.measure import Outcome, Setting, measure, one_line, random_init
 from pipelines.preflight.plan import PlannedRun, plan
+from pipelines.report import claims, power
+from pipelines.report.comparison import ComparisonTable
+from pipelines.report.specs import SPECS
 from pipelines.training import identity
 
 GiB = 1024 ** 3
@@ -58,6 +63,7 @@ class Row:
     sizes: tuple[int, int] = (0, 0)  # the real dataset's training and evaluation images
     outcome: Outcome | None = None
     notes: list[str] = field(default_factory=list)
+    needed: int | None = None        # seeds the paper's claims it serves need (seeds_needed); None: no such claim
 
     @property
     def ok(self) -> bool:
@@ -106,11 +112,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def seeds_needed(stage: str, cfg: DictConfig, variant: str) -> int | None:
+    """The runs per arm the paper's claims this configuration serves need, from paper.yaml alone
+    (claims.runs_needed_for): the claims of the baseline-vs-GAL table made by ``stage`` whose row group the config
+    is (e.g. train_cifar's experiment=cifar10_sgd: Table I's SGD claims), the most over that group's metrics;
+    None where it serves no claim the paper gives a std (or t and p) for."""
+    needs = [claims.runs_needed_for(spec, OmegaConf.select(cfg, spec.group_key)) for spec in SPECS
+             if isinstance(spec, ComparisonTable) and spec.stage == stage and spec.variant == variant
+             and OmegaConf.select(cfg, spec.group_key) in spec.groups
+             and all(OmegaConf.select(cfg, k) == v for k, v in spec.where.items())]
+    return max((n for n in needs if n is not None), default=None)
+
+
 def setting_for(run: PlannedRun, args, scratch: Path) -> Row:
     """The run's row, with how it is rehearsed here; a config that does not compose is a failed row."""
     try:
         cfg = compose("train", run.overrides)
-        name = identity.run_name(cfg, identity.variant(cfg)).rsplit("-s", 1)[0]
+        variant = identity.variant(cfg)
+        name = identity.run_name(cfg, variant).rsplit("-s", 1)[0]
     except UserError as err:
         return Row(run, " ".join(run.overrides), None, outcome=Outcome(error=one_line(err)))
     device = "cpu" if str(cfg.trainer.device) == "cpu" else (
@@ -129,7 +148,7 @@ def setting_for(run: PlannedRun, args, scratch: Path) -> Row:
                       (args.batch_per_device or cfg.task.eval_batch_size) if loader else None,
                       random_init(cfg) if args.random_init else [], str(scratch))
     return Row(run, name, setting, real_world, real_batch, int(cfg.task.epochs), cfg.data,
-               preflight_data.real_sizes(cfg.data), notes=notes)
+               preflight_data.real_sizes(cfg.data), notes=notes, needed=seeds_needed(run.stage, cfg, variant))
 
 
 def provide_data(rows: list[Row], args, scratch: Path) -> dict[str, str]:
@@ -163,7 +182,8 @@ def columns(row: Row) -> dict[str, str]:
     cells = {"stage": row.run.stage, "run": row.name, "seeds": str(row.run.seeds),
              "device": s.device if s else "", "processes": "", "batch/device": "", "step s": "",
              "images/s/device": "", "loader wait": "", "peak memory": "", "checkpoint": "",
-             "device-h/run": "", "device-h (all seeds)": ""}
+             "device-h/run": "", "device-h (all seeds)": "",
+             "seeds needed": "" if row.needed is None else str(row.needed), "device-h (seeds needed)": ""}
     if s:
         cells["processes"] = str(s.world) if s.world == row.real_world else f"{s.world} (of {row.real_world})"
         ran = m.per_unit if m and m.unit == "step" else s.batch
@@ -184,6 +204,8 @@ def columns(row: Row) -> dict[str, str]:
     if hours is not None:
         cells["device-h/run"] = hours_text(hours)
         cells["device-h (all seeds)"] = hours_text(hours * row.run.seeds)
+        if row.needed is not None:
+            cells["device-h (seeds needed)"] = hours_text(hours * row.needed)
     error = (o.error if o else None) or (f"diverged in the first steps: {row.nonfinite}" if row.nonfinite else None)
     cells["status"] = "; ".join([f"FAILED: {error}" if error else "ok", *row.notes])
     return cells
@@ -197,22 +219,29 @@ def markdown(header: list[str], table: list[dict[str, str]]) -> str:
 
 
 def totals(rows: list[Row]) -> list[str]:
-    """One line per stage and the profile's total, per device type."""
-    by_stage: dict[tuple[str, str], float] = defaultdict(float)
+    """One line per stage and the profile's total, per device type: at the planned seeds, and at the seeds the
+    claims need (a configuration that serves no claim with a paper std counted at its planned seeds)."""
+    by_stage: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
     for row in rows:
         if row.hours() is not None:
-            by_stage[(row.run.stage, row.setting.device)] += row.hours() * row.run.seeds
-    lines = ["| stage | device | runs | estimated device-hours |", "|---|---|---|---|"]
+            hours = by_stage[(row.run.stage, row.setting.device)]
+            hours[0] += row.hours() * row.run.seeds
+            hours[1] += row.hours() * (row.needed or row.run.seeds)
+    lines = ["| stage | device | runs | estimated device-hours | runs, device-hours at the seeds the claims need |",
+             "|---|---|---|---|---|"]
     for stage in dict.fromkeys(r.run.stage for r in rows):
         for device in ("cuda", "cpu"):
             if (stage, device) in by_stage:
-                runs = sum(r.run.seeds for r in rows if r.run.stage == stage)
-                lines.append(f"| {stage} | {device} | {runs} | {hours_text(by_stage[(stage, device)])} |")
+                ours = [r for r in rows if r.run.stage == stage]
+                planned, needed = by_stage[(stage, device)]
+                lines.append(f"| {stage} | {device} | {sum(r.run.seeds for r in ours)} | {hours_text(planned)} | "
+                             f"{sum(r.needed or r.run.seeds for r in ours)}, {hours_text(needed)} |")
     for device in ("cuda", "cpu"):
-        total = sum(h for (_, d), h in by_stage.items() if d == device)
-        if total:
-            runs = sum(r.run.seeds for r in rows if r.setting and r.setting.device == device)
-            lines.append(f"| **all** | {device} | {runs} | **{hours_text(total)}** |")
+        planned, needed = (sum(h[k] for (_, d), h in by_stage.items() if d == device) for k in (0, 1))
+        if planned:
+            ours = [r for r in rows if r.setting and r.setting.device == device]
+            lines.append(f"| **all** | {device} | {sum(r.run.seeds for r in ours)} | **{hours_text(planned)}** | "
+                         f"{sum(r.needed or r.run.seeds for r in ours)}, **{hours_text(needed)}** |")
     return lines
 
 
@@ -247,7 +276,12 @@ def main(argv: list[str] | None = None) -> int:
               "Data: " + ", ".join(f"{name} {how}" for name, how in sources.items()) + ".",
               "Estimates: epochs x (real training images / measured images/s per device + real evaluation images x "
               "measured evaluation time per image), per device; they assume the measured rates hold at the real "
-              "batch and world size. Step times are medians after the first step."]
+              "batch and world size. Step times are medians after the first step.",
+              "Seeds needed: the runs per arm Student's t-test needs to detect the paper's difference at the "
+              f"paper's std (alpha {power.ALPHA:g}, power {power.POWER:g}; pipelines/report/power.py, from "
+              "paper.yaml), the most over the claims of the table row this configuration makes (e.g. cifar10_sgd: "
+              "Table I's SGD claims); blank where it makes no claim the paper gives a std for. Device-h (seeds "
+              "needed) = seeds needed x device-h/run."]
     table = [columns(row) for row in rows]
     text = markdown(header, table) + "\n" + "\n".join(totals(rows)) + "\n"
     failed = [row for row in rows if not row.ok]

@@ -4,17 +4,38 @@ not reproduced (GAL not better in our runs). The ablations' claims ("A beats B",
 Fig. 8a) get the same verdicts, decided by divergence where runs diverged, and "too few runs" where a side
 has fewer than the 2 runs a t-test needs. A Table V claim re-checked under another regression protocol (the
 protocol study's closest to the paper's baselines: UnderProtocol) is shown beside the claim's own row, with its
-own verdict, by the same rule: reproduced only if GAL is better there with p < 0.05."""
+own verdict, by the same rule: reproduced only if GAL is better there with p < 0.05.
+
+Each claim also says how many runs it needs (Need, from power.py): the runs per arm the paper's difference needs
+at the paper's own std (else our measured one), the smallest difference our runs can detect, and whether the
+claim's own numbers can support it (SUPPORT_RULE). A claim's ``paper`` and ``ours`` dicts carry, besides baseline,
+gal, t and p, each arm's std (``std_baseline``, ``std_gal``; None or nan where absent) and ``ours`` each arm's runs
+(``n_baseline``, ``n_gal``): the specs pass them through; ``paper_side`` reads the paper's from paper.yaml."""
 from __future__ import annotations
 
 import math
 from collections import Counter
 from dataclasses import dataclass
 
+from pipelines.report import power
 from pipelines.report.model import Claim, Layout
-from pipelines.report.render import UNDEFINED_NOTE, csv_value, fmt, fmt_p, rows_csv
+from pipelines.report.paper import lookup
+from pipelines.report.render import NONE, UNDEFINED_NOTE, csv_value, fmt, fmt_g, fmt_p, rows_csv
 
 VERDICTS = ("reproduced", "direction only", "not reproduced", "too few runs")
+# The most runs per arm a paper that states no count is granted (Tables I-III print mean ± std alone): twice the
+# 5 per arm that Table V's t and p imply, the only count the paper lets one infer. Generous on purpose: a claim
+# that needs more is flagged whatever the paper's real count was.
+PLAUSIBLE_RUNS = 10
+SUPPORT_RULE = (
+    f"supported by its own numbers: yes when the runs per arm the paper's difference needs (at the std named, "
+    f"alpha {power.ALPHA:g}, power {power.POWER:g}) are no more than the paper can have used: the runs per arm of "
+    f"its own t-test where it prints t and p (inferred from them: Table V's 5), else {PLAUSIBLE_RUNS} (the paper "
+    f"states no count; twice Table V's, generous on purpose). Over that, it cannot be supported by its own numbers: "
+    f"even if the difference is real, that many runs would show it significant less than {power.POWER:.0%} of the "
+    f"time, so the paper's result owes more to luck than to its runs. A std of 0 (every run alike) leaves the "
+    f"t-test undefined: no number of runs supports the claim then either. With our std (the paper gives none) the "
+    f"verdict is an estimate. -: no difference (the paper prints no number for the claim) or no std")
 
 
 @dataclass
@@ -78,6 +99,100 @@ class UnderProtocol(Claim):
 
     protocol: str = ""                                # the protocol's name (run variant, or "ours")
     distance: float = math.nan                        # how far its baseline is from the paper's (specs/protocol.py)
+
+
+def paper_side(table: str, group: str, methods: tuple[str, str], metric: str, better: str) -> dict | None:
+    """The paper's numbers of the claim 'GAL better on <group>, <metric>' (paper.yaml under ``table``/``group``/
+    <method>/``metric``, ``methods`` = (baseline, GAL) as paper.yaml names them): baseline, gal, t, p, std_baseline,
+    std_gal (None where the paper gives none); None where it makes no such claim (a mean missing, GAL not better)."""
+    base, gal = (lookup(f"{table}/{group}/{m}/{metric}") or {} for m in methods)
+    if base.get("mean") is None or gal.get("mean") is None:
+        return None
+    if not (gal["mean"] < base["mean"] if better == "lower" else gal["mean"] > base["mean"]):
+        return None  # the paper does not claim GAL is better here
+    ttest = lookup(f"{table}/{group}/t-test/{metric}") or {}
+    return {"baseline": base["mean"], "gal": gal["mean"], "t": ttest.get("t"), "p": ttest.get("p"),
+            "std_baseline": base.get("std"), "std_gal": gal.get("std")}
+
+
+def _number(value) -> float | None:
+    """A float, or None for what is no number (None, nan)."""
+    return None if value is None or math.isnan(float(value)) else float(value)
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a claim's numbers let Student's t-test detect (power.py, at power.ALPHA and power.POWER)."""
+
+    difference: float | None          # the paper's GAL minus baseline (ablation: claimed better minus other)
+    std: float | None                 # the std it is judged against
+    source: str                       # where the std comes from: "paper std", "paper t", "our std" or "-"
+    needed: int | None                # runs per arm that difference needs (None: no difference or no std or std 0)
+    paper_runs: int | None            # runs per arm of the paper's own t-test (from its t and p), where it gives one
+    ours: tuple[int, int]             # our runs per arm (baseline, GAL)
+    detectable: float | None          # the smallest difference our runs detect with that std
+
+    @property
+    def supported(self) -> bool | None:
+        """SUPPORT_RULE; None where it cannot be applied (no difference, no std)."""
+        if self.difference is None or self.std is None:
+            return None
+        return self.needed is not None and self.needed <= (self.paper_runs or PLAUSIBLE_RUNS)
+
+    @property
+    def support_text(self) -> str:
+        if self.supported is None:
+            return NONE
+        limit = (f"its t-test had {self.paper_runs}" if self.paper_runs else
+                 f"the paper states no count ({PLAUSIBLE_RUNS} granted)")
+        if self.difference == 0:
+            return "cannot be supported by its own numbers: the paper's two sides are equal"
+        if self.needed is None:
+            return f"cannot be supported by its own numbers: {self.source} 0 (every run alike), so no t-test"
+        if self.supported:
+            return f"yes: needs {self.needed} runs per arm; {limit}"
+        return f"cannot be supported by its own numbers: needs {self.needed} runs per arm; {limit}"
+
+    @property
+    def our_runs(self) -> str:
+        """'5', or '5/4' (baseline/GAL) where the arms differ."""
+        return str(self.ours[0]) if self.ours[0] == self.ours[1] else f"{self.ours[0]}/{self.ours[1]}"
+
+
+def need(claim: Claim) -> Need:
+    """The claim's Need: its std from the paper's two arms (pooled), else from the paper's t at the runs its t and p
+    imply, else from our runs (pooled); our runs per arm from ``ours`` (an Ablation's: its finished runs)."""
+    paper, ours = claim.paper, claim.ours
+    base, gal = _number(paper.get("baseline")), _number(paper.get("gal"))
+    difference = None if base is None or gal is None else round(gal - base, 12)  # 0.48, not 0.4799999999999969
+    paper_runs = power.runs_from_t(paper.get("t"), paper.get("p"))
+    runs = tuple(int(n) if n is not None and math.isfinite(n) else 0
+                 for n in (ours.get("n_baseline"), ours.get("n_gal")))
+    std, source = power.pooled_std((_number(paper.get("std_baseline")), _number(paper.get("std_gal")))), "paper std"
+    if std is None and paper_runs and difference is not None:  # t = difference / (std * sqrt(2 / n))
+        std, source = abs(difference) / abs(paper["t"]) / math.sqrt(paper_runs / 2), "paper t"
+    if std is None:
+        std, source = power.pooled_std((_number(ours.get("std_baseline")), _number(ours.get("std_gal"))), runs), \
+            "our std"
+    if std is None:
+        source = NONE
+    return Need(difference=difference, std=std, source=source,
+                needed=None if difference is None or std is None else power.runs_needed(difference, std),
+                paper_runs=paper_runs, ours=runs,
+                detectable=None if std is None else power.detectable(runs, std))
+
+
+def runs_needed_for(table, group: str) -> int | None:
+    """The most runs per arm any claim of ``table`` (a baseline-vs-GAL table spec: comparison.ComparisonTable)
+    on ``group`` (a value of its group_key, e.g. "cifar10_sgd") needs, from paper.yaml alone (the paper's std,
+    else its t and p); None where no such claim has one. What the preflight sizes a configuration's seeds by."""
+    name = table.groups[group]
+    needs = []
+    for metric in table.metrics:
+        paper = paper_side(table.name, name, tuple(table.methods.values()), metric.key, metric.better)
+        if paper is not None:
+            needs.append(need(Claim(table.name, name, metric.title, metric.better, paper, {}, [])).needed)
+    return max((n for n in needs if n is not None), default=None)
 
 
 def _split(claims: list[Claim]) -> tuple[list[Claim], dict[tuple[str, str, str], UnderProtocol]]:
@@ -144,11 +259,48 @@ def _under(claim: Claim, other: dict[tuple[str, str, str], UnderProtocol]) -> li
     return [f"{c.protocol} (distance {fmt(c.distance, 2)}): {_side(c.ours, undefined=c.ttest_undefined)}", c.verdict]
 
 
+def _detects(n: Need) -> str:
+    return f"{fmt_g(n.detectable)} ({n.our_runs} per arm)"
+
+
+def _power(claim: Claim, other: dict[tuple[str, str, str], UnderProtocol]) -> list[str]:
+    """The claim's three power cells: the paper's difference and std and the runs per arm they need, the smallest
+    difference our runs detect (and the closest protocol's runs, where shown), whether its numbers support it."""
+    n = need(claim)
+    needs = NONE if n.difference is None and n.std is None else (
+        f"{fmt_g(n.difference)}, std {fmt_g(n.std)} ({n.source}) → {n.needed or NONE}")
+    detects = _detects(n)
+    under = other.get((claim.table, claim.subject, claim.metric))
+    if under is not None:
+        detects += f"; closest protocol: {_detects(need(under))}"
+    return [needs, detects, n.support_text]
+
+
+POWER_COLUMNS = ["Paper's difference, std → runs per arm needed", "Smallest difference ours detect",
+                 "Supported by its own numbers?"]
+POWER_NOTE = (f"runs per arm needed: the fewest runs per arm at which Student's t-test (two-sided, equal variances, "
+              f"as above) finds the paper's difference (GAL minus baseline; ablations: claimed better minus other) "
+              f"with probability {power.POWER:g} at alpha {power.ALPHA:g}, from the noncentral t distribution "
+              f"(pipelines/report/power.py), for runs spread with the std named: paper std = the pooled std of the "
+              f"paper's two arms; paper t = the std its t implies at the runs its t and p imply; our std = the pooled "
+              f"std of our runs, where the paper gives neither; - where none exists. Smallest difference ours detect: "
+              f"with that std and the runs each arm of ours has (baseline/GAL where they differ), at the same alpha "
+              f"and power: a smaller true difference is more likely missed than found. - for a difference: the paper "
+              f"prints no number; for runs needed or detectable: no std, a std of 0, or fewer than 3 runs in all")
+
+
+def _cells(claim: Claim, other: dict[tuple[str, str, str], UnderProtocol], with_other: bool) -> list[str]:
+    """A claim's row: the claim and both sides' numbers, the power cells (before the verdict they qualify), the
+    verdict's cells, and the re-check's where the table shows re-checks."""
+    row = _row(claim)
+    return row[:3] + _power(claim, other) + row[3:] + (_under(claim, other) if with_other else [])
+
+
 def layout(claims: list[Claim], extra_notes: list[str] = ()) -> Layout:
     """The claims table; ``extra_notes`` are the rendered specs' notes on what the claims rest on (e.g. the
     precision study's)."""
     claims, other = _split(claims)
-    rows = [_row(c) + (_under(c, other) if other else []) for c in claims]
+    rows = [_cells(c, other, bool(other)) for c in claims]
     counts = Counter(c.verdict for c in claims)
     summary = ", ".join(f"{counts[v]} {v}" for v in VERDICTS if v in VERDICTS[:3] or counts[v])
     if other:
@@ -173,10 +325,11 @@ def layout(claims: list[Claim], extra_notes: list[str] = ()) -> Layout:
                      "verdict that depends on our stronger or weaker baseline shows; Table V's own columns are under "
                      "our protocol. Both are measurements of the method as published under the protocols run; they "
                      "do not rule out a protocol outside the study's grid or values lost from the paper's text")
+    notes += [POWER_NOTE, SUPPORT_RULE]
     notes += extra_notes
     return Layout(
-        columns=["Paper's claim", "Paper: baseline → GAL", "Ours: baseline → GAL", "Direction reproduced?",
-                 f"Significant (p < {claims[0].alpha if claims else 0.05:g})?", "Verdict",
+        columns=["Paper's claim", "Paper: baseline → GAL", "Ours: baseline → GAL", *POWER_COLUMNS,
+                 "Direction reproduced?", f"Significant (p < {claims[0].alpha if claims else 0.05:g})?", "Verdict",
                  *(["Closest protocol to the paper's baselines: baseline → GAL", "Verdict there"] if other else [])],
         rows=rows,
         caption=f"Claims: {len(claims)} checked; {summary}.",
@@ -191,15 +344,35 @@ def _under_csv(claim: Claim, other: dict[tuple[str, str, str], UnderProtocol]) -
             c.verdict, "; ".join(c.keys)]
 
 
+def _cell(value) -> str:
+    """A CSV cell: None and nan empty."""
+    return "" if value is None else csv_value(value)
+
+
+def _power_csv(claim: Claim, other: dict[tuple[str, str, str], UnderProtocol]) -> list:
+    n = need(claim)
+    under = other.get((claim.table, claim.subject, claim.metric))
+    closest = need(under) if under is not None else None
+    return [_cell(n.difference), _cell(n.std), n.source, _cell(n.needed), _cell(n.paper_runs), n.our_runs,
+            _cell(n.detectable), _cell(n.supported), n.support_text if n.supported is not None else "",
+            closest.our_runs if closest else "", _cell(closest.detectable) if closest else ""]
+
+
 def to_csv(claims: list[Claim]) -> str:
+    """claims.csv: one row per claim. Columns are only ever appended (findings.py reads published copies made
+    before the latest ones)."""
     claims, other = _split(claims)
     columns = ["table", "subject", "metric", "better", "paper_baseline", "paper_gal", "paper_t", "paper_p",
                "ours_baseline", "ours_gal", "ours_t", "ours_p", "direction_reproduced", "significant", "verdict",
                "provenance_keys", "claim", "why", "closest_protocol", "closest_distance", "closest_baseline",
-               "closest_gal", "closest_t", "closest_p", "closest_verdict", "closest_provenance_keys"]
+               "closest_gal", "closest_t", "closest_p", "closest_verdict", "closest_provenance_keys",
+               # how many runs the claim needs (power.py; the table's notes)
+               "claimed_difference", "std_used", "std_source", "runs_needed_per_arm", "paper_runs_per_arm",
+               "our_runs_per_arm", "detectable_difference", "supported_by_own_numbers", "support_why",
+               "closest_our_runs_per_arm", "closest_detectable_difference"]
     rows = [[c.table, c.subject, c.metric, c.better,
              *("" if c.paper.get(k) is None else c.paper[k] for k in ("baseline", "gal", "t", "p")),
              *(csv_value(c.ours[k]) for k in ("baseline", "gal", "t", "p")),
              c.direction_reproduced, c.significant, c.verdict, "; ".join(c.keys), _row(c)[0],
-             getattr(c, "why", ""), *_under_csv(c, other)] for c in claims]
+             getattr(c, "why", ""), *_under_csv(c, other), *_power_csv(c, other)] for c in claims]
     return rows_csv(columns, rows)

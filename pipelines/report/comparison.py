@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pipelines.report import stats
+from pipelines.report.claims import paper_side
 from pipelines.report.model import Claim, Context, Layout, Number, Rendered
 from pipelines.report.paper import lookup
 from pipelines.report.records import RunRecord
@@ -146,6 +147,7 @@ class ComparisonTable:
             for b, g in zip(base_runs, gal_runs):
                 baselines[g.dir] = b.dir
             ours: dict[str, dict[str, Number]] = {}
+            spread: dict[str, dict[str, Number]] = {}  # each method's std: what the claims' power needs
             for method, method_name in self.methods.items():
                 runs = cells[(group, method)]
                 row = [group_name, method_name, str(len(runs))]
@@ -154,6 +156,7 @@ class ComparisonTable:
                 for metric in self.metrics:
                     nums = {op: number(group_name, method_name, metric, op, [runs]) for op in ("mean", "std", "n")}
                     ours.setdefault(metric.key, {})[method] = nums["mean"]
+                    spread.setdefault(metric.key, {})[method] = nums["std"]
                     paper = lookup(f"{self.name}/{group_name}/{method_name}/{metric.key}") or {}
                     row += [pm(nums["mean"].value, nums["std"].value, metric.digits),
                             pm(paper.get("mean"), paper.get("std"), metric.digits)]
@@ -164,7 +167,7 @@ class ComparisonTable:
                 paper = lookup(f"{self.name}/{group_name}/t-test/{metric.key}") or {}
                 ttest_row += [ttest_cell(t, p), f"{fmt(paper['t'], 2)}, {fmt_p(paper['p'])}" if paper else NONE]
                 undefined |= math.isnan(t.value)
-                claim = self._claim(group_name, metric, ours[metric.key], t, p)
+                claim = self._claim(group_name, metric, ours[metric.key], t, p, spread[metric.key])
                 if claim is not None:
                     claims.append(claim)
             if self.show_ttest:
@@ -223,18 +226,17 @@ class ComparisonTable:
             rows.append(row)
         return rows
 
-    def _claim(self, group_name: str, metric: Metric, ours: dict[str, Number], t: Number, p: Number) -> Claim | None:
-        """The paper's claim 'GAL better' for this group and metric, if the paper reports GAL as better."""
-        base_m, gal_m = self.methods.values()
-        paper_base = lookup(f"{self.name}/{group_name}/{base_m}/{metric.key}/mean")
-        paper_gal = lookup(f"{self.name}/{group_name}/{gal_m}/{metric.key}/mean")
-        if paper_base is None or paper_gal is None:
+    def _claim(self, group_name: str, metric: Metric, ours: dict[str, Number], t: Number, p: Number,
+               spread: dict[str, Number]) -> Claim | None:
+        """The paper's claim 'GAL better' for this group and metric, if the paper reports GAL as better
+        (claims.paper_side); ``spread``: each method's std Number."""
+        paper = paper_side(self.name, group_name, tuple(self.methods.values()), metric.key, metric.better)
+        if paper is None:
             return None
-        if not (paper_gal < paper_base if metric.better == "lower" else paper_gal > paper_base):
-            return None  # the paper does not claim GAL is better here
         base, gal = (ours[m] for m in self.methods)
-        paper_t = lookup(f"{self.name}/{group_name}/t-test/{metric.key}") or {}
-        return Claim(table=self.name, subject=group_name, metric=metric.title, better=metric.better,
-                     paper={"baseline": paper_base, "gal": paper_gal, "t": paper_t.get("t"), "p": paper_t.get("p")},
-                     ours={"baseline": base.value, "gal": gal.value, "t": t.value, "p": p.value},
+        std_base, std_gal = (spread[m].value for m in self.methods)
+        return Claim(table=self.name, subject=group_name, metric=metric.title, better=metric.better, paper=paper,
+                     ours={"baseline": base.value, "gal": gal.value, "t": t.value, "p": p.value,
+                           "std_baseline": std_base, "std_gal": std_gal,
+                           "n_baseline": len(t.groups[0]), "n_gal": len(t.groups[1])},
                      keys=[base.key, gal.key, t.key, p.key], ttest_undefined=t.text if math.isnan(t.value) else "")

@@ -223,7 +223,9 @@ def versus(table: str, subject: str, statement: str, other: tuple[str, Outcome],
     claim = Ablation(
         table=table, subject=subject, metric=metric + (", best epoch" if b.best else ""), better="lower",
         paper={"baseline": paper_values[0], "gal": paper_values[1], "t": None, "p": None},
-        ours={"baseline": a.mean, "gal": b.mean, "t": t, "p": p},
+        ours={"baseline": a.mean, "gal": b.mean, "t": t, "p": p, "n_baseline": len(a.finished),
+              "n_gal": len(b.finished), **{f"std_{side}": o.stats["std"].value if o.stats else math.nan
+                                           for side, o in (("baseline", a), ("gal", b))}},
         keys=[*a.keys, *b.keys, *(n.key for n in numbers)], statement=statement, names=(other_name, better_name),
         paper_text=tuple("-" if v is None else fmt(v, digits) if isinstance(v, (int, float)) else str(v)
                          for v in paper),

@@ -94,6 +94,49 @@ def test_a_diverging_run_a_bad_config_and_missing_data_are_rows_with_their_cause
     assert ok.error is None and len(ok.measured.unit_s) == 2 and ok.measured.checkpoint_bytes > 0
 
 
+def test_each_configuration_is_also_estimated_at_the_seeds_its_claims_need(tmp_path):
+    """Seeds needed: the runs per arm the paper's claims a configuration serves need (paper.yaml's std of the
+    table row it makes), and device-h (seeds needed) = that x device-h/run; blank where it serves no such claim."""
+    import math
+
+    from pipelines.preflight.plan import PlannedRun
+    from pipelines.report import power
+    from pipelines.report.paper import lookup
+    from pipelines.training.rehearsal import Measured
+
+    args = preflight.parse(["--device", "cpu"])
+    measured = Measured("model", "step", [2.0, 0.5, 0.5], [0.0, 0.0, 0.0], 32, 0.2, 32, None, None, 2 ** 30,
+                        10 ** 6, 0.1)
+    rows = {}
+    for stage, preset in (("train_cifar", "cifar10_sgd_gal"), ("train_regression", "boston_baseline"),
+                          ("train_detection", "coco_detr_r50_gal")):
+        run = PlannedRun(stage, [f"experiment={preset}", "profile=paper", "seed=0"], [f"{stage}@{preset}-0"] * 2)
+        rows[preset] = preflight.setting_for(run, args, tmp_path)
+        rows[preset].outcome = preflight.Outcome(measured=measured)
+    # Table I, SGD: the paper's 1.92 ± 0.12 vs 1.84 ± 0.06, pooled
+    sgd = lambda method: lookup(f"Table I/SGD/{method}/error")  # noqa: E731
+    std = math.sqrt((sgd("Reproduced")["std"] ** 2 + sgd("GAL")["std"] ** 2) / 2)
+    assert rows["cifar10_sgd_gal"].needed == power.runs_needed(sgd("GAL")["mean"] - sgd("Reproduced")["mean"], std)
+    assert rows["boston_baseline"].needed == 3   # the most over Table V's Boston claims (MAE, MSE, R2)
+    assert rows["coco_detr_r50_gal"].needed is None  # Table IV: the paper gives no std
+    for preset, row in rows.items():
+        cells = preflight.columns(row)
+        keys = list(cells)
+        assert keys[keys.index("device-h (all seeds)") + 1:keys.index("status")] == ["seeds needed",
+                                                                                     "device-h (seeds needed)"]
+        if row.needed is None:
+            assert cells["seeds needed"] == cells["device-h (seeds needed)"] == ""
+        else:
+            assert cells["seeds needed"] == str(row.needed)
+            assert cells["device-h (seeds needed)"] == preflight.hours_text(row.hours() * row.needed)
+    lines = preflight.totals(list(rows.values()))
+    cifar = rows["cifar10_sgd_gal"]
+    assert f"| train_cifar | cpu | 2 | {preflight.hours_text(cifar.hours() * 2)} | {cifar.needed}, " \
+           f"{preflight.hours_text(cifar.hours() * cifar.needed)} |" in lines
+    detr = rows["coco_detr_r50_gal"]  # no claim to size it by: at its planned seeds
+    assert f"| train_detection | cpu | 2 | {preflight.hours_text(detr.hours() * 2)} | 2, " in "\n".join(lines)
+
+
 @pytest.mark.slow  # builds every paper configuration's full-size task: about a minute
 def test_every_paper_configuration_composes_and_builds(tmp_path):
     args = preflight.parse(["--device", "cpu", "--batch-per-device", "1", "--random-init", "--steps", "1"])

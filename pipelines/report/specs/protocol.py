@@ -22,7 +22,7 @@ from typing import Any
 
 from pipelines.report import over_seeds
 from pipelines.report import stats
-from pipelines.report.claims import UnderProtocol
+from pipelines.report.claims import UnderProtocol, paper_side
 from pipelines.report.model import Context, Layout, Number, Rendered
 from pipelines.report.paper import lookup
 from pipelines.report.records import MissingRuns, ReportError, RunRecord, check_one_profile
@@ -181,6 +181,7 @@ class ProtocolStudy:
                          *(fmt(lookup(f"{TABLE.name}/{group}/GAL/{m.key}/mean"), m.digits) for m in TABLE.metrics),
                          *(self._paper_t(group, m.key) for m in TABLE.metrics), "-"])
             means: dict[str, dict[str, dict[str, Number]]] = {}
+            spreads: dict[str, dict[str, dict[str, Number]]] = {}  # protocol -> method -> metric -> std (claims' power)
             ttests: dict[str, dict[str, tuple[Number, Number]]] = {}
             distances: dict[str, float] = {}
             accepted: dict[str, Number] = {}
@@ -195,8 +196,9 @@ class ProtocolStudy:
                     label = TABLE.methods[method]
                     means[p.name][method] = {m.key: nums.add([group, p.name, label, m.key], "mean", m.source, [runs],
                                                              m.digits) for m in TABLE.metrics}
-                    for m in TABLE.metrics:
-                        nums.add([group, p.name, label, m.key], "std", m.source, [runs], m.digits)
+                    spreads.setdefault(p.name, {})[method] = {
+                        m.key: nums.add([group, p.name, label, m.key], "std", m.source, [runs], m.digits)
+                        for m in TABLE.metrics}
                     nums.add([group, p.name, label, "runs"], "n", TABLE.metrics[0].source, [runs])
                 if not p.own_baseline:
                     means[p.name]["baseline"] = means[OURS]["baseline"]
@@ -227,7 +229,7 @@ class ProtocolStudy:
                              *(ttest_cell(*ttests[p.name][m.key]) for m in TABLE.metrics),
                              accepted[p.name].text + (f"; {h_text}" if h_text else "")])
             if best is not None:
-                claims += self._claims(group, best, distances[best], means[best], ttests[best])
+                claims += self._claims(group, best, distances[best], means[best], ttests[best], spreads[best])
         columns = ["Dataset", "Protocol", "n", *(f"Baseline {m.title}" for m in TABLE.metrics), "Distance",
                    *(f"GAL {m.title}" for m in TABLE.metrics), *(f"t, p {m.title}" for m in TABLE.metrics),
                    "GAL: accepted" + ("; h's movement" if h_shown else "")]
@@ -246,22 +248,20 @@ class ProtocolStudy:
         return f"{fmt(t.get('t'), 2)}, {fmt_p(t.get('p'))}" if t else "-"
 
     @staticmethod
-    def _claims(group: str, protocol: str, dist: float, means, ttests) -> list[UnderProtocol]:
+    def _claims(group: str, protocol: str, dist: float, means, ttests, spreads) -> list[UnderProtocol]:
         """Each Table V claim on ``group`` ('GAL better', where the paper says so), under ``protocol``."""
         out = []
         for m in TABLE.metrics:
-            paper_base = lookup(f"{TABLE.name}/{group}/Baseline/{m.key}/mean")
-            paper_gal = lookup(f"{TABLE.name}/{group}/GAL/{m.key}/mean")
-            if paper_base is None or paper_gal is None or not (
-                    paper_gal < paper_base if m.better == "lower" else paper_gal > paper_base):
+            paper = paper_side(TABLE.name, group, tuple(TABLE.methods.values()), m.key, m.better)
+            if paper is None:
                 continue
-            paper_t = lookup(f"{TABLE.name}/{group}/t-test/{m.key}") or {}
             base, gal = means["baseline"][m.key], means["gal"][m.key]
             t, p = ttests[m.key]
             out.append(UnderProtocol(
-                table=TABLE.name, subject=group, metric=m.title, better=m.better,
-                paper={"baseline": paper_base, "gal": paper_gal, "t": paper_t.get("t"), "p": paper_t.get("p")},
-                ours={"baseline": base.value, "gal": gal.value, "t": t.value, "p": p.value},
+                table=TABLE.name, subject=group, metric=m.title, better=m.better, paper=paper,
+                ours={"baseline": base.value, "gal": gal.value, "t": t.value, "p": p.value,
+                      "std_baseline": spreads["baseline"][m.key].value, "std_gal": spreads["gal"][m.key].value,
+                      "n_baseline": len(t.groups[0]), "n_gal": len(t.groups[1])},
                 keys=[base.key, gal.key, t.key, p.key], protocol=protocol, distance=dist,
                 ttest_undefined=t.text if math.isnan(t.value) else ""))
         return out
