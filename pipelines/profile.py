@@ -4,8 +4,8 @@ preflight plans a profile by applying it to a copy (pipelines/preflight/plan.py)
     python -m pipelines.profile paper
 
 A profile sets `profile` and the grids the stages expand with it: the ablations (the paper grid for `paper`,
-else the smoke grid), the Table V protocol study (the smoke grid for `smoke`, else the regression grid) and
-Table V's seeds (two for `smoke`, else five).
+else the smoke grid), the Table V protocol study and the "Beyond the paper" study (each the smoke grid for
+`smoke`, else the regression grid) and Table V's seeds (two for `smoke`, else five).
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def switched(params: str, profile: str) -> str:
     lines = {"profile": profile,
              "ablations": f"*{'paper' if profile == 'paper' else 'smoke'}_grid",
              "protocols": f"*{'smoke' if profile == 'smoke' else 'regression'}_protocol",
-             "seeds": f"*{'smoke' if profile == 'smoke' else 'table5'}_seeds"}
+             "seeds": f"*{'smoke' if profile == 'smoke' else 'table5'}_seeds",
+             "beyond": f"*{'smoke' if profile == 'smoke' else 'regression'}_beyond"}
     for key, value in lines.items():
         params, found = re.subn(rf"^{key}: .*$", f"{key}: {value}", params, flags=re.M)
         if found != 1:

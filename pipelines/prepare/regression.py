@@ -27,7 +27,6 @@ import os
 import tempfile
 import urllib.parse
 import urllib.request
-import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,7 +37,7 @@ from pipelines.fetch import MIRROR_ENV, FetchError, extract, fetch
 from pipelines.hashing import digest, manifest_path, record_identity
 from pipelines.prepare import fixtures
 from pipelines.errors import ConfigError
-from pipelines.prepare.stage import PrepareError, hydra_entry, run_stage
+from pipelines.prepare.stage import PrepareError, content_sha256, hydra_entry, npz_bytes, run_stage
 
 BOSTON_COLUMNS = ("CRIM", "ZN", "INDUS", "CHAS", "NOX", "RM", "AGE", "DIS", "RAD", "TAX", "PTRATIO", "B",
                   "LSTAT", "MEDV")  # StatLib order; the last is the target
@@ -52,24 +51,6 @@ class Table(NamedTuple):
     X: np.ndarray  # float64, rows x features
     y: np.ndarray  # float64, rows
     feature_names: tuple[str, ...]
-
-
-def content_sha256(X: np.ndarray, y: np.ndarray) -> str:
-    """sha256 of a table's content: its shape, then X and y as little-endian float64 in C order.
-
-    Exact, no rounding: the raw-file parsers and the CSV tables give bit-identical floats (the derived
-    California features are the same float64 divisions scikit-learn does, and its CSV prints them in full).
-    -0.0 is made 0.0 first: the two print differently but are the same value.
-    """
-    X = np.asarray(X, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    if X.ndim != 2 or y.shape != (X.shape[0],):
-        raise ValueError(f"content_sha256 needs X (rows x features) and y (rows), got {X.shape} and {y.shape}")
-    h = hashlib.sha256(b"gal-regression-table-v1\0")
-    h.update(np.asarray(X.shape, dtype="<i8").tobytes())
-    for a in (X, y):
-        h.update(np.ascontiguousarray(a + 0.0, dtype="<f8").tobytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- parsers: one per file format
@@ -248,17 +229,6 @@ def _mirror_may_have(mirror: str, name: str) -> bool:
 
 
 # ---------------------------------------------------------------- writing
-
-
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """An .npz (as np.savez writes) with fixed timestamps, so the same table always gives the same bytes."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        for key, a in arrays.items():
-            with zf.open(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
-                         force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- the stage

@@ -1,10 +1,15 @@
-"""What every prepare stage shares: its error, and the run wrapper that reports a failure in one line and
-leaves no outputs behind."""
+"""What every prepare stage shares: its error, the run wrapper that reports a failure in one line and leaves no
+outputs behind, and the checksum and file format of a prepared table (regression sets, Digits)."""
 from __future__ import annotations
 
+import hashlib
+import io
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from pipelines.config import hydra_main
 from pipelines.errors import ConfigError, UserError, print_error
@@ -12,6 +17,35 @@ from pipelines.errors import ConfigError, UserError, print_error
 
 class PrepareError(UserError):
     """An expected failure (unparseable file, checksum mismatch); reported in one line."""
+
+
+def content_sha256(X: np.ndarray, y: np.ndarray) -> str:
+    """sha256 of a table's content: its shape, then X and y as little-endian float64 in C order.
+
+    Exact, no rounding: the raw-file parsers and the CSV tables give bit-identical floats (the derived
+    California features are the same float64 divisions scikit-learn does, and its CSV prints them in full).
+    -0.0 is made 0.0 first: the two print differently but are the same value.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if X.ndim != 2 or y.shape != (X.shape[0],):
+        raise ValueError(f"content_sha256 needs X (rows x features) and y (rows), got {X.shape} and {y.shape}")
+    h = hashlib.sha256(b"gal-regression-table-v1\0")
+    h.update(np.asarray(X.shape, dtype="<i8").tobytes())
+    for a in (X, y):
+        h.update(np.ascontiguousarray(a + 0.0, dtype="<f8").tobytes())
+    return h.hexdigest()
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz (as np.savez writes) with fixed timestamps, so the same table always gives the same bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for key, a in arrays.items():
+            with zf.open(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
+                         force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
+    return buf.getvalue()
 
 
 def remove_outputs(created: list[Path]) -> None:

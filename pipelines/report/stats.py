@@ -10,6 +10,8 @@ The report computes every number through ``compute`` and records the op in prove
 - t, p: Student's two-sample t-test with equal variances (scipy.stats.ttest_ind(a, b, equal_var=True)),
   two-sided p, where a is the baseline group and b the GAL group; so t > 0 means the baseline's mean is
   larger (for MAE/MSE: GAL is better), as in the paper's Table V.
+- p_holm: Holm's step-down adjustment of one t-test's p within its family: groups (a1, b1, a2, b2, ...) are the
+  family's pairs, the pair adjusted first; a pair whose test is undefined counts as p = 1 in the others'.
 - ratio: mean of the second group over mean of the first (GAL's mean over the baseline's, Table VII).
 - value: the single run's value as is (figures' per-run numbers).
 
@@ -34,6 +36,20 @@ def _ttest(groups: Groups) -> tuple[float, float]:
         warnings.simplefilter("ignore", RuntimeWarning)
         result = _scipy_stats.ttest_ind(baseline, gal, equal_var=True)
     return float(result.statistic), float(result.pvalue)
+
+
+def _holm(groups: Groups) -> float:
+    if len(groups) < 2 or len(groups) % 2:
+        raise ValueError(f"'p_holm' takes the family's pairs of groups, the adjusted pair first; got {len(groups)}")
+    ps = [_ttest(groups[i:i + 2])[1] for i in range(0, len(groups), 2)]
+    if math.isnan(ps[0]):
+        return math.nan
+    ps = [1.0 if math.isnan(p) else p for p in ps]
+    adjusted, running = {}, 0.0
+    for rank, i in enumerate(sorted(range(len(ps)), key=lambda i: ps[i])):  # ascending, ties in family order
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        adjusted[i] = running
+    return adjusted[0]
 
 
 def _one(groups: Groups) -> np.ndarray:
@@ -62,6 +78,7 @@ OPS: dict[str, Callable[[Groups], float]] = {
     "n": lambda g: float(_one(g).size),
     "t": lambda g: _ttest(g)[0],
     "p": lambda g: _ttest(g)[1],
+    "p_holm": _holm,
     "ratio": _ratio,
     "value": _single,
 }
@@ -72,6 +89,7 @@ DESCRIBE = {
     "n": "number of runs with {metric}",
     "t": "Student's t (ttest_ind, equal variances), baseline minus GAL, {n} vs {m} runs of {metric}",
     "p": "two-sided p of Student's t-test (ttest_ind, equal variances), {n} vs {m} runs of {metric}",
+    "p_holm": "Holm-adjusted two-sided p of Student's t-test, {n} vs {m} runs of {metric}, in a family of {k} tests",
     "ratio": "mean of {metric} over {m} GAL runs divided by its mean over {n} baseline runs",
     "value": "{metric} of the one run",
 }
@@ -87,7 +105,7 @@ def compute(op: str, groups: Groups) -> float:
 def describe(op: str, metric: str, groups: Groups, unit: str = "runs") -> str:
     """A sentence saying how the number was made, e.g. 'mean over 5 runs of test_mae'."""
     sizes = [len(g) for g in groups] + [0, 0]
-    return DESCRIBE[op].format(n=sizes[0], m=sizes[1], metric=metric).replace("runs", unit)
+    return DESCRIBE[op].format(n=sizes[0], m=sizes[1], k=len(groups) // 2, metric=metric).replace("runs", unit)
 
 
 def same(a: float, b: float) -> bool:

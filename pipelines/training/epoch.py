@@ -14,6 +14,8 @@ Progress within an epoch, on rank 0 only: on a terminal a tqdm bar (steps, image
 comes later, so a log holds a line a minute at most. ``task.log_every=0``: none.
 
 ``method_state`` / ``load_method_state`` are the part of a task's ``state_dict`` every task holds.
+``in_memory_epoch`` is the whole epoch of a one-process CPU task whose data are tensors in memory (regression,
+digits): no loader, no progress within the epoch.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from tqdm import tqdm
 
 from gal_core import count_parameters
 from pipelines.training import launch
-from pipelines.training.method import adjuster_movement, adjuster_snapshot, build_adjuster
+from pipelines.training.method import STEP_STATS, adjuster_movement, adjuster_snapshot, build_adjuster
 from pipelines.training.seeding import sample_seed, seed_everything
 
 
@@ -51,6 +53,40 @@ def attach_method(cfg: DictConfig, model: nn.Module, width: int,
     if adjuster is not None:
         adjuster.wrap_ddp(device_ids=ids)
     return net, adjuster
+
+
+def in_memory_epoch(model: nn.Module, adjuster, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                    batch_size: int, shuffle: torch.Generator, loss: Callable, per_sample_loss: Callable
+                    ) -> dict[str, float]:
+    """One epoch over (x, y) in batches shuffled by ``shuffle``: plain backward, or GAL's step with its detailed
+    statistics; ``loss(z, target)`` is the batch loss, ``per_sample_loss(z, target)`` one loss per row. Returns
+    the epoch's means of the step values (summed on the device: one host copy), ``train_loss``, ``lr`` and, with
+    GAL, h's movement over the epoch."""
+    sums: dict[str, torch.Tensor] = {}
+    batches = 0
+    h_start = adjuster_snapshot(adjuster) if adjuster is not None else None
+    model.train()
+    for idx in torch.randperm(len(x), generator=shuffle).split(batch_size):
+        xb, yb = x[idx], y[idx]
+        optimizer.zero_grad(set_to_none=True)
+        out = model(xb)
+        loss_fn = lambda z: loss(z, yb)  # noqa: E731
+        if adjuster is None:
+            value = loss_fn(out)
+            value.backward()
+            step_stats = {"loss": value.detach()}
+        else:
+            stats = adjuster.backward(out, loss_fn, optimizer.param_groups[0]["lr"], detailed=True,
+                                      per_sample_loss_fn=lambda z: per_sample_loss(z, yb))
+            step_stats = {name: getattr(stats, name) for name in ("loss", *STEP_STATS, "adjusted_better")}
+        optimizer.step()
+        for name, value in step_stats.items():
+            sums[name] = sums.get(name, 0) + value
+        batches += 1
+    means = {name: total.item() / batches for name, total in sums.items()}
+    if h_start is not None:
+        means.update(adjuster_movement(adjuster, h_start))
+    return {"train_loss": means.pop("loss"), "lr": optimizer.param_groups[0]["lr"], **means}
 
 
 def adjuster_weights(adjuster) -> int:

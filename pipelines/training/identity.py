@@ -36,11 +36,13 @@ SEEDS = 2**32  # seeds are 0 .. 2**32 - 1: numpy's legacy seeding takes no more 
 OPEN = ("method.", "optim.")
 OPTIONAL = ("model.bn_momentum",)
 NOT_IDENTITY = ("trainer", "root", "seed")  # top-level keys that never make a variant (seed is in the name)
-VARIANT_MAX = 60
-# Short names of GAL's hyper-parameters (the paper's symbols where it has them).
-TOKENS = {"method.ratio": "eps", "method.scale": "scale", "method.policy": "policy-", "method.source": "src-",
-          "method.remainder": "rem-", "method.adjuster_lr": "hlr", "method.activation": "act-",
-          "method.bias": "bias-", "method.normalize": "norm-", "method.compute_dtype": "dtype-"}
+VARIANT_MAX = 72
+# Short names of GAL's hyper-parameters (the paper's symbols where it has them); a study is named by its value
+# alone (``study=beyond``: ``beyond``).
+TOKENS = {"study": "", "method.ratio": "eps", "method.scale": "scale", "method.policy": "policy-",
+          "method.source": "src-", "method.proposal": "prop-", "method.remainder": "rem-", "method.adjuster_lr": "hlr",
+          "method.activation": "act-", "method.bias": "bias-", "method.normalize": "norm-",
+          "method.compute_dtype": "dtype-"}
 
 
 def preset_overrides(cfg: DictConfig) -> list[str]:
@@ -136,9 +138,9 @@ def variant(cfg: DictConfig, preset: DictConfig | None = None) -> str:
             tokens.append(f"no-{_short_key(key, keys)}")
             continue
         value = _text(ours[key])
-        name = TOKENS.get(key) or _short_key(key, keys)
+        name = TOKENS[key] if key in TOKENS else _short_key(key, keys)
         number = isinstance(ours[key], (int, float)) and not isinstance(ours[key], bool)
-        tokens.append(f"{name}{'' if number or name.endswith('-') else '-'}{value}")
+        tokens.append(f"{name}{'' if number or not name or name.endswith('-') else '-'}{value}")
     name = "-".join(tokens)
     if len(name) > VARIANT_MAX:  # keep it a path component: a readable head and a hash of the whole
         name = name[:VARIANT_MAX - 9].rstrip("-") + "~" + hashlib.sha256(name.encode()).hexdigest()[:8]

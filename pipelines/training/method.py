@@ -17,7 +17,7 @@ from pipelines.errors import ConfigError
 # the optimiser's adjuster group.
 ADJUSTER_ARGS = {"arch": "arch", "ratio": "ratio", "scale": "scale", "policy": "policy", "remainder": "remainder",
                  "source": "source", "normalize": "normalize", "kind": "kind", "activation": "activation",
-                 "bias": "bias", "compute_dtype": "compute_dtype"}
+                 "bias": "bias", "compute_dtype": "compute_dtype", "proposal": "proposal"}
 GAL_KEYS = {"name", "gal", "adjuster_lr", *ADJUSTER_ARGS}
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # method.compute_dtype -> GAL's arithmetic
 NETWORK_KEYS = ("arch", "kind", "activation", "bias", "adjuster_lr")  # settings of h, the learned adjuster

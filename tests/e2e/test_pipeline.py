@@ -58,14 +58,30 @@ def protocol_runs() -> list[str]:
 
 
 PROTOCOL_RUNS = protocol_runs()
+
+
+def beyond_runs() -> dict[str, list[str]]:
+    """Task -> the run names params.yaml's smoke "Beyond the paper" grid gives (the beyond_* stages)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    grid, arms = params["beyond_grids"]["smoke"], params["beyond_arms"]
+    names = {"regression": [f"{d}-{a['method']}-{a['token']}" for d in grid["datasets"] for a in arms],
+             "digits": [f"digits_{m}-{a['method']}-{a['token']}" for m in grid["digits"] for a in arms]}
+    names["regression"] += [f"{b['dataset']}-{a['method']}-{a['token']}-{b['suffix']}" for b in grid["closest"]
+                            for a in arms]
+    return {task: [f"{name}-s{s}" for name in runs for s in grid["seeds"]] for task, runs in names.items()}
+
+
+BEYOND_RUNS = beyond_runs()
 REPORT_FILES = ["index.md", "provenance.json", "tables/claims.md", "tables/claims.csv", "tables/claims.tex",
                 *(f"tables/table{n}.{ext}" for n in (1, 2, 3, 4, 5, 6, 7, 8) for ext in ("md", "csv", "tex")),
                 *(f"tables/protocol_study.{ext}" for ext in ("md", "csv", "tex")),
                 *(f"figures/protocol_curves.{ext}" for ext in ("png", "pdf")),
-                *(f"tables/{name}.{ext}" for name in ("table5_width_one", "precision") for ext in ("md", "csv", "tex")),
+                *(f"tables/{name}.{ext}" for name in ("table5_width_one", "precision", "beyond_the_paper")
+                  for ext in ("md", "csv", "tex")),
                 *(f"figures/{name}.{ext}" for name in ("fig4_toy3d", "fig5_val_loss", "fig6_remainder_cosine",
                                                        "fig7_sensitivity", "fig8a_update_policies",
-                                                       "fig8b_adjusted_better") for ext in ("png", "pdf"))]
+                                                       "fig8b_adjusted_better", "beyond_the_paper")
+                  for ext in ("png", "pdf"))]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +131,8 @@ def test_first_repro_runs_every_stage_and_writes_every_report_file(project):
     assert sum(stage.startswith("train_imagenet@") for stage in ran) == len(IMAGENET_RUNS)
     assert sum(stage.startswith("ablate_") for stage in ran) == len(ABLATION_RUNS)
     assert sum(stage.startswith(("protocol@", "protocol_eps@")) for stage in ran) == len(PROTOCOL_RUNS)
+    assert "prepare_digits" in ran
+    assert sum(stage.startswith("beyond_") for stage in ran) == sum(map(len, BEYOND_RUNS.values()))
     for name in ABLATION_RUNS:  # every variant has its own record, named by what differs from its preset
         meta = json.loads((repo / "runs/classification" / name / "run.json").read_text())
         assert meta["variant"] and f"-gal-{meta['variant']}-s" in name
@@ -124,7 +142,7 @@ def test_first_repro_runs_every_stage_and_writes_every_report_file(project):
     assert "smoke" in index and all(f"## {name}" in index for name in (
         "Table I", "Table II", "Table III", "Table IV", "Table V", "Table VI", "Table VII", "Table VIII", "Fig. 4",
         "Fig. 5", "Fig. 6", "Fig. 7", "Fig. 8a", "Fig. 8b", "Protocol study", "Protocol curves", "Table V at d = 1",
-        "Precision study"))
+        "Precision study", "Beyond the paper", "Beyond the paper (figure)"))
     assert "Not rendered" not in index  # every spec found its runs
 
 
@@ -133,7 +151,9 @@ def test_mlflow_server_lists_every_run_with_params_metrics_and_tags(project, mlf
     client = MlflowClient(mlflow_server)
     regression = client.search_runs([client.get_experiment_by_name("regression").experiment_id], max_results=100)
     assert sorted(r.info.run_name for r in regression) == sorted(
-        [f"{d}-{m}-s{s}" for d in DATASETS for m in METHODS for s in SEEDS] + PROTOCOL_RUNS)
+        [f"{d}-{m}-s{s}" for d in DATASETS for m in METHODS for s in SEEDS] + PROTOCOL_RUNS + BEYOND_RUNS["regression"])
+    digits = client.search_runs([client.get_experiment_by_name("digits").experiment_id], max_results=100)
+    assert sorted(r.info.run_name for r in digits) == sorted(BEYOND_RUNS["digits"])
     record = json.loads((repo / "runs/regression/boston-gal-s1/run.json").read_text())
     run = client.get_run(record["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "boston-gal-s1"
@@ -159,7 +179,7 @@ def test_every_training_run_shows_in_mlflows_own_views(project, mlflow_server):
     repo, _, _ = project
     client = MlflowClient(mlflow_server)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    for task in ("regression", "classification", "detection"):
+    for task in ("regression", "digits", "classification", "detection"):
         experiment = client.get_experiment_by_name(task)
         assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
         for run in client.search_runs([experiment.experiment_id], max_results=500):
@@ -249,8 +269,10 @@ def test_changing_one_parameter_reruns_only_what_depends_on_it(project):
     ran = stages_run(result)
     study = {s for s in ran if s.startswith(("protocol@boston-gal-", "protocol_eps@boston-"))}  # Boston's GAL runs
     assert len(study) == sum(name.startswith("boston-gal-") for name in PROTOCOL_RUNS)
+    beyond = {s for s in ran if s.startswith("beyond_regression@boston-")}  # Boston's GAL arms of our own study
+    assert len(beyond) == sum(name.startswith("boston-gal-") for name in BEYOND_RUNS["regression"])
     # the precision study reads the presets' hyper-parameters: a preset's change reruns it too
-    assert ran == ({"report", "precision"} | {f"train_regression@boston-gal-{s}" for s in SEEDS} | study
+    assert ran == ({"report", "precision"} | {f"train_regression@boston-gal-{s}" for s in SEEDS} | study | beyond
                    | {f"train_cifar@cifar10-adabound-gal-{s}" for s in IMAGE_SEEDS})
     # the persisted checkpoint of the old config is not resumed: the run starts over
     assert "starting cifar10_adabound-gal-s0 over" in result.stdout

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from pipelines.errors import ConfigError, UserError
 from pipelines.tasks.classification import task as classification
+from pipelines.tasks.digits import task as digits
 from pipelines.tasks.regression import task as regression
 from pipelines.training import identity, launch, runner
 from tests.pipelines.train_helpers import train_config, with_data
@@ -71,7 +72,19 @@ def test_regression_keys_act_or_are_refused(tmp_path):
                 for experiment in ("boston_gal", "boston_baseline")}
     for found in outcomes.values():
         assert all(v != "IGNORED" for v in found.values()), found
-    assert len(outcomes["boston_gal"]) == 17 and outcomes["boston_baseline"].keys() >= {"method.gal", "optim.lr"}
+    assert len(outcomes["boston_gal"]) == 18 and outcomes["boston_baseline"].keys() >= {"method.gal", "optim.lr"}
+
+
+def test_digits_keys_act_or_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    sizes = {"train": 40, "test": 20}
+    split = {f"X_{part}": rng.integers(0, 17, size=(rows, 64)).astype(float) for part, rows in sizes.items()}
+    split.update({f"y_{part}": rng.integers(0, 10, size=rows) for part, rows in sizes.items()})
+    (tmp_path / "data" / "processed").mkdir(parents=True)
+    np.savez(tmp_path / "data" / "processed" / "digits.npz", **split)
+    for experiment in ("digits_cnn_gal", "digits_mlp_baseline"):
+        found = walk(digits.Digits, tmp_path, experiment)
+        assert found and all(v != "IGNORED" for v in found.values()), found
 
 
 def test_classification_keys_act_or_are_refused(tmp_path, prepared_cifar10):

@@ -138,7 +138,9 @@ def stale_after_editing(repo: Path, name: str) -> set[str]:
 @pytest.mark.parametrize("edited, stale", [
     ("pipelines/tasks/detection/task.py", {"train_detection"}),
     ("pipelines/tasks/detection/detr/transformer.py", {"train_detection"}),
-    ("pipelines/tasks/regression/data.py", {"train_regression", "protocol", "protocol_eps"}),
+    ("pipelines/tasks/regression/data.py", {"train_regression", "protocol", "protocol_eps", "beyond_regression"}),
+    ("pipelines/tasks/digits/task.py", {"beyond_digits"}),
+    ("pipelines/prepare/digits.py", {"prepare_digits"}),
     ("pipelines/tasks/classification/task.py", {"train_cifar", "train_imagenet", "ablate_noise", "ablate_raw_noise",
                                                 "ablate_adjuster", "ablate_policy", "ablate_eps", "ablate_scale",
                                                 "ablate_lookahead_arch"}),

@@ -14,8 +14,8 @@ from gal_core import count_parameters
 from pipelines.errors import ConfigError
 from pipelines.tasks.regression.data import load, split, standardiser, test_rows
 from pipelines.training import runner
-from pipelines.training.epoch import attach_method, load_method_state, method_state
-from pipelines.training.method import STEP_STATS, adjuster_movement, adjuster_snapshot, build_optimizer_for
+from pipelines.training.epoch import attach_method, in_memory_epoch, load_method_state, method_state
+from pipelines.training.method import build_optimizer_for
 
 
 # The least rows a split may leave: an MLP fit on fewer training rows than features + 1 is underdetermined even
@@ -94,31 +94,9 @@ class Regression(runner.Task):
                 f"{count_parameters(self.model):,} model parameters")
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        sums: dict[str, torch.Tensor] = {}
-        batches = 0
-        h_start = adjuster_snapshot(self.adjuster) if self.adjuster is not None else None
-        self.model.train()
-        for idx in torch.randperm(len(self.x_train), generator=self.shuffle).split(self.cfg.data.train.batch_size):
-            xb, yb = self.x_train[idx], self.y_train[idx]
-            self.optimizer.zero_grad(set_to_none=True)
-            out = self.model(xb)
-            loss_fn = lambda z: F.mse_loss(z, yb)  # noqa: E731
-            if self.adjuster is None:
-                loss = loss_fn(out)
-                loss.backward()
-                step_stats = {"loss": loss.detach()}
-            else:
-                stats = self.adjuster.backward(out, loss_fn, self.optimizer.param_groups[0]["lr"], detailed=True,
-                                               per_sample_loss_fn=lambda z: (z - yb).pow(2).mean(-1))
-                step_stats = {name: getattr(stats, name) for name in ("loss", *STEP_STATS, "adjusted_better")}
-            self.optimizer.step()
-            for name, value in step_stats.items():  # summed on the device; one host copy per epoch
-                sums[name] = sums.get(name, 0) + value
-            batches += 1
-        means = {name: total.item() / batches for name, total in sums.items()}
-        if h_start is not None:
-            means.update(adjuster_movement(self.adjuster, h_start))
-        return {"train_loss": means.pop("loss"), "lr": self.optimizer.param_groups[0]["lr"], **means}
+        return in_memory_epoch(self.model, self.adjuster, self.optimizer, self.x_train, self.y_train,
+                               self.cfg.data.train.batch_size, self.shuffle, F.mse_loss,
+                               lambda z, target: (z - target).pow(2).mean(-1))
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict[str, float]:
