@@ -7,7 +7,8 @@ steps read, the class count and the image sizes real):
 - ImageNet: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, 500 x 375 (the most common ILSVRC size);
 - COCO: train2017/ and val2017/ JPEGs of 640 x 480 (COCO's usual size), about 7 boxes each (COCO's mean), in
   annotations/instances_{train,val}2017.json;
-- a regression table: X and y of the real shape (``data.source.shape``) in <name>.npz.
+- a regression table: X and y of the real shape (``data.source.shape``) in <name>.npz;
+- Digits: X_train, y_train, X_test, y_test of the real split's sizes and pixel range in digits.npz.
 Each with its <name>.json sidecar, as the prepare stages write it.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def real_sizes(data: DictConfig) -> tuple[int, int]:
 def kind(data: DictConfig) -> str:
     if data.name.startswith("cifar"):
         return "cifar"
-    if data.name in ("imagenet", "coco"):
+    if data.name in ("imagenet", "coco", "digits"):
         return data.name
     return "table"
 
@@ -57,7 +58,7 @@ def provide(data: DictConfig, profile: str, workspace: Path, root: Path, train: 
                 (processed / path.name).symlink_to(path.resolve())
         return "prepared"
     rng = np.random.default_rng(0)
-    made = {"cifar": _cifar, "imagenet": _imagenet, "coco": _coco, "table": _table}[kind(data)]
+    made = {"cifar": _cifar, "imagenet": _imagenet, "coco": _coco, "digits": _digits, "table": _table}[kind(data)]
     made(data, processed, train, val, rng)
     (processed / f"{name}.json").write_text(json.dumps(
         {"name": name, "classes": int(data.get("num_classes") or 0), "profile": "preflight"}))
@@ -126,3 +127,14 @@ def _table(data, processed: Path, train: int, val: int, rng) -> None:
     X = rng.normal(size=(rows, features))
     y = X @ rng.normal(size=features) + rng.normal(size=rows)
     np.savez(processed / f"{data.name}.npz", X=X, y=y)
+
+
+def _digits(data, processed: Path, train: int, val: int, rng) -> None:
+    rows, pixels = (int(v) for v in data.source.shape)
+    tests = round(rows * data.split.test_fraction)
+    arrays = {}
+    for part, count in (("train", rows - tests), ("test", tests)):
+        arrays[f"X_{part}"] = rng.integers(0, 17, size=(count, pixels)).astype(np.float64)
+        arrays[f"y_{part}"] = rng.integers(0, data.classes, size=count)
+    np.savez(processed / "digits.npz", **arrays)
+
