@@ -131,8 +131,9 @@ def test_first_repro_runs_every_stage_and_writes_every_report_file(project):
     assert sum(stage.startswith("train_imagenet@") for stage in ran) == len(IMAGENET_RUNS)
     assert sum(stage.startswith("ablate_") for stage in ran) == len(ABLATION_RUNS)
     assert sum(stage.startswith(("protocol@", "protocol_eps@")) for stage in ran) == len(PROTOCOL_RUNS)
-    assert "prepare_digits" in ran
-    assert sum(stage.startswith("beyond_") for stage in ran) == sum(map(len, BEYOND_RUNS.values()))
+    assert {"prepare_digits", "beyond_toy3d"} <= ran
+    assert sum(stage.startswith(("beyond_regression@", "beyond_closest@", "beyond_digits@")) for stage in ran) == \
+        sum(map(len, BEYOND_RUNS.values()))
     for name in ABLATION_RUNS:  # every variant has its own record, named by what differs from its preset
         meta = json.loads((repo / "runs/classification" / name / "run.json").read_text())
         assert meta["variant"] and f"-gal-{meta['variant']}-s" in name
@@ -154,6 +155,8 @@ def test_mlflow_server_lists_every_run_with_params_metrics_and_tags(project, mlf
         [f"{d}-{m}-s{s}" for d in DATASETS for m in METHODS for s in SEEDS] + PROTOCOL_RUNS + BEYOND_RUNS["regression"])
     digits = client.search_runs([client.get_experiment_by_name("digits").experiment_id], max_results=100)
     assert sorted(r.info.run_name for r in digits) == sorted(BEYOND_RUNS["digits"])
+    toy = client.search_runs([client.get_experiment_by_name("toy3d_beyond").experiment_id], max_results=100)
+    assert len(toy) == 4 * len(SEEDS) and all(r.info.status == "FINISHED" for r in toy)  # gd: 4 arms x seeds
     record = json.loads((repo / "runs/regression/boston-gal-s1/run.json").read_text())
     run = client.get_run(record["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "boston-gal-s1"

@@ -12,7 +12,8 @@ import yaml
 from omegaconf import OmegaConf
 from scipy import stats as scipy_stats
 
-from pipelines import profile
+from pipelines import profile, toy3d
+from pipelines.errors import ConfigError
 from pipelines.prepare import digits as D
 from pipelines.report import stats
 from pipelines.report.model import Context
@@ -38,6 +39,8 @@ def variant(*overrides: str) -> str:
 def test_every_arm_and_test_bed_names_its_runs_as_the_stages_spell_them(grid):
     spec, arms = GRIDS[grid], PARAMS["beyond_arms"]
     assert [a["method"] for a in arms] == ["baseline", "gal", "gal", "gal"] and len(spec["seeds"]) >= 2
+    assert spec["seeds"] == list(range(spec["seed_count"]))  # the toy's seeds, given as a count
+    assert toy3d.load_config(["study=beyond", f"seeds={spec['seed_count']}", f"optimizers={spec['toy3d']}"])
     for arm in arms:
         assert "study=beyond" in arm["overrides"].split()  # never a run of Table V's or the protocol study's
         base = [f"profile={GRID_PROFILE[grid]}", *arm["overrides"].split()]
@@ -121,6 +124,23 @@ def test_at_width_one_the_variants_give_h_gradients_where_the_published_step_giv
         rows = (boston_root / "runs" / "regression" / name_of(*overrides) / "history.csv").read_text().splitlines()
         grads[proposal] = float(dict(zip(rows[0].split(","), rows[-1].split(",")))["adjuster_grad_norm"])
     assert grads["row"] == 0 and grads["batch"] > 0 and grads["bounded"] > 0, grads
+
+
+def test_the_toy_runs_every_arm_per_seed_and_only_gals_h_depends_on_the_seed(tracked_root):
+    cfg = toy3d.load_config(["study=beyond", "seeds=2", "optimizers=[gd]", "runs.gd.steps=15",
+                             f"runs_root={tracked_root / 'runs'}"])
+    toy3d.train_all(cfg)
+    folder = tracked_root / "runs" / "toy3d_beyond"
+    arms = ("baseline-beyond", "gal-beyond", "gal-prop-batch-beyond", "gal-prop-bounded-beyond")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"gd-{a}-s{s}" for a in arms for s in range(2))
+    final = {p.name: json.loads((p / "metrics.json").read_text()) for p in folder.iterdir()}
+    assert final["gd-baseline-beyond-s0"] == final["gd-baseline-beyond-s1"]  # no h: the same path every seed
+    assert final["gd-gal-prop-bounded-beyond-s0"]["path_mean_z"] != final["gd-gal-prop-bounded-beyond-s1"]["path_mean_z"]
+    # one point is one row: "batch" is "row" up to float rounding (the paper's map is fused, the variants' are not)
+    assert final["gd-gal-beyond-s0"] == pytest.approx(final["gd-gal-prop-batch-beyond-s0"], rel=1e-5)
+    assert all(final[f"gd-gal-beyond-s{s}"]["adjuster_move_rel"] > 0 for s in range(2))
+    with pytest.raises(ConfigError, match="study=beyond with seeds >= 1"):
+        toy3d.load_config(["seeds=2"])
 
 
 def test_holm_adjusts_each_p_within_its_family():
