@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import dataclass
 
 from pipelines.report import over_seeds, stats
@@ -242,10 +243,13 @@ def summary(results: list[Result]) -> str:
     for arm in [a for a in ARMS if a != BASELINE]:
         better = [r.bed.label for r in results if verdict(r, arm) == "better"]
         worse = [r.bed.label for r in results if verdict(r, arm) == "worse"]
-        moved = ", ".join(f"{r.bed.label} {r.finals[(arm, 'adjuster_move_rel', 'mean')].text}" for r in results)
+        moved = sorted(((r.finals[(arm, "adjuster_move_rel", "mean")], r.bed.label) for r in results),
+                       key=lambda pair: pair[0].value)
+        low, high = moved[0], moved[-1]
         parts.append(f"{ARMS[arm]}: better than the baseline (Holm p < {ALPHA:g}) on "
                      f"{'; '.join(better) if better else 'no test bed'}, worse on {'; '.join(worse) if worse else 'none'}"
-                     f"; h moved by {moved} of its norm in the last epoch")
+                     f"; h moved by {low[0].text} ({low[1]}) to {high[0].text} ({high[1]}) of its norm in the last "
+                     "epoch")
     return "Verdict: " + ". ".join(parts) + "."
 
 
@@ -272,7 +276,7 @@ class BeyondFigure:
 
     def _plot(self, results: list[Result], profile: str, files) -> None:
         plt = over_seeds.pyplot()
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.5 * len(results) + 3.2), layout="constrained")
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.75 * len(results) + 2.5), layout="constrained")
         fig.get_layout_engine().set(w_pad=0.3)  # the panels' edge tick labels clear of each other
         colors = ("#7f7f7f", "#1f77b4", "#2ca02c", "#ff7f0e")
         height = 0.8 / len(ARMS)
@@ -289,14 +293,14 @@ class BeyondFigure:
             left.errorbar(ratio, ys, xerr=spread, fmt="o", color=colors[i], capsize=3, label=ARMS[arm])
             if arm != BASELINE:
                 right.barh(ys, [max(m, 1e-12) for m in move], height, color=colors[i])
-        labels = [r.bed.label for r in results]
+        labels = [textwrap.fill(r.bed.label, 28) for r in results]  # long protocol names on several lines
         for ax in (left, right):
             ax.set_yticks(range(len(results)), labels if ax is left else [""] * len(results))
             ax.invert_yaxis()
             ax.grid(alpha=0.3, axis="x")
         left.axvline(0, color="black", lw=0.8)
-        left.set(xlabel="(error - baseline's mean) / |baseline's mean| (± std); below 0 is better")
-        right.set(xscale="log", xlim=(1e-13, None), xlabel="h's relative movement, last epoch (floored at 1e-12)")
+        left.set(xlabel="error's change from the baseline's mean,\nrelative (± std; below 0 is better)")
+        right.set(xscale="log", xlim=(1e-13, None), xlabel="h's movement over its norm,\nlast epoch (floor 1e-12)")
         fig.legend(loc="outside lower center", ncols=len(ARMS), fontsize=8)
         fig.suptitle(f"Beyond the paper (ours): error and h's movement per arm, mean over seeds "
                      f"(profile {profile})", fontsize=10)
