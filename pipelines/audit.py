@@ -128,7 +128,8 @@ ENTRY_FIELDS = {
     "files": (_is_texts, "a list of file names"),
 }
 BEST_FIELDS = {"by": str, "column": str, "better": str, "complement": bool}
-TWO_GROUPS = ("t", "p", "ratio")  # the ops of two groups (baseline, GAL); the others take one
+TWO_GROUPS = ("t", "p", "ratio")  # the ops of two groups (baseline, GAL); the others take one, but for
+PAIRS = ("p_holm",)  # a family of pairs of groups, the adjusted pair first
 
 
 def check_provenance(path: Path, prov: Any) -> None:
@@ -157,9 +158,12 @@ def check_entry(path: Path, key: str, entry: Any) -> None:
     if best is not None and not (isinstance(best, dict)
                                  and all(isinstance(best.get(k), t) for k, t in BEST_FIELDS.items())):
         raise _malformed(path, f"{where}.best_epoch is not {{\"by\", \"column\", \"better\", \"complement\"}}")
-    groups = 2 if entry["op"] in TWO_GROUPS else 1
-    if len(entry["groups"]) != groups:
-        raise _malformed(path, f"{where}.groups holds {len(entry['groups'])} groups; {entry['op']} takes {groups}")
+    count = len(entry["groups"])
+    if entry["op"] in PAIRS:
+        if count < 2 or count % 2:
+            raise _malformed(path, f"{where}.groups holds {count} groups; {entry['op']} takes pairs of groups")
+    elif count != (groups := 2 if entry["op"] in TWO_GROUPS else 1):
+        raise _malformed(path, f"{where}.groups holds {count} groups; {entry['op']} takes {groups}")
     dirs = {run["dir"] for run in entry["runs"]}
     stray = [d for group in entry["groups"] for d in group if d not in dirs]
     if stray:

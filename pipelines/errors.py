@@ -65,17 +65,25 @@ def _interrupt(signum: int, frame) -> None:
 
 @contextmanager
 def signals_held() -> Iterator[None]:
-    """SIGTERM and SIGHUP (under run_cli) wait until the block is done, then interrupt as usual: a write that
-    must not be cut in two (torch.save's zip writer, interrupted, fails with an error of its own)."""
+    """SIGTERM and SIGHUP (under run_cli) and SIGINT (Ctrl-C) wait until the block is done, then interrupt as
+    usual: a write that must not be cut in two (torch.save's zip writer, interrupted, fails with an error of its
+    own). A second signal still stops the process at once."""
     global _held
     if _held is not None:  # nested: the outer block holds them
         yield
         return
+    # Python raises KeyboardInterrupt wherever SIGINT lands: while the block runs, _interrupt takes it instead
+    ctrl_c = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ctrl_c:
+        signal.signal(signal.SIGINT, _interrupt)
     _held = []
     try:
         yield
     finally:
         pending, _held = _held, None
+        if ctrl_c and signal.getsignal(signal.SIGINT) is _interrupt:  # none came: Python's own handler again
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     if pending:
         raise Interrupted(pending[0])
 

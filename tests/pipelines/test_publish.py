@@ -22,7 +22,8 @@ import torch
 from pipelines import audit, publish
 from tests.pipelines.report_fixtures import make_runs
 
-PARAMS = "profile: regression\nablations: *smoke_grid\nprotocols: *smoke_protocol\nseeds: *smoke_seeds\n"
+PARAMS = ("profile: regression\nablations: *smoke_grid\nprotocols: *smoke_protocol\nseeds: *smoke_seeds\n"
+          "beyond: *smoke_beyond\n")
 PY = sys.executable
 
 
@@ -43,7 +44,7 @@ def checkout(root: Path, runs: bool = True) -> str:
     git(root, "commit", "-q", "-m", "init")
     if runs:
         made = make_runs(root / "runs")
-        for task in ("toy3d", "classification", "detection"):  # Table V and the protocol study are enough
+        for task in ("toy3d", "classification", "detection"):  # Table V, its studies and Beyond the paper are enough
             shutil.rmtree(root / "runs" / task)
         unused = root / "runs/other/x-s0"
         shutil.copytree(made["boston-gal-s0"], unused)
@@ -196,7 +197,7 @@ def test_a_report_of_another_profile_is_refused(tmp_path):
     checkout(tmp_path)
     done = run_publish(tmp_path, "regression", command("smoke"))
     assert done.returncode == 2 and done.stderr.count("\n") == 2, done.stderr  # params put back, then the refusal
-    assert done.stderr.endswith("is of profile smoke, not regression (3 of 3 tables and figures); make repro "
+    assert done.stderr.endswith("is of profile smoke, not regression (5 of 5 tables and figures); make repro "
                                 "PROFILE=regression remakes them\n")
     assert not (tmp_path / "results").exists() and git(tmp_path, "status", "--porcelain") == ""
 

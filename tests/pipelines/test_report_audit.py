@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipelines import audit
-from tests.pipelines.report_fixtures import SEEDS, SPEC_NAMES, abl_values, cls_best, cls_values, value, values_of
+from tests.pipelines.report_fixtures import SEEDS, SPEC_NAMES, abl_values, cls_best, value, values_of
 
 
 @pytest.fixture
@@ -126,3 +126,12 @@ def test_audit_ablation_numbers(at_site, capsys):
     assert out.splitlines()[0].endswith("   (paper: 11.68)") and "MLflow cross-check: OK" in out
     assert audit.main(["Table VI", "t-test", "Learned h vs Uniform", "error", "p"]) == 0
     assert "MLflow cross-check: OK (5 runs' val_top1_err" in capsys.readouterr().out
+
+
+def test_audit_recomputes_a_holm_adjusted_p_from_its_family(at_site, capsys):
+    """Beyond the paper's p_holm: its groups are the bed's five pairs, the adjusted pair first."""
+    assert audit.main(["Beyond the paper/Boston, our protocol/GAL, bounded vs Baseline/test_mae/p_holm"]) == 0
+    out = capsys.readouterr().out
+    assert "MLflow cross-check: OK" in out
+    assert "Holm-adjusted two-sided p of Student's t-test, 3 vs 3 seeds of final test_mae, in a family of 5 tests" \
+        in out and "runs/regression/boston-gal-prop-bounded-beyond-s2" in out

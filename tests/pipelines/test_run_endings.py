@@ -314,23 +314,34 @@ def test_a_hangup_that_nohup_ignores_stays_ignored(tmp_path):
     proc.wait()
 
 
-def test_a_stop_request_during_a_checkpoint_write_waits_for_the_whole_checkpoint(tmp_path, monkeypatch):
-    """SIGTERM in the middle of torch.save (where the served-run signal test once caught it): the checkpoint is
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_request_during_a_checkpoint_write_waits_for_the_whole_checkpoint(tmp_path, monkeypatch, signum):
+    """SIGTERM or Ctrl-C in the middle of torch.save (where the signal tests once caught them): the checkpoint is
     written whole, then the run is interrupted as usual, not failed by torch's zip writer."""
     from pipelines import errors
 
     real_save = torch.save
 
     def save_signalled_midway(state, f):
-        os.kill(os.getpid(), signal.SIGTERM)  # handled at once by _interrupt: held, not raised here
+        os.kill(os.getpid(), signum)  # handled at once by _interrupt: held, not raised here
         real_save(state, f)
 
     monkeypatch.setattr(checkpoint.torch, "save", save_signalled_midway)
-    previous = signal.signal(signal.SIGTERM, errors._interrupt)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, errors._interrupt)  # as run_cli sets it; SIGINT keeps Python's own handler
     try:
         with pytest.raises(errors.Interrupted) as caught:
             checkpoint.save({"epoch": 3, "w": torch.ones(4)}, tmp_path / "last.pt")
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert caught.value.signum == signal.SIGTERM and errors._held is None
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert caught.value.signum == signum and errors._held is None
     assert checkpoint.load(tmp_path / "last.pt")["epoch"] == 3
+
+
+def test_ctrl_c_outside_a_checkpoint_write_is_pythons_own_again(tmp_path):
+    from pipelines import errors
+
+    with errors.signals_held():
+        assert signal.getsignal(signal.SIGINT) is errors._interrupt
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
