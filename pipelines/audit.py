@@ -128,8 +128,8 @@ ENTRY_FIELDS = {
     "files": (_is_texts, "a list of file names"),
 }
 BEST_FIELDS = {"by": str, "column": str, "better": str, "complement": bool}
-TWO_GROUPS = ("t", "p", "ratio")  # the ops of two groups (baseline, GAL); the others take one, but for
-PAIRS = ("p_holm",)  # a family of pairs of groups, the adjusted pair first
+TWO_GROUPS = ("t", "p", "ratio")  # the ops of two groups (baseline, GAL)
+PAIRS = ("p_holm",)  # the ops of a family of pairs of groups, the adjusted pair first; every other op takes one
 
 
 def check_provenance(path: Path, prov: Any) -> None:
