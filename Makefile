@@ -31,9 +31,10 @@ ifdef PROFILE
 endif
 
 # Both run their training commands warm (pipelines/warm.py: one process imports torch and MLflow once and forks
-# each run); a plain `dvc repro` runs the same commands cold, to the same results.
+# each run) and DVC with a fast dvc.lock writer (pipelines/dvc_cli.py); a plain `dvc repro` runs the same
+# commands cold, to the same results and the same lock.
 repro: setup profile
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipelines.warm $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pipelines.warm $(BIN)/python -m pipelines.dvc_cli repro
 
 # The same results with the training stages run JOBS at a time (pipelines/fanout.py): on one multi-GPU node
 # each run gets its own GPUs; with GAL_LAUNCHER=slurm each run is a Slurm job. STAGES: DVC targets (default all).

@@ -44,7 +44,7 @@ def say(line: str) -> None:
 
 
 def dvc(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], **kwargs)
+    return subprocess.run([sys.executable, "-m", "pipelines.dvc_cli", *args], **kwargs)
 
 
 def plan(targets: list[str], root: str = ".") -> tuple[list[str], list]:

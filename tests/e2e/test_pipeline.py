@@ -103,7 +103,7 @@ def project(tmp_path_factory, mlflow_server):
 
 def make_repro(repo: Path, env: dict) -> subprocess.CompletedProcess:
     """`make repro`'s command: `dvc repro` with its train commands started warm, every one of them served."""
-    done = subprocess.run([BIN / "python", "-m", "pipelines.warm", BIN / "dvc", "repro"], cwd=repo, env=env,
+    done = subprocess.run([BIN / "python", "-m", "pipelines.warm", BIN / "python", "-m", "pipelines.dvc_cli", "repro"], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0 and "starts cold" not in done.stderr, done.stdout[-3000:] + done.stderr[-3000:]
     return done

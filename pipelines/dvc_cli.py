@@ -1,0 +1,107 @@
+"""DVC's own command line, with dvc.lock rewritten by libyaml: ``python -m pipelines.dvc_cli repro`` is
+``dvc repro`` (`make repro`, `make fanout` and the end-to-end test run DVC this way).
+
+After every stage DVC rewrites the whole dvc.lock through ruamel.yaml's round-trip parser and emitter, in pure
+Python, to keep comments that a machine-written lock never has. Our stages list their source files one by one
+(so an edit stales only the stages that import it), about 150 lines a stage: the smoke lock is 15,000 lines
+and the regression profile's 60,000 to 100,000, so that one rewrite grows to seconds and a whole repro spends
+minutes (hours for a profile of a thousand stages) in it (BENCHMARKS.md, DVC's lock writes). Here only
+dvc.lock's rewrite changes: the same data, parsed and emitted by ruamel.yaml's C bindings (the same library
+DVC reads the lock with), keys in DVC's order, a command on one line; and within one process a lock it wrote
+itself is not parsed again, nor a stage's unchanged entry rendered again. dvc.yaml and every other file DVC
+writes go through DVC's own code. A plain ``dvc repro`` reads and writes the same lock; it is only slower.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from pipelines.atomic import write_atomic
+
+LOCK = "dvc.lock"
+
+
+def render(data: Any) -> str:
+    """``data`` as YAML: DVC's key order, block style, each value on one line."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.representer import SafeRepresenter
+
+    class Representer(SafeRepresenter):  # DVC's stages are OrderedDicts: plain mappings, as DVC writes them
+        pass
+
+    Representer.add_representer(OrderedDict, SafeRepresenter.represent_dict)
+    yaml = YAML(typ="safe")  # the C emitter (ruamel.yaml.clib, pinned in the lock)
+    yaml.Representer = Representer
+    yaml.default_flow_style = False
+    yaml.sort_base_mapping_type_on_output = False  # DVC's order: a stage's cmd, deps, params, outs
+    yaml.width = 2**31 - 1  # no folded lines (the round-trip emitter's folds end in a space)
+    out = io.StringIO()
+    yaml.dump(data, out)
+    return out.getvalue()
+
+
+# This process's last write of each lock (its path: its stat, its data) and each stage's text: a repro rewrites
+# the lock once per stage, so it parses a lock only when another process wrote it since and renders a stage
+# only when its entry changed.
+_written: dict[str, tuple[tuple[int, int, int], dict]] = {}
+_stages: dict[str, tuple[Any, str]] = {}
+
+
+def render_lock(data: dict) -> str:
+    """``render(data)``, from each stage's text rendered once."""
+    stages = data.get("stages")
+    if list(data) != ["schema", "stages"] or not stages:
+        return render(data)
+    parts = [render({"schema": data["schema"]}), "stages:\n"]
+    for name, entry in stages.items():
+        cached = _stages.get(name)
+        if cached is None or cached[0] != entry:
+            cached = _stages[name] = (copy.deepcopy(entry), render({"stages": {name: entry}})[len("stages:\n"):])
+        parts.append(cached[1])
+    return "".join(parts)
+
+
+def _stat(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size  # a new inode for every atomic write
+
+
+def install() -> None:
+    """Rewrite dvc.lock with the C parser and emitter in this process; every other YAML file as DVC does."""
+    import dvc.dvcfile
+    from dvc.utils.serialize import load_yaml  # the C parser
+
+    round_trip = dvc.dvcfile.modify_yaml
+
+    @contextlib.contextmanager
+    def modify_yaml(path, fs=None):
+        if os.path.basename(os.fspath(path)) != LOCK or getattr(fs, "protocol", "local") != "local":
+            with round_trip(path, fs=fs) as data:
+                yield data
+            return
+        key, exists = os.path.abspath(path), os.path.exists(path)
+        last = _written.pop(key, None)  # back only once this write is done
+        data = last[1] if exists and last is not None and last[0] == _stat(path) else \
+            load_yaml(path) if exists else {}
+        yield data
+        write_atomic(Path(path), render_lock(data))  # rendered first: a failure leaves the old lock whole
+        _written[key] = (_stat(path), data)
+
+    dvc.dvcfile.modify_yaml = modify_yaml
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dvc.cli import main as dvc_main
+
+    install()
+    return dvc_main(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
