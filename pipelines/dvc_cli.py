@@ -17,6 +17,7 @@ import contextlib
 import copy
 import io
 import os
+import re
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -48,9 +49,26 @@ def render(data: Any) -> str:
 
 # This process's last write of each lock (its path: its stat, its data) and each stage's text: a repro rewrites
 # the lock once per stage, so it parses a lock only when another process wrote it since and renders a stage
-# only when its entry changed.
+# only when its entry changed. DVC replaces a stage's entry in the lock's data, never edits one in place.
 _written: dict[str, tuple[tuple[int, int, int], dict]] = {}
 _stages: dict[str, tuple[Any, str]] = {}
+HEAD = "schema: '2.0'\nstages:\n"
+STAGE_KEY = re.compile(r"^  \S", re.M)  # in a block-style lock only the stages' names are indented by two
+
+
+def load_lock(path: str) -> dict:
+    """The lock's data (the C parser); where the file is laid out as a lock is (this module's or DVC's writer),
+    each stage's text in it is kept as that stage's rendering, so an unchanged stage is not rendered again."""
+    from dvc.utils.serialize import parse_yaml
+
+    text = Path(path).read_text(encoding="utf-8")
+    data = parse_yaml(text, path)
+    stages, starts = data.get("stages") or {}, [m.start() for m in STAGE_KEY.finditer(text)]
+    if list(data) == ["schema", "stages"] and text.startswith(HEAD) and starts[:1] == [len(HEAD)] \
+            and len(starts) == len(stages):
+        for (name, entry), start, end in zip(stages.items(), starts, starts[1:] + [len(text)]):
+            _stages[name] = (entry, text[start:end])
+    return data
 
 
 def render_lock(data: dict) -> str:
@@ -58,7 +76,7 @@ def render_lock(data: dict) -> str:
     stages = data.get("stages")
     if list(data) != ["schema", "stages"] or not stages:
         return render(data)
-    parts = [render({"schema": data["schema"]}), "stages:\n"]
+    parts = [render({"schema": data["schema"]}), "stages:\n"]  # HEAD
     for name, entry in stages.items():
         cached = _stages.get(name)
         if cached is None or cached[0] != entry:
@@ -75,7 +93,6 @@ def _stat(path: str) -> tuple[int, int, int]:
 def install() -> None:
     """Rewrite dvc.lock with the C parser and emitter in this process; every other YAML file as DVC does."""
     import dvc.dvcfile
-    from dvc.utils.serialize import load_yaml  # the C parser
 
     round_trip = dvc.dvcfile.modify_yaml
 
@@ -88,7 +105,7 @@ def install() -> None:
         key, exists = os.path.abspath(path), os.path.exists(path)
         last = _written.pop(key, None)  # back only once this write is done
         data = last[1] if exists and last is not None and last[0] == _stat(path) else \
-            load_yaml(path) if exists else {}
+            load_lock(path) if exists else {}
         yield data
         write_atomic(Path(path), render_lock(data))  # rendered first: a failure leaves the old lock whole
         _written[key] = (_stat(path), data)

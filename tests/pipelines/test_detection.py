@@ -122,13 +122,17 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, prepared_coc
     for row1, row2 in zip(h1, h2, strict=True):
         for name in set(row1) - {"time_per_image", "time_per_step", "images_per_s"}:
             # "accepted" and "tie" are fractions of the epoch's per-step float comparisons; remainder_ulps counts
-            # float32 spacings, which another summation order moves by a step or two
+            # float32 spacings, which another summation order moves by a step or two. The rest: 1e-3, as the CPU's
+            # kernels sum a batch of 2 in another order than one of 4 and Adam moves a weight whose gradient is
+            # that noise by up to its lr a step, in the direction the noise's sign picks (an Intel Xeon: 1.2e-4
+            # and 1.8e-4 apart after 2 epochs; a DDP error, such as a per-rank box count or gradients summed
+            # instead of averaged, moves them by tens of percent)
             tolerance = (dict(abs=0.5 / 4) if name in ("accepted", "tie") else dict(abs=2.0)
-                         if name == "remainder_ulps" else dict(rel=1e-4, abs=1e-5))
+                         if name == "remainder_ulps" else dict(rel=1e-3, abs=1e-5))
             assert float(row1[name]) == pytest.approx(float(row2[name]), **tolerance), name
-    for k in m1:
-        assert torch.allclose(m1[k].float(), m2[k].float(), rtol=1e-4, atol=1e-5), k
-    assert all(torch.allclose(a1[k], a2[k], rtol=1e-4, atol=1e-5) for k in a1)
+    for k in m1:  # AdamW (lr 1e-4) moves a weight by up to 1e-4 a step, so noise can set two runs 2e-4 a step apart
+        assert torch.allclose(m1[k].float(), m2[k].float(), rtol=1e-3, atol=5e-4), k  # measured: 2.1e-4 at most
+    assert all(torch.allclose(a1[k], a2[k], rtol=1e-3, atol=5e-4) for k in a1)
 
 
 @pytest.mark.slow

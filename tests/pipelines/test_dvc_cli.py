@@ -110,11 +110,19 @@ def test_repeated_writes_render_what_a_fresh_write_would_and_see_another_process
     whole = {"schema": "2.0", "stages": {"s0": stage(0, 3), "s1": stage(7, 2), "s2": stage(2, 3)}}
     assert lock.read_text() == dvc_cli.render(whole)
 
-    with round_trip(str(lock)) as data:  # another process (DVC's own writer) adds a stage
+    monkeypatch.setattr(dvc_cli, "_written", {})  # the next process: it reads the lock, renders only s0
+    monkeypatch.setattr(dvc_cli, "_stages", {})
+    with dvc.dvcfile.modify_yaml(str(lock)) as data:
+        data["stages"]["s0"] = stage(8, deps=3)
+    whole["stages"]["s0"] = stage(8, deps=3)
+    assert lock.read_text() == dvc_cli.render(whole)
+
+    with round_trip(str(lock)) as data:  # another process (DVC's own writer) adds a stage and folds long lines
         data["stages"]["other"] = stage(9, deps=1)
     with dvc.dvcfile.modify_yaml(str(lock)) as data:
         data["stages"]["s3"] = stage(3, deps=1)
-    assert list(load_yaml(lock)["stages"]) == ["s0", "s1", "s2", "other", "s3"]
+    whole["stages"].update(other=stage(9, deps=1), s3=stage(3, deps=1))
+    assert load_yaml(lock) == whole and list(load_yaml(lock)["stages"]) == ["s0", "s1", "s2", "other", "s3"]
 
     with pytest.raises(KeyError):  # a write that fails halfway leaves nothing of it behind, on disk or in memory
         with dvc.dvcfile.modify_yaml(str(lock)) as data:
