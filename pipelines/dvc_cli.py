@@ -3,13 +3,13 @@
 
 After every stage DVC rewrites the whole dvc.lock through ruamel.yaml's round-trip parser and emitter, in pure
 Python, to keep comments that a machine-written lock never has. Our stages list their source files one by one
-(so an edit stales only the stages that import it), about 150 lines a stage: the smoke lock is 15,000 lines
-and the regression profile's 60,000 to 100,000, so that one rewrite grows to seconds and a whole repro spends
-minutes (hours for a profile of a thousand stages) in it (BENCHMARKS.md, DVC's lock writes). Here only
-dvc.lock's rewrite changes: the same data, parsed and emitted by ruamel.yaml's C bindings (the same library
-DVC reads the lock with), keys in DVC's order, a command on one line; and within one process a lock it wrote
-itself is not parsed again, nor a stage's unchanged entry rendered again. dvc.yaml and every other file DVC
-writes go through DVC's own code. A plain ``dvc repro`` reads and writes the same lock; it is only slower.
+(so an edit stales only the stages that import it), about 150 lines a stage: the smoke lock is 17,000 lines and
+the regression profile's 107,000, so one rewrite takes 4 to 26 s on 2 cores and a repro spends minutes (the
+regression profile hours) in them (BENCHMARKS.md, DVC's lock rewrites). Here only dvc.lock's rewrite changes:
+the same data, parsed and emitted by ruamel.yaml's C bindings (the library DVC reads the lock with), keys in
+DVC's order, a command on one line, written atomically. A stage's text is rendered once: kept from the file
+when another process wrote the lock, and a lock this process wrote is not parsed again. dvc.yaml and every
+other file DVC writes go through DVC's own code. A plain ``dvc repro`` reads and writes the same lock, slower.
 """
 from __future__ import annotations
 
