@@ -76,7 +76,7 @@ def render_lock(data: dict) -> str:
     stages = data.get("stages")
     if list(data) != ["schema", "stages"] or not stages:
         return render(data)
-    parts = [render({"schema": data["schema"]}), "stages:\n"]  # HEAD
+    parts = [render({"schema": data["schema"]}), "stages:\n"]
     for name, entry in stages.items():
         cached = _stages.get(name)
         if cached is None or cached[0] != entry:

@@ -46,3 +46,11 @@ def test_startup_benchmark_times_cold_and_warm_runs():
     result = startup.main(["--repeats", "1", "--epochs", "1"])
     assert set(result["median_wall_s"]) == {"cold", "warm"} and all(v > 0 for v in result["median_wall_s"].values())
     assert len(result["all_wall_s"]["cold"]) == len(result["all_wall_s"]["warm"]) == 1
+
+
+def test_dvc_lock_benchmark_times_dvcs_rewrite_and_ours():
+    from benchmarks import dvc_lock
+
+    (size,) = dvc_lock.main(["--stages", "3", "--deps", "2", "--repeats", "1"])["sizes"]
+    assert size["stages"] == 3 and size["lines"] > 3 * 2 * 4
+    assert all(size["median_s"][k] > 0 for k in ("dvc", "ours_first", "ours_next"))
