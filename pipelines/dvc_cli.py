@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import os
 import re
@@ -28,8 +29,9 @@ from pipelines.atomic import write_atomic
 LOCK = "dvc.lock"
 
 
-def render(data: Any) -> str:
-    """``data`` as YAML: DVC's key order, block style, each value on one line."""
+@functools.cache
+def _yaml():
+    """One safe YAML instance for every render: the C emitter (ruamel.yaml.clib, pinned in the lock)."""
     from ruamel.yaml import YAML
     from ruamel.yaml.representer import SafeRepresenter
 
@@ -37,13 +39,18 @@ def render(data: Any) -> str:
         pass
 
     Representer.add_representer(OrderedDict, SafeRepresenter.represent_dict)
-    yaml = YAML(typ="safe")  # the C emitter (ruamel.yaml.clib, pinned in the lock)
+    yaml = YAML(typ="safe")
     yaml.Representer = Representer
     yaml.default_flow_style = False
     yaml.sort_base_mapping_type_on_output = False  # DVC's order: a stage's cmd, deps, params, outs
     yaml.width = 2**31 - 1  # no folded lines (the round-trip emitter's folds end in a space)
+    return yaml
+
+
+def render(data: Any) -> str:
+    """``data`` as YAML: DVC's key order, block style, each value on one line."""
     out = io.StringIO()
-    yaml.dump(data, out)
+    _yaml().dump(data, out)
     return out.getvalue()
 
 
