@@ -2,7 +2,7 @@
 of itself for each `python -m pipelines.train` command run while it lives.
 
     python -m pipelines.warm dvc repro          # `make repro` and `make fanout` run their command so
-    python -m pipelines.warm --serve SOCKET     # the server alone (what the line above starts)
+    python -m pipelines.warm --serve SOCKET     # the server alone (the line above starts one on demand)
 
 A run started cold spends about 5 s of its 6 s on imports (2 cores; BENCHMARKS.md, start-up), more than the
 training of a smoke run. Under ``GAL_WARM=<socket>`` the train command is a thin client: it hands its
@@ -18,7 +18,9 @@ time) and the environment variables read at import (``IMPORT_ENV``; those the se
 only where the client's value differs). At any difference the server says which on its own stderr (the
 terminal of `make repro`, not the run's output) and the client runs the command itself, cold, as it does when
 no server answers: a warm start is never a different run, only a faster one.
-DVC sees the same command, outputs and exit code either way; a plain ``dvc repro`` runs cold.
+DVC sees the same command, outputs and exit code either way; a plain ``dvc repro`` runs cold. The wrapper
+starts the server when the first client connects, so a command that trains nothing (a repro with every
+stage up to date) pays none of its imports.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from pathlib import Path
 
 SOCKET_ENV = "GAL_WARM"
 SERVED = ("pipelines.train",)  # the entry points a fork runs
+BACKLOG = 64  # clients that may wait while the server starts or forks
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # prefixes of the variables imports read. Those read when CUDA or NCCL start (CUDA_VISIBLE_DEVICES,
 # CUBLAS_WORKSPACE_CONFIG, NCCL_*) are not among them: the server never starts CUDA, its forks do, with the
@@ -120,9 +123,9 @@ def _send(pid: int, signum: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ server
-def serve(path: str) -> None:
+def serve(path: str, listening: int | None = None) -> None:
     """Import what runs need, then fork one process per accepted request until the parent process ends
-    (or a SIGTERM)."""
+    (or a SIGTERM). ``listening``: the socket's descriptor, bound and listening already (the wrapper's)."""
     import importlib
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -131,16 +134,19 @@ def serve(path: str) -> None:
         importlib.import_module(name)
     # what imports put in the environment (torch's compile cache folder, MLflow's session) goes to each run,
     # as a cold run's own imports would have put it there
-    Server(path, cold, {k: v for k, v in os.environ.items() if k not in cold}).loop(os.getppid())
+    Server(path, cold, {k: v for k, v in os.environ.items() if k not in cold}, listening).loop(os.getppid())
 
 
 class Server:
-    def __init__(self, path: str, cold: dict[str, str], import_env: dict[str, str]):
+    def __init__(self, path: str, cold: dict[str, str], import_env: dict[str, str], listening: int | None = None):
         self.path, self.state, self.import_env = path, code_state(), import_env
         self.cold_vars = import_vars(cold)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(64)
+        if listening is None:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(path)
+            self.listener.listen(BACKLOG)
+        else:
+            self.listener = socket.socket(fileno=listening)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, "request")
         self.forks: dict[int, tuple[socket.socket, int]] = {}  # pid -> (its client's connection, pidfd)
@@ -295,23 +301,45 @@ def wait_listening(path: Path, server: subprocess.Popen, limit: float = 600.0) -
 
 # ------------------------------------------------------------------------------------------------ wrapper
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--serve"] and len(argv) == 2:
-        serve(argv[1])
+    if argv[:1] == ["--serve"] and len(argv) in (2, 3):
+        serve(argv[1], int(argv[2]) if len(argv) == 3 else None)
         return 0
     if not argv:
         print("usage: python -m pipelines.warm COMMAND [ARG ...]", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="gal-warm-") as folder:
         path = os.path.join(folder, "socket")
-        # its own session: a terminal's Ctrl-C reaches the clients, which pass it on, never the forks twice
-        server = subprocess.Popen([sys.executable, "-m", "pipelines.warm", "--serve", path], start_new_session=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(BACKLOG)
         command = subprocess.Popen(argv, env={**os.environ, SOCKET_ENV: path})
         for signum in FORWARDED:  # the command gets the terminal's signals itself; a kill of this is passed on
             signal.signal(signum, lambda s, _frame: _send(command.pid, s) if s != signal.SIGINT else None)
+        server = _serve_on_demand(listener, command)
         code = command.wait()
-        server.terminate()
-        server.wait()
+        if server is not None:
+            server.terminate()
+            server.wait()
     return code if code >= 0 else 128 - code
+
+
+def _serve_on_demand(listener: socket.socket, command: subprocess.Popen) -> subprocess.Popen | None:
+    """The server, started once the first client connects (it waits in the backlog while the server imports),
+    or None if ``command`` ended first: a repro with nothing to train pays none of the server's imports. The
+    listener is closed here either way, so a server that dies leaves no client waiting: each then runs cold."""
+    with contextlib.closing(listener), selectors.DefaultSelector() as selector:
+        ended = os.pidfd_open(command.pid)
+        try:
+            selector.register(listener, selectors.EVENT_READ)
+            selector.register(ended, selectors.EVENT_READ)
+            ready = {key.fileobj for key, _ in selector.select()}
+        finally:
+            os.close(ended)
+        if listener not in ready:
+            return None
+        # its own session: a terminal's Ctrl-C reaches the clients, which pass it on, never the forks twice
+        return subprocess.Popen([sys.executable, "-m", "pipelines.warm", "--serve", listener.getsockname(),
+                                 str(listener.fileno())], pass_fds=[listener.fileno()], start_new_session=True)
 
 
 if __name__ == "__main__":

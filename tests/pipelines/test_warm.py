@@ -118,3 +118,17 @@ def test_a_client_killed_outright_takes_its_run_with_it(socket_path, tmp_path):
     fork.wait(timeout=60)  # psutil.TimeoutExpired if the run outlived its client
     assert not served_children(warm_server()[1])
     assert os.path.exists(checkpoint_path(tmp_path, "regression", "boston-gal-epochs100000-s0"))
+
+
+def test_the_wrapper_starts_its_server_with_the_first_run_and_never_without_one(tmp_path):
+    """`make repro` with nothing to train pays no server; the first train command it runs is served."""
+    siblings = "import psutil; print(len(psutil.Process().parent().children()))"
+    idle = subprocess.run([sys.executable, "-m", "pipelines.warm", sys.executable, "-c", siblings], cwd=ROOT,
+                          env=train_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert idle.returncode == 0 and idle.stdout == "1\n", idle.stderr  # the command alone: no server beside it
+    write_boston(tmp_path)
+    served = subprocess.run([sys.executable, "-m", "pipelines.warm", *command(tmp_path, *RUN)], cwd=ROOT,
+                            env=train_env(tmp_path), capture_output=True, text=True, timeout=600)
+    imported = set(re.findall(r"^import time:.*\|\s+(\S+)$", served.stderr, re.MULTILINE))
+    assert served.returncode == 0 and "torch" not in imported, served.stderr[-2000:]
+    assert (tmp_path / "runs/regression/boston-gal-epochs3-s0/metrics.json").is_file()
