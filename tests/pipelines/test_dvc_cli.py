@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import dvc.dvcfile
+import dvc.utils.serialize
+import dvc.utils.strictyaml
 import pytest
 from dvc.utils.serialize import load_yaml
 
@@ -70,8 +72,38 @@ def test_the_lock_is_dvcs_own_and_plain_dvc_finds_it_up_to_date(tmp_path):
     assert "up to date" in run(ours, BIN / "python", "-m", "pipelines.dvc_cli", "status").stdout
 
 
+def undo_after(monkeypatch) -> None:
+    """What install() replaces, put back after the test."""
+    import dvc.utils.serialize._yaml
+    import dvc.utils.strictyaml
+
+    monkeypatch.setattr(dvc.dvcfile, "modify_yaml", dvc.dvcfile.modify_yaml)
+    for module in (dvc.utils.serialize._yaml, dvc.utils.serialize, dvc.utils.strictyaml):
+        monkeypatch.setattr(module, "parse_yaml", module.parse_yaml)
+
+
+def test_each_text_is_parsed_once_and_each_caller_gets_its_own_copy(monkeypatch):
+    import dvc.utils.serialize._yaml
+    from dvc.utils.serialize import YAMLFileCorruptedError
+
+    undo_after(monkeypatch)
+    calls = []
+    parse = dvc.utils.serialize._yaml.parse_yaml
+    monkeypatch.setattr(dvc.utils.serialize._yaml, "parse_yaml", lambda *a, **k: calls.append(a) or parse(*a, **k))
+    dvc_cli.install()
+    first = dvc.utils.serialize.parse_yaml("seed: 1\nlist: [1, 2]\n", "params.yaml")
+    first["list"].append(3)  # a caller that changes its data changes no one else's
+    assert dvc.utils.strictyaml.parse_yaml("seed: 1\nlist: [1, 2]\n", "params.yaml") == {"seed": 1, "list": [1, 2]}
+    assert len(calls) == 1
+    assert dvc.utils.serialize.parse_yaml("seed: 2\n", "params.yaml") == {"seed": 2} and len(calls) == 2
+    assert dvc.utils.serialize.parse_yaml("seed: 2\n", "params.yaml", typ="rt") == {"seed": 2} and len(calls) == 3
+    for _ in range(2):  # a broken file fails each time it is read, as DVC's own parse does
+        with pytest.raises(YAMLFileCorruptedError):
+            dvc.utils.serialize.parse_yaml("seed: [1\n", "params.yaml")
+
+
 def test_only_the_lock_takes_the_fast_path_and_a_failed_write_keeps_the_old_lock(tmp_path, monkeypatch):
-    monkeypatch.setattr(dvc.dvcfile, "modify_yaml", dvc.dvcfile.modify_yaml)  # undone after the test
+    undo_after(monkeypatch)
     dvc_cli.install()
     lock, other = tmp_path / "dvc.lock", tmp_path / "dvc.yaml"
     lock.write_text("schema: '2.0'\nstages:\n  a:\n    cmd: echo a\n")
@@ -95,7 +127,7 @@ def test_only_the_lock_takes_the_fast_path_and_a_failed_write_keeps_the_old_lock
 def test_repeated_writes_render_what_a_fresh_write_would_and_see_another_process_s_write(tmp_path, monkeypatch):
     from benchmarks.dvc_lock import stage
 
-    monkeypatch.setattr(dvc.dvcfile, "modify_yaml", dvc.dvcfile.modify_yaml)
+    undo_after(monkeypatch)
     monkeypatch.setattr(dvc_cli, "_written", {})
     monkeypatch.setattr(dvc_cli, "_stages", {})
     round_trip = dvc.dvcfile.modify_yaml
