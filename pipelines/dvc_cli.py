@@ -10,6 +10,7 @@ the same data, parsed and emitted by ruamel.yaml's C bindings (the library DVC r
 DVC's order, a command on one line, written atomically. A stage's text is rendered once: kept from the file
 when another process wrote the lock, and a lock this process wrote is not parsed again. dvc.yaml and every
 other file DVC writes go through DVC's own code. A plain ``dvc repro`` reads and writes the same lock, slower.
+And each YAML text is parsed once per process (``parse_once``), where DVC parses params.yaml again per stage.
 """
 from __future__ import annotations
 
