@@ -127,11 +127,8 @@ def parse_once() -> None:
     """DVC's safe YAML parse, each text parsed once per process and a copy handed out each time: a repro checks
     every stage's params against params.yaml (the smoke profile: 115 parses of the same text) and reads
     dvc.lock twice before it runs anything (BENCHMARKS.md, a no-op repro)."""
-    import dvc.utils.serialize
-    import dvc.utils.serialize._yaml
-    import dvc.utils.strictyaml
-
-    parse = dvc.utils.serialize._yaml.parse_yaml
+    modules = parsing_modules()
+    parse = modules[0].parse_yaml  # DVC's own, where the others took theirs from
     parse = getattr(parse, "__wrapped__", parse)  # installed twice (tests): wrap DVC's own once
 
     @functools.lru_cache(maxsize=8)  # params.yaml, dvc.yaml and the lock's latest texts; an error is not kept
@@ -144,8 +141,17 @@ def parse_once() -> None:
         return copy.deepcopy(parsed(text, str(path)))
 
     parse_yaml.__wrapped__ = parse
-    for module in (dvc.utils.serialize._yaml, dvc.utils.serialize, dvc.utils.strictyaml):
+    for module in modules:
         module.parse_yaml = parse_yaml
+
+
+def parsing_modules() -> tuple:
+    """DVC's modules that hold ``parse_yaml`` under their own name (bound at import), its defining one first."""
+    import dvc.utils.serialize
+    import dvc.utils.serialize._yaml
+    import dvc.utils.strictyaml
+
+    return dvc.utils.serialize._yaml, dvc.utils.serialize, dvc.utils.strictyaml
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,16 +137,19 @@ def serve(path: str, listening: int | None = None) -> None:
     Server(path, cold, {k: v for k, v in os.environ.items() if k not in cold}, listening).loop(os.getppid())
 
 
+def listen(path: str) -> socket.socket:
+    """A Unix socket at ``path``, listening."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(BACKLOG)
+    return listener
+
+
 class Server:
     def __init__(self, path: str, cold: dict[str, str], import_env: dict[str, str], listening: int | None = None):
         self.path, self.state, self.import_env = path, code_state(), import_env
         self.cold_vars = import_vars(cold)
-        if listening is None:
-            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.listener.bind(path)
-            self.listener.listen(BACKLOG)
-        else:
-            self.listener = socket.socket(fileno=listening)
+        self.listener = listen(path) if listening is None else socket.socket(fileno=listening)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, "request")
         self.forks: dict[int, tuple[socket.socket, int]] = {}  # pid -> (its client's connection, pidfd)
@@ -309,9 +312,7 @@ def main(argv: list[str]) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="gal-warm-") as folder:
         path = os.path.join(folder, "socket")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(path)
-        listener.listen(BACKLOG)
+        listener = listen(path)
         command = subprocess.Popen(argv, env={**os.environ, SOCKET_ENV: path})
         for signum in FORWARDED:  # the command gets the terminal's signals itself; a kill of this is passed on
             signal.signal(signum, lambda s, _frame: _send(command.pid, s) if s != signal.SIGINT else None)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import dvc.dvcfile
 import dvc.utils.serialize
+import dvc.utils.serialize._yaml
 import dvc.utils.strictyaml
 import pytest
-from dvc.utils.serialize import load_yaml
+from dvc.utils.serialize import YAMLFileCorruptedError, load_yaml
 
 from pipelines import dvc_cli
 
@@ -74,18 +75,12 @@ def test_the_lock_is_dvcs_own_and_plain_dvc_finds_it_up_to_date(tmp_path):
 
 def undo_after(monkeypatch) -> None:
     """What install() replaces, put back after the test."""
-    import dvc.utils.serialize._yaml
-    import dvc.utils.strictyaml
-
     monkeypatch.setattr(dvc.dvcfile, "modify_yaml", dvc.dvcfile.modify_yaml)
-    for module in (dvc.utils.serialize._yaml, dvc.utils.serialize, dvc.utils.strictyaml):
+    for module in dvc_cli.parsing_modules():
         monkeypatch.setattr(module, "parse_yaml", module.parse_yaml)
 
 
 def test_each_text_is_parsed_once_and_each_caller_gets_its_own_copy(monkeypatch):
-    import dvc.utils.serialize._yaml
-    from dvc.utils.serialize import YAMLFileCorruptedError
-
     undo_after(monkeypatch)
     calls = []
     parse = dvc.utils.serialize._yaml.parse_yaml

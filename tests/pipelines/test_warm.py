@@ -34,9 +34,11 @@ def command(root: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-X", "importtime", *train_cmd(root, *overrides)[1:]]
 
 
-def run(root: Path, *overrides: str, env: dict) -> tuple[subprocess.CompletedProcess, set[str]]:
-    """(the finished command with its import-time lines removed from stderr, the modules it imported)."""
-    done = subprocess.run(command(root, *overrides), cwd=ROOT, env=env, capture_output=True, text=True,
+def run(root: Path, *overrides: str, env: dict, via: tuple[str, ...] = ()
+        ) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """(the finished command, run under the command ``via`` if any, with its import-time lines removed from
+    stderr, the modules it imported)."""
+    done = subprocess.run([*via, *command(root, *overrides)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     imported = set(re.findall(r"^import time:.*\|\s+(\S+)$", done.stderr, re.MULTILINE))
     done.stderr = "".join(line for line in done.stderr.splitlines(True) if not line.startswith("import time:"))
@@ -127,8 +129,6 @@ def test_the_wrapper_starts_its_server_with_the_first_run_and_never_without_one(
                           env=train_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert idle.returncode == 0 and idle.stdout == "1\n", idle.stderr  # the command alone: no server beside it
     write_boston(tmp_path)
-    served = subprocess.run([sys.executable, "-m", "pipelines.warm", *command(tmp_path, *RUN)], cwd=ROOT,
-                            env=train_env(tmp_path), capture_output=True, text=True, timeout=600)
-    imported = set(re.findall(r"^import time:.*\|\s+(\S+)$", served.stderr, re.MULTILINE))
+    served, imported = run(tmp_path, *RUN, env=train_env(tmp_path), via=(sys.executable, "-m", "pipelines.warm"))
     assert served.returncode == 0 and "torch" not in imported, served.stderr[-2000:]
     assert (tmp_path / "runs/regression/boston-gal-epochs3-s0/metrics.json").is_file()
