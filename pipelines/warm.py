@@ -44,13 +44,17 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # prefixes of the variables imports read. Those read when CUDA or NCCL start (CUDA_VISIBLE_DEVICES,
 # CUBLAS_WORKSPACE_CONFIG, NCCL_*) are not among them: the server never starts CUDA, its forks do, with the
 # client's environment (and a run sets CUBLAS_WORKSPACE_CONFIG itself, in-process in tests). Nor is KMP_*:
-# torch's GNU OpenMP reads OMP_*, and only Intel's reads KMP_* (which importing scikit-learn sets)
+# torch's GNU OpenMP reads OMP_*, and only Intel's reads KMP_* (which importing scikit-learn sets). timm reads
+# TIMM_*, and the Hugging Face hub it imports (pretrained weights) HF_*, HUGGINGFACE_*, its cache's home and
+# whether to go offline
 IMPORT_ENV = ("PYTHON", "LD_", "TORCH", "PYTORCH", "OMP_", "MKL_", "OPENBLAS_", "CUDA_HOME", "CUDA_PATH",
-              "TRITON", "MLFLOW_CONFIGURE_LOGGING")
+              "TRITON", "MLFLOW_CONFIGURE_LOGGING", "TIMM_", "HF_", "HUGGINGFACE_", "XDG_CACHE_HOME", "HOME",
+              "TRANSFORMERS_OFFLINE", "DISABLE_TELEMETRY", "DO_NOT_TRACK")
 PRELOAD = ("torch", "torch._dynamo", "torch.optim", "numpy", "omegaconf", "hydra", "hydra.core.global_hydra",
            "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "sqlalchemy.dialects.sqlite",
            "pipelines.config", "pipelines.training.runner", "pipelines.tasks.regression.task",
-           "pipelines.tasks.classification.task", "pipelines.tasks.detection.task")
+           "pipelines.tasks.classification.task", "pipelines.tasks.detection.task",
+           "timm", "timm.optim", "timm.scheduler", "timm.data")  # timm: 0.7 s of each image run's start otherwise
 
 
 def code_state() -> str:
