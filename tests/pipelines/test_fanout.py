@@ -1,4 +1,4 @@
-"""`make fanout` (pipelines/fanout.py): four smoke training stages fanned out at once, three rounds in a row
+"""`make fanout` (pipelines/fanout.py): four smoke training stages fanned out at once, two rounds in a row
 with real DVC and MLflow (sqlite, as on one node), their runs started warm as `make fanout` starts them;
 dvc.lock stays complete, `dvc status` clean, every run recorded once, and a finished round is not run again."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tests.workspace import ROOT, copy_project
 
 BIN = Path(sys.executable).parent
 ROUNDS = {d: [f"train_regression@{d}-{m}-{s}" for m in ("baseline", "gal") for s in (0, 1)]
-          for d in ("boston", "diabetes", "california")}
+          for d in ("boston", "diabetes")}  # the second round adds to a lock the first wrote
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def fanout(repo: Path, env: dict, *args: str) -> str:
 
 
 @pytest.mark.slow
-def test_three_rounds_of_four_stages_at_once_leave_a_complete_lock_and_one_run_each(repo):
+def test_two_rounds_of_four_stages_at_once_leave_a_complete_lock_and_one_run_each(repo):
     repo, env = repo
     for stages in ROUNDS.values():
         out = fanout(repo, env, "--jobs", "4", *stages)
@@ -52,7 +52,7 @@ def test_three_rounds_of_four_stages_at_once_leave_a_complete_lock_and_one_run_e
         assert [kind for kind, _ in events[:4]] == ["start"] * 4 and {name for _, name in events} == set(stages), out
     everything = [s for stages in ROUNDS.values() for s in stages]
     again = fanout(repo, env, "--jobs", "4", *everything)
-    assert "0 of 12 training stages to run" in again and "start" not in again
+    assert "0 of 8 training stages to run" in again and "start" not in again
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     for stage in everything:
