@@ -8,12 +8,14 @@ import os
 import shlex
 from pathlib import Path
 
+import dvc.dvcfile
 import pytest
 from dvc.repo import Repo
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 
+from pipelines import dvc_cli
 from pipelines.training import identity
 from tests.pipelines.import_graph import ROOT, closure, module_file
 from tests.workspace import copy_project
@@ -102,22 +104,28 @@ def test_training_stages_write_the_record_of_the_run_their_command_names(stages)
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     """A copy of the project whose every stage is recorded in dvc.lock as if it had run (outputs stand-ins,
-    `dvc commit`): `dvc status` then lists exactly the stages an edit makes stale, as after a real repro."""
+    `dvc commit`): `dvc status` then lists exactly the stages an edit makes stale, as after a real repro. DVC
+    runs as `make repro` runs it (pipelines/dvc_cli.py: each YAML text parsed once), undone after."""
     repo = copy_project(tmp_path_factory.mktemp("recorded"))
     cwd = os.getcwd()
     os.chdir(repo)  # DVC's stage cache resolves paths against the working directory
     try:
-        with Repo(str(repo)) as dvc:
-            for stage in dvc.index.stages:
-                for out in stage.outs:
-                    path = Path(out.fs_path)
-                    if not path.exists():
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        path.write_text(f"{stage.addressing}\n")
-            dvc.commit(None, force=True)
-            assert dvc.status() == {}
-            names = {s.addressing for s in dvc.index.stages}
-        yield repo, names
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(dvc.dvcfile, "modify_yaml", dvc.dvcfile.modify_yaml)
+            for module in dvc_cli.parsing_modules():
+                patch.setattr(module, "parse_yaml", module.parse_yaml)
+            dvc_cli.install()
+            with Repo(str(repo)) as project:
+                for stage in project.index.stages:
+                    for out in stage.outs:
+                        path = Path(out.fs_path)
+                        if not path.exists():
+                            path.parent.mkdir(parents=True, exist_ok=True)
+                            path.write_text(f"{stage.addressing}\n")
+                project.commit(None, force=True)
+                assert project.status() == {}
+                names = {s.addressing for s in project.index.stages}
+            yield repo, names
     finally:
         os.chdir(cwd)
 
