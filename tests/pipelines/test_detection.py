@@ -142,7 +142,8 @@ def test_a_tiny_detr_with_gal_learns_to_detect_its_training_images(tmp_path, pre
     # run's val_* columns are training-set AP. Random init: the backbone trains at the model's lr (DETR's 1e-5
     # is for ImageNet weights); no crops. At lr 1e-3 the loss stalls near 13.5 for a number of steps that
     # float rounding decides (1 or 2 threads); at 3e-4 it falls steadily. Calibrated with 1 and 2 threads:
-    # loss 17.6 and AP50 0 at epoch 1; at epoch 30 loss 6.4-6.5, AP 16-17, AP50 33-38. The bounds are half.
+    # loss 17.6 and AP50 0 at epoch 1; at epoch 30 loss 6.2-6.5, AP 16-20, AP50 33-42. The bounds: half the
+    # AP, and a loss about halfway down.
     root = with_data(tmp_path, prepared_coco)
     coco = root / "data" / "processed" / "coco"
     data = json.loads((coco / "annotations" / "instances_train2017.json").read_text())
