@@ -1,4 +1,5 @@
-"""A fresh git copy of this checkout's committed-or-working tree without outputs: where tests run DVC."""
+"""A fresh git copy of this checkout's committed-or-working tree without outputs: where tests run DVC; and
+``undo_dvc_cli_after``, for tests that run DVC in-process as pipelines/dvc_cli.py installs it."""
 from __future__ import annotations
 
 import shutil
@@ -23,3 +24,14 @@ def copy_project(repo: Path) -> Path:
     git("add", "-A")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
     return repo
+
+
+def undo_dvc_cli_after(monkeypatch) -> None:
+    """What ``pipelines.dvc_cli.install()`` replaces in DVC, put back when ``monkeypatch`` undoes."""
+    import dvc.dvcfile
+
+    from pipelines import dvc_cli
+
+    monkeypatch.setattr(dvc.dvcfile, "modify_yaml", dvc.dvcfile.modify_yaml)
+    for module in dvc_cli.parsing_modules():
+        monkeypatch.setattr(module, "parse_yaml", module.parse_yaml)

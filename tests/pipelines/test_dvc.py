@@ -8,7 +8,6 @@ import os
 import shlex
 from pathlib import Path
 
-import dvc.dvcfile
 import pytest
 from dvc.repo import Repo
 from hydra import compose, initialize_config_dir
@@ -18,7 +17,7 @@ from hydra.types import RunMode
 from pipelines import dvc_cli
 from pipelines.training import identity
 from tests.pipelines.import_graph import ROOT, closure, module_file
-from tests.workspace import copy_project
+from tests.workspace import copy_project, undo_dvc_cli_after
 
 CONF = ROOT / "pipelines" / "conf"
 
@@ -111,9 +110,7 @@ def recorded(tmp_path_factory):
     os.chdir(repo)  # DVC's stage cache resolves paths against the working directory
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(dvc.dvcfile, "modify_yaml", dvc.dvcfile.modify_yaml)
-            for module in dvc_cli.parsing_modules():
-                patch.setattr(module, "parse_yaml", module.parse_yaml)
+            undo_dvc_cli_after(patch)
             dvc_cli.install()
             with Repo(str(repo)) as project:
                 for stage in project.index.stages:

@@ -16,6 +16,7 @@ import pytest
 from dvc.utils.serialize import YAMLFileCorruptedError, load_yaml
 
 from pipelines import dvc_cli
+from tests.workspace import undo_dvc_cli_after
 
 BIN = Path(sys.executable).parent
 # Three stages in a chain, with a long command (DVC's round-trip emitter folds it), a param and a directory.
@@ -73,15 +74,8 @@ def test_the_lock_is_dvcs_own_and_plain_dvc_finds_it_up_to_date(tmp_path):
     assert "up to date" in run(ours, BIN / "python", "-m", "pipelines.dvc_cli", "status").stdout
 
 
-def undo_after(monkeypatch) -> None:
-    """What install() replaces, put back after the test."""
-    monkeypatch.setattr(dvc.dvcfile, "modify_yaml", dvc.dvcfile.modify_yaml)
-    for module in dvc_cli.parsing_modules():
-        monkeypatch.setattr(module, "parse_yaml", module.parse_yaml)
-
-
 def test_each_text_is_parsed_once_and_each_caller_gets_its_own_copy(monkeypatch):
-    undo_after(monkeypatch)
+    undo_dvc_cli_after(monkeypatch)
     calls = []
     parse = dvc.utils.serialize._yaml.parse_yaml
     monkeypatch.setattr(dvc.utils.serialize._yaml, "parse_yaml", lambda *a, **k: calls.append(a) or parse(*a, **k))
@@ -98,7 +92,7 @@ def test_each_text_is_parsed_once_and_each_caller_gets_its_own_copy(monkeypatch)
 
 
 def test_only_the_lock_takes_the_fast_path_and_a_failed_write_keeps_the_old_lock(tmp_path, monkeypatch):
-    undo_after(monkeypatch)
+    undo_dvc_cli_after(monkeypatch)
     dvc_cli.install()
     lock, other = tmp_path / "dvc.lock", tmp_path / "dvc.yaml"
     lock.write_text("schema: '2.0'\nstages:\n  a:\n    cmd: echo a\n")
@@ -122,7 +116,7 @@ def test_only_the_lock_takes_the_fast_path_and_a_failed_write_keeps_the_old_lock
 def test_repeated_writes_render_what_a_fresh_write_would_and_see_another_process_s_write(tmp_path, monkeypatch):
     from benchmarks.dvc_lock import stage
 
-    undo_after(monkeypatch)
+    undo_dvc_cli_after(monkeypatch)
     monkeypatch.setattr(dvc_cli, "_written", {})
     monkeypatch.setattr(dvc_cli, "_stages", {})
     round_trip = dvc.dvcfile.modify_yaml
